@@ -1,0 +1,284 @@
+"""Command line: argument parsing, progress, summaries, and the one place errors become exit codes.
+
+Exit codes: 0 success; 1 finished, but some studies failed or were inconsistent; 2 usage or
+configuration error; 3 the source or a sink could not be reached at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import orjson
+
+from . import __version__
+from .config import DEFAULT_STATE, SyncConfig, zone
+from .errors import ConfigError, CrawlerError, MappingError, SinkError, SourceUnreachable, StateError
+from .mapping import MappingOptions, StudyInput, map_study
+from .mapping.ids import normalise_base
+from .planner import parse_day
+from .qido import check_base_url, redact
+from .sync import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures, export, sync
+
+PROG = "qido-crawler"
+log = logging.getLogger("crawler")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _day(text: str) -> str:
+    try:
+        return parse_day(text, "date")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Crawl a PACS over DICOMweb QIDO-RS and keep a FHIR ImagingStudy copy of it.",
+        epilog="Exit codes: 0 success; 1 some studies failed or were inconsistent; 2 usage or "
+        "configuration error; 3 the source or a sink could not be reached.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser(
+        "sync",
+        help="list the PACS, crawl what changed, write ImagingStudy resources",
+        description="List the studies of a DICOMweb server, crawl the new and changed ones, map them to "
+        "FHIR R5 ImagingStudy resources and write what changed since the last run.",
+    )
+    p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
+    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state database (default: ./{DEFAULT_STATE})")
+    p.add_argument("--since", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
+    p.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
+    p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once (default: 4)")
+    p.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: 100)")
+    p.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: 1000)")
+    p.add_argument("--wado-url", metavar="URL", help="WADO-RS base the Endpoint resource points at (default: URL)")
+    p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for times without Timezone Offset From UTC (default: this machine's)")
+    p.add_argument("--user", default=os.environ.get("QIDO_CRAWLER_USER"), help="HTTP basic auth user (env QIDO_CRAWLER_USER)")
+    p.add_argument("--password", default=os.environ.get("QIDO_CRAWLER_PASSWORD"), help="HTTP basic auth password (env QIDO_CRAWLER_PASSWORD)")
+    p.add_argument("--token", default=os.environ.get("QIDO_CRAWLER_TOKEN"), help="bearer token (env QIDO_CRAWLER_TOKEN)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="read timeout per request (default: 120)")
+    p.add_argument("--retries", type=int, default=4, metavar="N", help="retries of a failed request (default: 4)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
+    _add_verbosity(p)
+
+    p = commands.add_parser(
+        "export",
+        help="write the full current set from the state",
+        description="Write every resource the state holds into DIR, in the same layout as a run folder.",
+    )
+    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state database (default: ./{DEFAULT_STATE})")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="an empty or new folder")
+    _add_verbosity(p)
+
+    p = commands.add_parser(
+        "map",
+        help="map one study's DICOM JSON to an ImagingStudy",
+        description="Read a study's instance-level search results (one JSON array, as QIDO-RS returns them) "
+        "and print the R5 ImagingStudy as JSON.",
+    )
+    p.add_argument("file", metavar="FILE", help="DICOM JSON file, or - for standard input")
+    p.add_argument("--source", default="", metavar="URL", help="DICOMweb base URL the data came from (makes the resource id)")
+    p.add_argument("--wado-url", metavar="URL", help="WADO-RS base for the endpoint reference (default: none)")
+    p.add_argument("--timezone", metavar="ZONE", help="IANA time zone for times without an offset (default: this machine's)")
+    _add_verbosity(p)
+
+    p = commands.add_parser("status", help="recent runs and studies by state", description="Show recent runs, studies by status and the studies that failed.")
+    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state database (default: ./{DEFAULT_STATE})")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    _add_verbosity(p)
+    return parser
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr; no progress")
+
+
+class Progress:
+    """One self-overwriting status line on a terminal; nothing at all when stderr is not a TTY."""
+
+    def __init__(self, stream: TextIO, enabled: bool) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, figures: Figures) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.1:
+            return
+        self.last = now
+        done = figures.studies_new + figures.studies_changed + figures.studies_unchanged + figures.studies_failed + figures.studies_inconsistent
+        self.stream.write(
+            f"\rstudies listed {figures.studies_listed:>8}  done {done:>8}  new {figures.studies_new}  "
+            f"changed {figures.studies_changed}  unchanged {figures.studies_unchanged}  failed {figures.studies_failed + figures.studies_inconsistent}\x1b[K"
+        )
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    root = logging.getLogger("crawler")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for noisy in ("urllib3", "requests"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    url = check_base_url(args.url)
+    if args.wado_url:
+        check_base_url(args.wado_url)
+    config = SyncConfig(
+        url=url,
+        out=args.out,
+        state=args.state,
+        since=args.since,
+        until=args.until,
+        page_size=args.page_size,
+        instance_page_size=args.instance_page_size,
+        workers=args.workers,
+        wado_url=args.wado_url,
+        zone=zone(args.timezone),
+        user=args.user,
+        password=args.password,
+        token=args.token,
+        timeout=(10.0, args.timeout),
+        retries=args.retries,
+    )
+    progress = Progress(sys.stderr, enabled=sys.stderr.isatty() and not args.quiet)
+    try:
+        result = sync(config, progress)
+    finally:
+        progress.close()
+    f = result.figures
+    if not args.quiet:
+        lines = [
+            f"{PROG}: synced {redact(url)} in {result.seconds:.1f} s with {result.requests['total']} requests",
+            f"  studies: {f.studies_listed} listed, {f.studies_new} new, {f.studies_changed} changed, "
+            f"{f.studies_unchanged} unchanged, {f.studies_failed} failed, {f.studies_inconsistent} inconsistent",
+            f"  resources written: {f.resources_written}" + (f" -> {result.run_dir}" if result.run_dir else ""),
+        ]
+        if f.windows_incomplete:
+            lines.append(f"  listing incomplete in {f.windows_incomplete} window(s): state kept as it was for those")
+        print("\n".join(lines), file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.summary(), sort_keys=True))
+    return result.exit_code
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    counts = export(args.state, args.out)
+    if not args.quiet:
+        detail = ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) or "nothing"
+        print(f"{PROG}: exported {detail} -> {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MappingError(None, "input", f"malformed JSON ({exc})") from None
+    if not isinstance(data, list) or not data:
+        raise MappingError(None, "input", "expected a non-empty JSON array of instance-level results")
+    if args.source:
+        check_base_url(args.source)
+    if args.wado_url:
+        check_base_url(args.wado_url)
+    options = MappingOptions(
+        source=normalise_base(args.source) if args.source else "",
+        wado_base=normalise_base(args.wado_url) if args.wado_url else None,
+        zone=zone(args.timezone),
+    )
+    resource = map_study(StudyInput(study={}, instances=data), options)
+    sys.stdout.write(json.dumps(resource, indent=2, ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .state import open_existing
+
+    state = open_existing(args.state)
+    try:
+        info = {"state": str(args.state), "schema": state.schema_version, "studies": state.counts_by_status(), "runs": state.last_runs()}
+        problems = [{"source": s, "study_uid": u, "status": st, "error": e} for s, u, st, e in state.problems()]
+    finally:
+        state.close()
+    if args.json:
+        print(json.dumps({**info, "problems": problems}, sort_keys=True))
+        return EXIT_OK
+    out = sys.stdout
+    studies = ", ".join(f"{n} {s}" for s, n in info["studies"].items()) or "none"
+    print(f"state {info['state']} (schema {info['schema']}): studies {studies}", file=out)
+    for run in info["runs"]:
+        fig = run["figures"] or {}
+        print(
+            f"  run {run['id']} {run['started']} {run['outcome']}: listed {fig.get('studies_listed', '-')}, "
+            f"written {fig.get('resources_written', '-')}, failed {fig.get('studies_failed', '-')}"
+            f"{', folder ' + run['folder'] if run['folder'] else ''}",
+            file=out,
+        )
+    for p in problems:
+        print(f"  {p['status']}: {p['error'] or p['study_uid']}", file=out)
+    return EXIT_OK
+
+
+COMMANDS = {"sync": _cmd_sync, "export": _cmd_export, "map": _cmd_map, "status": _cmd_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, StateError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SourceUnreachable, SinkError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except MappingError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_PARTIAL
+    except CrawlerError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_PARTIAL
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the state keeps the last completed run", file=sys.stderr)
+        return 130

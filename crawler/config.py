@@ -1,0 +1,55 @@
+"""Settings of a sync, as one frozen dataclass built by the CLI or by library callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import tzinfo
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .errors import ConfigError
+
+DEFAULT_STATE = "qido-crawler.db"
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Everything a sync needs to know. ``url`` is the DICOMweb base (QIDO paths are appended)."""
+
+    url: str
+    out: Path | None = None
+    state: Path = Path(DEFAULT_STATE)
+    since: str | None = None
+    until: str | None = None
+    page_size: int = 100
+    instance_page_size: int = 1000
+    workers: int = 4
+    wado_url: str | None = None
+    zone: tzinfo | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    timeout: tuple[float, float] = (10.0, 120.0)
+    retries: int = 4
+    verify: bool | str = True
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "instance_page_size", "workers", "retries"):
+            value = getattr(self, name)
+            minimum = 0 if name == "retries" else 1
+            if not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{name.replace('_', '-')} must be an integer >= {minimum}, not {value!r}")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("--user and --password go together")
+        if self.token and self.user:
+            raise ConfigError("use either --user/--password or --token, not both")
+
+
+def zone(name: str | None) -> tzinfo | None:
+    """An IANA zone by name; None (this machine's local zone) for None or empty."""
+    if not name:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"unknown time zone {name!r} (use an IANA name such as Europe/Berlin)") from None

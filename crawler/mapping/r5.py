@@ -1,0 +1,426 @@
+"""DICOM JSON -> FHIR R5 ImagingStudy, as plain data. Pure: no I/O, no models, no clock."""
+
+from __future__ import annotations
+
+import re
+from collections import ChainMap
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .. import dicomjson as dj
+from ..dicomjson import Dataset, Tag
+from ..errors import MappingError
+from . import codes
+from .dates import fhir_datetime
+from .ids import endpoint_id, study_id
+from .model import MappingOptions, StudyInput
+
+
+DICOM_UID = "urn:dicom:uid"
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+
+T = TypeVar("T")
+Resource = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Reads attributes of one study, turning bad values into MappingErrors that name them."""
+
+    study_uid: str | None
+
+    def __call__(self, read: Callable[[Dataset, str], T], ds: Dataset, tag: str) -> T:
+        try:
+            return read(ds, tag)
+        except ValueError as exc:
+            raise MappingError(self.study_uid, dj.keyword(tag), str(exc)) from None
+
+    def datetime(self, ds: Dataset, date_tag: str, time_tag: str, options: MappingOptions) -> str | None:
+        date = self(dj.string, ds, date_tag)
+        time = self(dj.string, ds, time_tag)
+        offset = self(dj.string, ds, Tag.TimezoneOffsetFromUTC)
+        try:
+            return fhir_datetime(date, time, offset, options.zone)
+        except ValueError as exc:
+            raise MappingError(self.study_uid, f"{dj.keyword(date_tag)} + {dj.keyword(time_tag)}", str(exc)) from None
+
+
+def map_study(data: StudyInput, options: MappingOptions) -> Resource:
+    """One ImagingStudy (R5 JSON as a dict) for one study.
+
+    Raises MappingError (naming the study and the attribute) for data that cannot be mapped.
+    """
+    if not isinstance(data.study, Mapping):
+        raise MappingError(None, "study", "search result is not a JSON object")
+    for item in (*data.instances, *data.series):
+        if not isinstance(item, Mapping):
+            raise MappingError(None, "instances", "search result is not a JSON object")
+    first_instance = data.instances[0] if data.instances else {}
+    study = ChainMap(dict(data.study), dict(first_instance))
+    read = _Reader(None)
+    study_uid = read(dj.string, study, Tag.StudyInstanceUID)
+    if not study_uid:
+        raise MappingError(None, dj.keyword(Tag.StudyInstanceUID), "missing")
+    read = _Reader(study_uid)
+
+    series = _series(data, read, options)
+    resource: Resource = {"resourceType": "ImagingStudy", "id": study_id(options.source, study_uid)}
+    location, contained = _location(study, read)
+    if contained:
+        resource["contained"] = contained
+    resource["identifier"] = _identifiers(study, study_uid, read)
+    resource["status"] = "available"
+    modalities = read(dj.strings, study, Tag.ModalitiesInStudy) or sorted(
+        {s["modality"]["coding"][0]["code"] for s in series}
+    )
+    if modalities:
+        resource["modality"] = [_modality(code) for code in _unique(modalities)]
+    resource["subject"] = _subject(study, read, options)
+    started = read.datetime(study, Tag.StudyDate, Tag.StudyTime, options)
+    if started:
+        resource["started"] = started
+    based_on = _accession(study, read, options)
+    if based_on:
+        resource["basedOn"] = [based_on]
+    referrer = _person(study, Tag.ReferringPhysicianName, Tag.ReferringPhysicianIdentificationSequence, 0, read)
+    if referrer:
+        resource["referrer"] = referrer
+    if options.wado_base:
+        resource["endpoint"] = [{"reference": f"Endpoint/{endpoint_id(options.wado_base)}"}]
+    n_series = read(dj.integer, study, Tag.NumberOfStudyRelatedSeries)
+    n_instances = read(dj.integer, study, Tag.NumberOfStudyRelatedInstances)
+    resource["numberOfSeries"] = n_series if n_series is not None else len(series)
+    resource["numberOfInstances"] = (
+        n_instances if n_instances is not None else sum(s.get("numberOfInstances", 0) for s in series)
+    )
+    procedures = [_codeable(item, read) for item in read(dj.sequence, study, Tag.ProcedureCodeSequence)]
+    if procedures:
+        resource["procedure"] = [{"concept": concept} for concept in procedures if concept]
+    if location:
+        resource["location"] = location
+    reason = _reason(study, read)
+    if reason:
+        resource["reason"] = reason
+    description = read(dj.string, study, Tag.StudyDescription)
+    if description:
+        resource["description"] = description
+    if series:
+        resource["series"] = series
+    return resource
+
+
+def _unique(items: Iterable[T]) -> list[T]:
+    return list(dict.fromkeys(items))
+
+
+def _modality(code: str) -> Resource:
+    coding: Resource = {"system": codes.DCM, "code": code}
+    display = codes.modality_display(code)
+    if display:
+        coding["display"] = display
+    return {"coding": [coding]}
+
+
+def _identifiers(study: Dataset, study_uid: str, read: _Reader) -> list[Resource]:
+    out: list[Resource] = [{"system": DICOM_UID, "value": f"urn:oid:{study_uid}"}]
+    study_id_value = read(dj.string, study, Tag.StudyID)
+    if study_id_value:
+        out.append({"use": "secondary", "type": {"text": "DICOM Study ID"}, "value": study_id_value})
+    return out
+
+
+def _issuer_system(local: str | None, universal: str | None, kind: str | None, options: MappingOptions) -> str | None:
+    for key in (universal, local):
+        if key and key in options.issuer_systems:
+            return options.issuer_systems[key]
+    if universal:
+        kind = (kind or "").upper()
+        if kind == "ISO" or (not kind and _OID.match(universal)):
+            return f"urn:oid:{universal}"
+        if kind in ("URI", "URL"):
+            return universal
+        if kind == "UUID":
+            return f"urn:uuid:{universal.lower()}"
+    if local and _OID.match(local):
+        return f"urn:oid:{local}"
+    return None
+
+
+def _issuer_item(items: Sequence[Dataset], read: _Reader) -> tuple[str | None, str | None, str | None]:
+    if not items:
+        return None, None, None
+    item = items[0]
+    return (
+        read(dj.string, item, Tag.LocalNamespaceEntityID),
+        read(dj.string, item, Tag.UniversalEntityID),
+        read(dj.string, item, Tag.UniversalEntityIDType),
+    )
+
+
+def _identifier(value: str, system: str | None, assigner: str | None) -> Resource:
+    identifier: Resource = {}
+    if system:
+        identifier["system"] = system
+    identifier["value"] = value
+    if assigner and not system:
+        identifier["assigner"] = {"display": assigner}
+    return identifier
+
+
+def _subject(study: Dataset, read: _Reader, options: MappingOptions) -> Resource:
+    subject: Resource = {"type": "Patient"}
+    patient_id = read(dj.string, study, Tag.PatientID)
+    name = read(dj.person_name, study, Tag.PatientName)
+    if patient_id:
+        issuer = read(dj.string, study, Tag.IssuerOfPatientID)
+        local, universal, kind = _issuer_item(read(dj.sequence, study, Tag.IssuerOfPatientIDQualifiersSequence), read)
+        system = _issuer_system(issuer or local, universal, kind, options)
+        subject["identifier"] = _identifier(patient_id, system, issuer or local)
+    subject["display"] = name or ("Patient without a name" if patient_id else "Patient without an ID or name")
+    return subject
+
+
+def _accession(study: Dataset, read: _Reader, options: MappingOptions) -> Resource | None:
+    accession = read(dj.string, study, Tag.AccessionNumber)
+    if not accession:
+        return None
+    local, universal, kind = _issuer_item(read(dj.sequence, study, Tag.IssuerOfAccessionNumberSequence), read)
+    identifier = _identifier(accession, _issuer_system(local, universal, kind, options), local)
+    identifier = {
+        "type": {"coding": [{"system": codes.V2_0203, "code": "ACSN"}]},
+        **identifier,
+    }
+    return {"type": "ServiceRequest", "identifier": identifier}
+
+
+def _coding(item: Dataset, read: _Reader) -> Resource | None:
+    code = (
+        read(dj.string, item, Tag.CodeValue)
+        or read(dj.string, item, Tag.LongCodeValue)
+        or read(dj.string, item, Tag.URNCodeValue)
+    )
+    designator = read(dj.string, item, Tag.CodingSchemeDesignator)
+    meaning = read(dj.string, item, Tag.CodeMeaning)
+    if not code:
+        return None
+    coding: Resource = {}
+    if designator:
+        coding["system"] = codes.scheme_system(designator)
+        version = read(dj.string, item, Tag.CodingSchemeVersion)
+        if version:
+            coding["version"] = version
+    elif item.get(Tag.URNCodeValue):
+        coding["system"] = "urn:ietf:rfc:3986"
+    coding["code"] = code
+    if meaning:
+        coding["display"] = meaning
+    return coding
+
+
+def _codeable(item: Dataset, read: _Reader) -> Resource | None:
+    coding = _coding(item, read)
+    if coding:
+        return {"coding": [coding]}
+    meaning = read(dj.string, item, Tag.CodeMeaning)
+    return {"text": meaning} if meaning else None
+
+
+def _reason(study: Dataset, read: _Reader) -> list[Resource]:
+    concepts = [c for item in read(dj.sequence, study, Tag.ReasonForRequestedProcedureCodeSequence) if (c := _codeable(item, read))]
+    if concepts:
+        return [{"concept": concept} for concept in concepts]
+    text = read(dj.string, study, Tag.ReasonForTheRequestedProcedure)
+    return [{"concept": {"text": text}}] if text else []
+
+
+def _location(study: Dataset, read: _Reader) -> tuple[Resource | None, list[Resource]]:
+    name = read(dj.string, study, Tag.InstitutionalDepartmentName)
+    types = [c for item in read(dj.sequence, study, Tag.InstitutionalDepartmentTypeCodeSequence) if (c := _codeable(item, read))]
+    if not types:
+        return ({"type": "Location", "display": name} if name else None), []
+    location: Resource = {"resourceType": "Location", "id": "department"}
+    if name:
+        location["name"] = name
+    location["type"] = types
+    reference: Resource = {"reference": "#department", "type": "Location"}
+    if name:
+        reference["display"] = name
+    return reference, [location]
+
+
+def _person(ds: Dataset, name_tag: str, id_tag: str, index: int, read: _Reader, name: str | None = None) -> Resource | None:
+    """A Practitioner reference from a PN value and the matching item of its identification sequence."""
+    if name is None:
+        names = read(dj.person_names, ds, name_tag)
+        name = names[index] if index < len(names) else None
+    items = read(dj.sequence, ds, id_tag)
+    item = items[index] if index < len(items) else None
+    identifier = None
+    if item is not None:
+        for code_item in read(dj.sequence, item, Tag.PersonIdentificationCodeSequence):
+            coding = _coding(code_item, read)
+            if coding:
+                identifier = {"value": coding["code"]}
+                if "system" in coding:
+                    identifier = {"system": coding["system"], **identifier}
+                break
+    if not name and not identifier:
+        return None
+    reference: Resource = {"type": "Practitioner"}
+    if identifier:
+        reference["identifier"] = identifier
+    if name:
+        reference["display"] = name
+    return reference
+
+
+def _people(ds: Dataset, name_tag: str, id_tag: str, read: _Reader) -> list[Resource]:
+    names = read(dj.person_names, ds, name_tag)
+    items = read(dj.sequence, ds, id_tag)
+    return [p for i in range(max(len(names), len(items))) if (p := _person(ds, name_tag, id_tag, i, read))]
+
+
+def _performers(ds: Dataset, read: _Reader) -> list[Resource]:
+    def role(code_display: tuple[str, str]) -> Resource:
+        return {"coding": [{"system": codes.PARTICIPATION_TYPE, "code": code_display[0], "display": code_display[1]}]}
+
+    physicians = _people(ds, Tag.PerformingPhysicianName, Tag.PerformingPhysicianIdentificationSequence, read)
+    operators = _people(ds, Tag.OperatorsName, Tag.OperatorIdentificationSequence, read)
+    out = [{"function": role(codes.PERFORMER), "actor": actor} for actor in physicians]
+    operator_role = role(codes.SECONDARY_PERFORMER) if physicians else role(codes.PERFORMER)
+    out += [{"function": operator_role, "actor": actor} for actor in operators]
+    device = " ".join(
+        part for part in (read(dj.string, ds, Tag.Manufacturer), read(dj.string, ds, Tag.ManufacturerModelName)) if part
+    )
+    if device:
+        out.append({"function": role(codes.PERFORMER), "actor": {"type": "Device", "display": device}})
+    institution = read(dj.string, ds, Tag.InstitutionName)
+    if institution:
+        out.append({"function": role(codes.PERFORMER), "actor": {"type": "Organization", "display": institution}})
+    return out
+
+
+def _body_site(ds: Dataset, read: _Reader) -> Resource | None:
+    body_part = read(dj.string, ds, Tag.BodyPartExamined)
+    if body_part:
+        found = codes.body_part(body_part)
+        if found:
+            code, meaning = found
+            return {"concept": {"coding": [{"system": codes.SNOMED, "code": code, "display": meaning}]}}
+    for item in read(dj.sequence, ds, Tag.AnatomicRegionSequence):
+        concept = _codeable(item, read)
+        if concept:
+            return {"concept": concept}
+    return {"concept": {"text": body_part}} if body_part else None
+
+
+def _laterality(ds: Dataset, read: _Reader) -> Resource | None:
+    value = read(dj.string, ds, Tag.Laterality)
+    if not value:
+        return None
+    found = codes.LATERALITY.get(value.upper())
+    if not found:
+        return {"text": value}
+    code, display = found
+    return {"coding": [{"system": codes.SNOMED, "code": code, "display": display}]}
+
+
+def _specimens(instances: Sequence[Dataset], read: _Reader, options: MappingOptions) -> list[Resource]:
+    found: dict[tuple[str | None, str], Resource] = {}
+    for instance in instances:
+        for item in read(dj.sequence, instance, Tag.SpecimenDescriptionSequence):
+            specimen_id = read(dj.string, item, Tag.SpecimenIdentifier)
+            specimen_uid = read(dj.string, item, Tag.SpecimenUID)
+            if specimen_id:
+                local, universal, kind = _issuer_item(read(dj.sequence, item, Tag.IssuerOfTheSpecimenIdentifierSequence), read)
+                identifier = _identifier(specimen_id, _issuer_system(local, universal, kind, options), local)
+            elif specimen_uid:
+                identifier = {"system": DICOM_UID, "value": f"urn:oid:{specimen_uid}"}
+            else:
+                continue
+            found.setdefault((identifier.get("system"), identifier["value"]), {"type": "Specimen", "identifier": identifier})
+    return list(found.values())
+
+
+def _sort_key(number: int | None, uid: str) -> tuple[bool, int, str]:
+    return (number is None, number or 0, uid)
+
+
+def _instance(ds: Dataset, uid: str, read: _Reader) -> Resource:
+    out: Resource = {"uid": uid}
+    sop_class = read(dj.string, ds, Tag.SOPClassUID)
+    if not sop_class:
+        raise MappingError(read.study_uid, dj.keyword(Tag.SOPClassUID), f"missing in instance {uid}")
+    coding: Resource = {"system": codes.SOP_CLASS_SYSTEM, "code": f"urn:oid:{sop_class}"}
+    name = codes.sop_class_name(sop_class)
+    if name:
+        coding["display"] = name
+    out["sopClass"] = coding
+    number = read(dj.integer, ds, Tag.InstanceNumber)
+    if number is not None:
+        out["number"] = number
+    title = read(dj.string, ds, Tag.DocumentTitle) or "\\".join(read(dj.strings, ds, Tag.ImageType))
+    if title:
+        out["title"] = title
+    return out
+
+
+def _series(data: StudyInput, read: _Reader, options: MappingOptions) -> list[Resource]:
+    grouped: dict[str, list[Dataset]] = {}
+    for instance in data.instances:
+        series_uid = read(dj.string, instance, Tag.SeriesInstanceUID)
+        if not series_uid:
+            raise MappingError(read.study_uid, dj.keyword(Tag.SeriesInstanceUID), "missing in an instance result")
+        grouped.setdefault(series_uid, []).append(instance)
+    series_results: dict[str, Dataset] = {}
+    for item in data.series:
+        series_uid = read(dj.string, item, Tag.SeriesInstanceUID)
+        if not series_uid:
+            raise MappingError(read.study_uid, dj.keyword(Tag.SeriesInstanceUID), "missing in a series result")
+        series_results[series_uid] = item
+        grouped.setdefault(series_uid, [])
+
+    built = []
+    for series_uid, instances in grouped.items():
+        ds = ChainMap(dict(series_results.get(series_uid, {})), *(dict(i) for i in instances[:1]))
+        number = read(dj.integer, ds, Tag.SeriesNumber)
+        out: Resource = {"uid": series_uid}
+        if number is not None:
+            out["number"] = number
+        modality = read(dj.string, ds, Tag.Modality)
+        if not modality:
+            raise MappingError(read.study_uid, dj.keyword(Tag.Modality), f"missing in series {series_uid}")
+        out["modality"] = _modality(modality)
+        description = read(dj.string, ds, Tag.SeriesDescription)
+        if description:
+            out["description"] = description
+        reported = read(dj.integer, ds, Tag.NumberOfSeriesRelatedInstances)
+        out["numberOfInstances"] = reported if reported is not None else len(instances)
+        if options.wado_base:
+            out["endpoint"] = [{"reference": f"Endpoint/{endpoint_id(options.wado_base)}"}]
+        body_site = _body_site(ds, read)
+        if body_site:
+            out["bodySite"] = body_site
+        laterality = _laterality(ds, read)
+        if laterality:
+            out["laterality"] = laterality
+        specimens = _specimens(instances, read, options)
+        if specimens:
+            out["specimen"] = specimens
+        started = read.datetime(ds, Tag.SeriesDate, Tag.SeriesTime, options)
+        if started:
+            out["started"] = started
+        performers = _performers(ds, read)
+        if performers:
+            out["performer"] = performers
+        mapped_instances = {}
+        for instance in instances:
+            uid = read(dj.string, instance, Tag.SOPInstanceUID)
+            if not uid:
+                raise MappingError(read.study_uid, dj.keyword(Tag.SOPInstanceUID), f"missing in series {series_uid}")
+            mapped_instances.setdefault(uid, _instance(instance, uid, read))
+        if mapped_instances:
+            out["instance"] = sorted(mapped_instances.values(), key=lambda i: _sort_key(i.get("number"), i["uid"]))
+        built.append(out)
+    return sorted(built, key=lambda s: _sort_key(s.get("number"), s["uid"]))

@@ -1,0 +1,242 @@
+"""QIDO-RS over HTTP: query building, paging, retries, auth and request accounting.
+
+The client streams: pages are yielded as they arrive and never gathered into one list. Query
+strings are built by a pure function, sorted, with values sent raw where the standard allows it
+(``,`` ``*`` ``-``), because some servers (Orthanc 1.10) do not percent-decode query values.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+import tenacity
+
+from .errors import ConfigError, FatalQidoError, QidoError, RetriableQidoError, SourceUnreachable
+
+RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_SAFE = ",*-.:/_~^="
+
+
+def build_query(params: Sequence[tuple[str, str | int]]) -> str:
+    """``key=value&...`` sorted by key then value; only characters that break a URL are encoded."""
+    return "&".join(f"{quote(str(k), safe=_SAFE)}={quote(str(v), safe=_SAFE)}" for k, v in sorted(params, key=lambda p: (p[0], str(p[1]))))
+
+
+def check_base_url(url: str) -> str:
+    """Validate a DICOMweb base URL (``http(s)://host[:port]/path``) and return it without a trailing slash."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"not an http(s) URL: {redact(url)!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"bad port in URL: {redact(url)!r}") from None
+    if parts.query or parts.fragment:
+        raise ConfigError(f"the DICOMweb base URL takes no query or fragment: {redact(url)!r}")
+    return url.rstrip("/")
+
+
+def redact(url: str) -> str:
+    """The URL with any user:password@ removed, for messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=host).geturl()
+
+
+@dataclass
+class RequestCounts:
+    """HTTP requests made, by kind (studies, series, instances, metadata); thread-safe."""
+
+    by_kind: Counter = field(default_factory=Counter)
+    retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, kind: str) -> None:
+        with self._lock:
+            self.by_kind[kind] += 1
+
+    def add_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {"total": sum(self.by_kind.values()), **dict(sorted(self.by_kind.items())), "retries": self.retries}
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    status: int
+    warning: str | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    max_seconds: float = 60.0
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class QidoClient:
+    """A QIDO-RS (and WADO-RS metadata) client for one DICOMweb base URL."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        session: requests.Session | None = None,
+        auth: tuple[str, str] | None = None,
+        token: str | None = None,
+        timeout: tuple[float, float] = (10.0, 120.0),
+        retry: RetryPolicy = RetryPolicy(),
+        pool_size: int = 4,
+        verify: bool | str = True,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base_url = check_base_url(base_url)
+        self.session = session or requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1), max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.verify = verify
+        if auth:
+            self.session.auth = auth
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.session.headers["Accept"] = "application/dicom+json"
+        self.timeout = timeout
+        self.retry = retry
+        self.counts = RequestCounts()
+        self._sleep = sleep
+        self.answered = False
+
+    def close(self) -> None:
+        self.session.close()
+
+    def url(self, path: str, params: Sequence[tuple[str, str | int]] = ()) -> str:
+        query = build_query(params)
+        return f"{self.base_url}/{path.lstrip('/')}" + (f"?{query}" if query else "")
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hinted = getattr(exc, "retry_after", None)
+        if hinted is not None:
+            return min(hinted, self.retry.max_seconds)
+        backoff = self.retry.base_delay * 2 ** (state.attempt_number - 1)
+        return min(self.retry.max_delay, backoff) * (0.5 + random.random() / 2)
+
+    def get(self, kind: str, path: str, params: Sequence[tuple[str, str | int]] = ()) -> Page:
+        """One GET with retries; returns the parsed page. Raises QidoError subclasses."""
+        url = self.url(path, params)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(RetriableQidoError),
+            stop=tenacity.stop_after_attempt(self.retry.attempts) | tenacity.stop_after_delay(self.retry.max_seconds),
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=lambda _: self.counts.add_retry(),
+            reraise=True,
+        )
+        try:
+            return retrying(self._get_once, kind, url)
+        except RetriableQidoError as exc:
+            if not self.answered and exc.status is None:
+                raise SourceUnreachable(str(exc), url=exc.url) from None
+            raise
+
+    def _get_once(self, kind: str, url: str) -> Page:
+        self.counts.add(kind)
+        shown = redact(url)
+        try:
+            response = self.session.get(url, timeout=self.timeout)
+            body = response.content
+        except requests.exceptions.SSLError as exc:
+            raise FatalQidoError(f"TLS error for {shown}: {_reason(exc)}", url=shown) from None
+        except requests.exceptions.ConnectionError as exc:
+            raise RetriableQidoError(f"cannot connect to {shown}: {_reason(exc)}", url=shown) from None
+        except requests.exceptions.Timeout:
+            raise RetriableQidoError(f"timed out: {shown}", url=shown) from None
+        except requests.exceptions.RequestException as exc:
+            raise RetriableQidoError(f"request failed: {shown}: {_reason(exc)}", url=shown) from None
+        self.answered = True
+        status = response.status_code
+        if status == 204:
+            return Page([], status, response.headers.get("Warning"))
+        if status in RETRIABLE_STATUS:
+            error = RetriableQidoError(f"HTTP {status} from {shown}", url=shown, status=status)
+            error.retry_after = retry_after_seconds(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
+            raise error
+        if status >= 400:
+            hint = {401: " (authentication required or refused)", 403: " (forbidden)", 404: " (not found)", 413: " (query matches too much)"}
+            raise FatalQidoError(f"HTTP {status}{hint.get(status, '')} from {shown}", url=shown, status=status)
+        if not body.strip():
+            return Page([], status, response.headers.get("Warning"))
+        try:
+            items = response.json()
+        except ValueError:
+            raise FatalQidoError(f"malformed JSON from {shown} ({len(body)} bytes)", url=shown, status=status) from None
+        if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+            raise FatalQidoError(f"answer from {shown} is not a JSON array of objects", url=shown, status=status)
+        return Page(items, status, response.headers.get("Warning"))
+
+    def iter_pages(
+        self, kind: str, path: str, params: Sequence[tuple[str, str | int]], page_size: int, max_pages: int = 100_000
+    ) -> Iterator[Page]:
+        """Pages of a search, by ``limit``/``offset``, until a short or empty page (or a 204).
+
+        A page identical to the one before means the server ignores ``offset``: that raises
+        instead of looping.
+        """
+        offset = 0
+        previous: list[Any] | None = None
+        for _ in range(max_pages):
+            query = [*params, ("limit", page_size)] + ([("offset", offset)] if offset else [])
+            page = self.get(kind, path, query)
+            if page.items and previous is not None and page.items == previous:
+                raise FatalQidoError(f"{redact(self.url(path))} returned the same page again at offset {offset}: the server ignores offset", url=redact(self.url(path)))
+            yield page
+            if len(page.items) < page_size:
+                return
+            previous = page.items
+            offset += len(page.items)
+        raise FatalQidoError(f"{redact(self.url(path))}: more than {max_pages} pages", url=redact(self.url(path)))
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "No route to host", "timed out", "Connection reset"):
+        if marker in text:
+            return marker.lower()
+    return type(exc).__name__

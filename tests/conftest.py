@@ -1,0 +1,35 @@
+"""Shared fixtures: a real Orthanc with the DICOMweb plugin, filled with the fixture corpus."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fixtures import corpus, orthanc
+
+
+@pytest.fixture(scope="session")
+def corpus_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return corpus.all_files(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def pacs(corpus_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[orthanc.Orthanc]:
+    """A live Orthanc loaded with the corpus, shared by tests that only read from it."""
+    server = orthanc.start(tmp_path_factory.mktemp("orthanc"))
+    try:
+        server.upload(corpus_files)
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def corpus_study_uids(corpus_files: list[Path]) -> set[str]:
+    import pydicom
+
+    return {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in corpus_files}

@@ -1,0 +1,156 @@
+"""The code tables against the DICOM dictionaries shipped with pydicom."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.sr._concepts_dict import concepts
+
+from crawler.mapping import codes
+
+# Annex L gives these rows a Code Meaning that no pydicom context group uses for the code
+# (pydicom only has the SNOMED CT fully specified name, or another group's wording such as
+# "Truncus coeliacus" or "Hypogastric region"). The standard differs from itself, not the table.
+ANNEX_L_ONLY_MEANINGS = {
+    "AMNIOTICFLUID",
+    "CALF",
+    "CELIACA",
+    "CHOROIDPLEXUS",
+    "CULDESAC",
+    "GESTSAC",
+    "GLUTEAL",
+    "LPORTALV",
+    "MORISONSPOUCH",
+    "PENILEA",
+    "RPORTALV",
+    "SUPRAPUBIC",
+}
+
+
+def _sct_meanings() -> dict[str, set[str]]:
+    meanings: dict[str, set[str]] = {}
+    for entries in concepts["SCT"].values():
+        for code, (meaning, _cids) in entries.items():
+            meanings.setdefault(code, set()).add(meaning.lower())
+    return meanings
+
+
+def test_chest_and_abdomen_use_the_current_codes():
+    assert codes.body_part("CHEST") == ("816094009", "Chest")
+    assert codes.body_part("THORAX") == ("816094009", "Chest")
+    assert codes.body_part("ABDOMEN") == ("818981001", "Abdomen")
+    assert codes.body_part("PELVIS") == ("816092008", "Pelvis")
+
+
+def test_body_part_lookup_is_case_insensitive_and_strips():
+    assert codes.body_part(" chest ") == codes.body_part("CHEST")
+    assert codes.body_part("AbdomenPelvis") == ("818982008", "Abdomen and Pelvis")
+    assert codes.body_part("NOT A BODY PART") is None
+    assert codes.body_part("") is None
+    assert codes.body_part("FETALHEART") is None
+
+
+def test_body_part_table_is_well_formed():
+    assert len(codes.BODY_PART) > 300
+    assert list(codes.BODY_PART) == sorted(codes.BODY_PART)
+    for term, (code, meaning) in codes.BODY_PART.items():
+        assert term == term.upper().strip()
+        assert code.isdigit(), term
+        assert meaning.strip() == meaning and meaning, term
+
+
+def test_body_part_meanings_match_pydicom():
+    meanings = _sct_meanings()
+    mismatched = {
+        term
+        for term, (code, meaning) in codes.BODY_PART.items()
+        if code in meanings and meaning.lower() not in meanings[code]
+    }
+    assert mismatched == ANNEX_L_ONLY_MEANINGS, f"{len(mismatched)} meanings differ: {sorted(mismatched)}"
+
+
+def test_common_anatomic_regions_agree_with_cid_4031():
+    meanings = _sct_meanings()
+    region_codes = {
+        code
+        for keyword in concepts["SCT"]
+        for code, (_meaning, cids) in concepts["SCT"][keyword].items()
+        if 4031 in cids
+    }
+    used = {code for code, _ in codes.BODY_PART.values()}
+    assert {"816094009", "818981001", "818982008", "816092008", "1217257000"} <= region_codes & used
+    for code, meaning in codes.BODY_PART.values():
+        if code in region_codes and code in meanings:
+            assert meaning.lower() in meanings[code]
+
+
+def test_laterality():
+    assert codes.LATERALITY == {
+        "R": ("24028007", "Right"),
+        "L": ("7771000", "Left"),
+        "B": ("51440002", "Bilateral"),
+        "U": ("66459002", "Unilateral"),
+    }
+    meanings = _sct_meanings()
+    for code, display in codes.LATERALITY.values():
+        assert display.lower() in meanings[code]
+
+
+@pytest.mark.parametrize(
+    ("designator", "system"),
+    [
+        ("SCT", "http://snomed.info/sct"),
+        ("SRT", "http://snomed.info/sct"),
+        ("LN", "http://loinc.org"),
+        ("DCM", "http://dicom.nema.org/resources/ontology/DCM"),
+        ("UCUM", "http://unitsofmeasure.org"),
+        ("RADLEX", "http://radlex.org"),
+        ("I10", "http://hl7.org/fhir/sid/icd-10"),
+        ("I9C", "http://hl7.org/fhir/sid/icd-9-cm"),
+        (" DCM ", "http://dicom.nema.org/resources/ontology/DCM"),
+        ("ncit", "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl"),
+        ("FMA", "urn:oid:2.16.840.1.113883.6.119"),
+    ],
+)
+def test_scheme_system_known(designator, system):
+    assert codes.scheme_system(designator) == system
+    assert codes.scheme_system(designator, "2024") == system
+
+
+def test_scheme_system_unknown_is_kept():
+    assert codes.scheme_system("99MYPACS") == "urn:dicom:scheme:99MYPACS"
+    assert codes.scheme_system("  L ") == "urn:dicom:scheme:L"
+
+
+@pytest.mark.parametrize("designator", ["", "   "])
+def test_scheme_system_empty_raises(designator):
+    with pytest.raises(ValueError):
+        codes.scheme_system(designator)
+
+
+def test_every_pydicom_scheme_with_a_uid_is_known():
+    without_uid = {"BARI"}
+    for designator in concepts:
+        if designator not in without_uid:
+            assert not codes.scheme_system(designator).startswith("urn:dicom:scheme:"), designator
+
+
+def test_sop_class_name():
+    assert codes.sop_class_name("1.2.840.10008.5.1.4.1.1.2") == "CT Image Storage"
+    assert codes.sop_class_name("1.2.840.10008.5.1.4.1.1.66.4") == "Segmentation Storage"
+    assert codes.sop_class_name("1.2.840.10008.1.2") is None
+    assert codes.sop_class_name("1.2.3.4") is None
+
+
+def test_modalities():
+    for code in ("CT", "MR", "NM", "OT", "DOC", "SM", "SR", "KO", "PR", "SEG", "RTSTRUCT", "DX", "XAPROTOCOL"):
+        assert code in codes.MODALITIES
+    assert codes.RETIRED_MODALITIES < codes.MODALITIES
+    assert {"DS", "EC", "ST", "CD"} <= codes.RETIRED_MODALITIES
+
+
+def test_modality_display():
+    assert codes.modality_display("CT") == "Computed Tomography"
+    assert codes.modality_display(" mr ") == "Magnetic Resonance"
+    assert codes.modality_display("SEG") == "Segmentation"
+    assert codes.modality_display("CAD") is None
+    assert codes.modality_display("NOPE") is None

@@ -1,0 +1,155 @@
+"""End to end on the live Orthanc: sync to NDJSON, second sync, export, map, and exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+from fhir.resources.endpoint import Endpoint
+from fhir.resources.imagingstudy import ImagingStudy
+
+from crawler.cli import main
+from fixtures import corpus
+
+ZONE = ["--timezone", "Europe/Berlin"]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_folder(folder: Path) -> tuple[dict, dict[str, list[dict]]]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    resources = {}
+    for entry in manifest["output"]:
+        lines = (folder / entry["url"]).read_text().splitlines()
+        assert len(lines) == entry["count"]
+        resources[entry["type"]] = [json.loads(line) for line in lines]
+    return manifest, resources
+
+
+def test_first_sync_writes_a_run_folder_of_valid_resources(pacs, corpus_study_uids, tmp_path, capsys):
+    out = tmp_path / "out"
+    state = tmp_path / "state.db"
+    code, stdout, stderr = run_cli(capsys, "sync", pacs.dicomweb, "--out", str(out), "--state", str(state), "--page-size", "4", "--json", *ZONE)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["studies_listed"] == len(corpus_study_uids)
+    assert summary["studies_new"] == len(corpus_study_uids)
+    assert summary["studies_failed"] == summary["studies_inconsistent"] == 0
+    assert summary["resources_written"] == len(corpus_study_uids) + 1
+    listing_pages = len(corpus_study_uids) // 4 + 1
+    assert summary["requests"]["studies"] == listing_pages
+    assert summary["requests"]["instances"] == len(corpus_study_uids)
+    assert "series" not in summary["requests"]
+
+    (folder,) = [p for p in out.iterdir()]
+    assert str(folder) == summary["run_dir"]
+    manifest, resources = read_folder(folder)
+    assert manifest["requiresAccessToken"] is False
+    assert manifest["transactionTime"].endswith("Z")
+    assert manifest["error"] == [] and manifest["deleted"] == []
+    assert {e["type"] for e in manifest["output"]} == {"ImagingStudy", "Endpoint"}
+    assert not list(folder.glob("*.part"))
+
+    studies = resources["ImagingStudy"]
+    assert {s["identifier"][0]["value"] for s in studies} == {f"urn:oid:{uid}" for uid in corpus_study_uids}
+    for study in studies:
+        ImagingStudy.model_validate(study)
+    (endpoint,) = resources["Endpoint"]
+    Endpoint.model_validate(endpoint)
+    assert endpoint["address"] == pacs.dicomweb
+    assert all(s["endpoint"] == [{"reference": f"Endpoint/{endpoint['id']}"}] for s in studies)
+
+    facts = {f.study_uid: f for f in corpus.expected_studies()}
+    for study in studies:
+        uid = study["identifier"][0]["value"][len("urn:oid:"):]
+        if uid in facts:
+            assert study["numberOfSeries"] == facts[uid].n_series == len(study["series"])
+            assert study["numberOfInstances"] == facts[uid].n_instances
+            assert sum(len(s["instance"]) for s in study["series"]) == facts[uid].n_instances
+
+
+def test_second_sync_writes_nothing_and_export_reproduces_the_set(pacs, corpus_study_uids, tmp_path, capsys):
+    out = tmp_path / "out"
+    state = tmp_path / "state.db"
+    code, stdout, _ = run_cli(capsys, "sync", pacs.dicomweb, "--out", str(out), "--state", str(state), "--json", *ZONE)
+    assert code == 0
+    first = json.loads(stdout)
+
+    code, stdout, stderr = run_cli(capsys, "sync", pacs.dicomweb, "--out", str(out), "--state", str(state), "--json", *ZONE)
+    assert code == 0, stderr
+    second = json.loads(stdout)
+    assert second["resources_written"] == 0
+    assert second["studies_unchanged"] == len(corpus_study_uids)
+    assert second["studies_new"] == second["studies_changed"] == 0
+    assert second["run_dir"] is None
+    assert second["requests"]["total"] == second["requests"]["studies"] == 1
+    assert len(list(out.iterdir())) == 1
+
+    exported = tmp_path / "export"
+    code, _, stderr = run_cli(capsys, "export", "--state", str(state), "--out", str(exported))
+    assert code == 0, stderr
+    _, from_export = read_folder(exported)
+    _, from_run = read_folder(Path(first["run_dir"]))
+    for kind in ("ImagingStudy", "Endpoint"):
+        assert sorted(from_export[kind], key=lambda r: r["id"]) == sorted(from_run[kind], key=lambda r: r["id"])
+
+    code, stdout, _ = run_cli(capsys, "status", "--state", str(state), "--json")
+    assert code == 0
+    status = json.loads(stdout)
+    assert status["studies"] == {"synced": len(corpus_study_uids)}
+    assert [r["outcome"] for r in status["runs"]] == ["ok", "ok"]
+
+
+def test_map_a_saved_dicom_json_file(pacs, tmp_path, capsys):
+    study_uid = corpus.uid("study", "01")
+    facts = {f.study_uid: f for f in corpus.expected_studies()}[study_uid]
+    response = requests.get(f"{pacs.dicomweb}/studies/{study_uid}/instances", params={"includefield": "00080008"}, timeout=30)
+    response.raise_for_status()
+    saved = tmp_path / "instances.json"
+    saved.write_bytes(response.content)
+    code, stdout, stderr = run_cli(capsys, "map", str(saved), "--source", pacs.dicomweb, "--wado-url", pacs.dicomweb, *ZONE)
+    assert code == 0, stderr
+    study = json.loads(stdout)
+    ImagingStudy.model_validate(study)
+    assert study["identifier"][0]["value"] == f"urn:oid:{study_uid}"
+    assert sum(len(s["instance"]) for s in study["series"]) == facts.n_instances
+
+
+def test_sync_with_nothing_listening_exits_3_with_one_line(tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, "sync", "http://127.0.0.1:9/dicom-web", "--out", str(tmp_path / "x"), "--state", str(tmp_path / "s.db"), "--retries", "0")
+    assert code == 3
+    assert stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "cannot connect" in lines[0] and "127.0.0.1:9" in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("url", ["not a url", "ftp://host/dicom-web", "http://", "http://host:99999/dicom-web", "http://host/dicom-web?x=1"])
+def test_malformed_url_exits_2(url, tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "sync", url, "--state", str(tmp_path / "s.db"))
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_unknown_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sync", "http://127.0.0.1:9/dicom-web", "--no-such-option"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_sync_prints_no_patient_data_at_debug_level(pacs, tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, "sync", pacs.dicomweb, "--out", str(tmp_path / "o"), "--state", str(tmp_path / "s.db"), "-vv", "--json", *ZONE)
+    assert code == 0
+    for patient in corpus.PATIENTS:
+        for secret in (patient.patient_id, patient.name, *patient.name.split("^")):
+            if len(secret) >= 4:
+                assert secret not in stderr and secret not in stdout
