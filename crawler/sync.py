@@ -245,6 +245,8 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
                     figures.windows_incomplete += 1
                     errors.append(f"listing of {window} stopped: source unreachable")
                 except QidoError as exc:
+                    if exc.status in (401, 403):
+                        raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
                     figures.windows_incomplete += 1
                     message = f"listing of {window} stopped: {exc}"
                     errors.append(message)

@@ -153,3 +153,33 @@ def test_sync_prints_no_patient_data_at_debug_level(pacs, tmp_path, capsys):
         for secret in (patient.patient_id, patient.name, *patient.name.split("^")):
             if len(secret) >= 4:
                 assert secret not in stderr and secret not in stdout
+
+
+@pytest.fixture(scope="module")
+def pacs_with_auth(corpus_files, tmp_path_factory):
+    from fixtures import orthanc
+
+    server = orthanc.start(tmp_path_factory.mktemp("orthanc-auth"), user="crawler", password="s3cret-Zq81!")
+    try:
+        server.upload(corpus_files[:3])
+        yield server
+    finally:
+        server.stop()
+
+
+def test_basic_auth_by_option_and_environment_and_never_shown(pacs_with_auth, tmp_path, capsys, monkeypatch):
+    url = pacs_with_auth.dicomweb
+    code, _, stderr = run_cli(capsys, "sync", url, "--state", str(tmp_path / "a.db"), "--retries", "0")
+    assert code == 3
+    assert "401" in stderr and len(stderr.strip().splitlines()) == 1
+
+    code, stdout, stderr = run_cli(capsys, "sync", url, "--state", str(tmp_path / "b.db"), "--user", "crawler", "--password", "s3cret-Zq81!", "-vv", "--json", *ZONE)
+    assert code == 0, stderr
+    assert json.loads(stdout)["studies_new"] >= 1
+    assert "s3cret-Zq81!" not in stderr + stdout
+
+    monkeypatch.setenv("QIDO_CRAWLER_USER", "crawler")
+    monkeypatch.setenv("QIDO_CRAWLER_PASSWORD", "s3cret-Zq81!")
+    code, stdout, stderr = run_cli(capsys, "sync", url, "--state", str(tmp_path / "c.db"), "-vv", "--json", *ZONE)
+    assert code == 0, stderr
+    assert "s3cret-Zq81!" not in stderr + stdout
