@@ -25,7 +25,8 @@ from .mapping import MappingOptions, StudyInput, map_study
 from .mapping.ids import normalise_base
 from .planner import parse_day
 from .qido import check_base_url, redact
-from .sync import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures, export, sync
+from .crawl import CrawlOptions, MetadataMode
+from .sync import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures, convert, export, sync
 
 PROG = "qido-crawler"
 log = logging.getLogger("crawler")
@@ -72,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once (default: 4)")
     p.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: 100)")
     p.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: 1000)")
+    p.add_argument("--metadata", choices=[m.value for m in MetadataMode], default="auto", help="read WADO-RS metadata: auto (when QIDO leaves out sequences the mapping needs), never, always (default: auto)")
+    p.add_argument("--metadata-max-instances", type=_positive, default=1000, metavar="N", help="studies with more instances read one instance's metadata per series instead of the whole study's (default: 1000)")
     p.add_argument("--wado-url", metavar="URL", help="WADO-RS base the Endpoint resource points at (default: URL)")
+    p.add_argument("--fhir-version", choices=["R5", "R4"], default="R5", help="FHIR version of the output (default: R5)")
+    p.add_argument("--patients", action="store_true", help="also write a Patient resource per (issuer, Patient ID) and reference it from the subject")
+    p.add_argument("--issuer-system", action="append", default=[], metavar="ISSUER=URI", help="identifier system for an Issuer of Patient ID or accession issuer (repeatable)")
+    p.add_argument("--validate", action="store_true", help="validate every resource with fhir.resources before writing it (needs the validate extra)")
     p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for times without Timezone Offset From UTC (default: this machine's)")
     p.add_argument("--user", default=os.environ.get("QIDO_CRAWLER_USER"), help="HTTP basic auth user (env QIDO_CRAWLER_USER)")
     p.add_argument("--password", default=os.environ.get("QIDO_CRAWLER_PASSWORD"), help="HTTP basic auth password (env QIDO_CRAWLER_PASSWORD)")
@@ -100,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help="DICOM JSON file, or - for standard input")
     p.add_argument("--source", default="", metavar="URL", help="DICOMweb base URL the data came from (makes the resource id)")
     p.add_argument("--wado-url", metavar="URL", help="WADO-RS base for the endpoint reference (default: none)")
+    p.add_argument("--fhir-version", choices=["R5", "R4"], default="R5", help="FHIR version of the output (default: R5)")
+    p.add_argument("--issuer-system", action="append", default=[], metavar="ISSUER=URI", help="identifier system for an issuer (repeatable)")
     p.add_argument("--timezone", metavar="ZONE", help="IANA time zone for times without an offset (default: this machine's)")
     _add_verbosity(p)
 
@@ -155,6 +164,16 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def issuer_systems(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        issuer, sep, system = pair.partition("=")
+        if not sep or not issuer.strip() or ":" not in system:
+            raise ConfigError(f"--issuer-system takes ISSUER=URI (e.g. HOSP-A=urn:oid:1.2.3), not {pair!r}")
+        out[issuer.strip()] = system.strip()
+    return out
+
+
 def _cmd_sync(args: argparse.Namespace) -> int:
     url = check_base_url(args.url)
     if args.wado_url:
@@ -166,7 +185,11 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         since=args.since,
         until=args.until,
         page_size=args.page_size,
-        instance_page_size=args.instance_page_size,
+        crawl=CrawlOptions(args.instance_page_size, MetadataMode(args.metadata), args.metadata_max_instances),
+        fhir_version=args.fhir_version,
+        patients=args.patients,
+        validate=args.validate,
+        issuer_systems=issuer_systems(args.issuer_system),
         workers=args.workers,
         wado_url=args.wado_url,
         zone=zone(args.timezone),
@@ -224,8 +247,9 @@ def _cmd_map(args: argparse.Namespace) -> int:
         source=normalise_base(args.source) if args.source else "",
         wado_base=normalise_base(args.wado_url) if args.wado_url else None,
         zone=zone(args.timezone),
+        issuer_systems=issuer_systems(args.issuer_system),
     )
-    resource = map_study(StudyInput(study={}, instances=data), options)
+    resource = convert(map_study(StudyInput(study={}, instances=data), options), args.fhir_version)
     sys.stdout.write(json.dumps(resource, indent=2, ensure_ascii=False) + "\n")
     return EXIT_OK
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import tzinfo
+from collections.abc import Mapping
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .crawl import CrawlOptions
 from .errors import ConfigError
 
 DEFAULT_STATE = "qido-crawler.db"
@@ -22,7 +24,6 @@ class SyncConfig:
     since: str | None = None
     until: str | None = None
     page_size: int = 100
-    instance_page_size: int = 1000
     workers: int = 4
     wado_url: str | None = None
     zone: tzinfo | None = None
@@ -32,9 +33,16 @@ class SyncConfig:
     timeout: tuple[float, float] = (10.0, 120.0)
     retries: int = 4
     verify: bool | str = True
+    crawl: CrawlOptions = CrawlOptions()
+    fhir_version: str = "R5"
+    patients: bool = False
+    validate: bool = False
+    issuer_systems: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "instance_page_size", "workers", "retries"):
+        if self.fhir_version not in ("R5", "R4"):
+            raise ConfigError(f"--fhir-version must be R5 or R4, not {self.fhir_version!r}")
+        for name in ("page_size", "workers", "retries"):
             value = getattr(self, name)
             minimum = 0 if name == "retries" else 1
             if not isinstance(value, int) or value < minimum:

@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 
 from .config import SyncConfig
-from .crawl import VOLATILE, StudySummary, fetch_study, iter_listing, summarise
+from .crawl import VOLATILE, Learned, StudySummary, fetch_study, iter_listing, summarise
 from .errors import CrawlerError, MappingError, QidoError, SinkError, SourceUnreachable
-from .mapping import MappingOptions, endpoint, map_study
+from .mapping import MappingOptions, endpoint, map_resources
+from .mapping.validate import check_available, validate
 from .mapping.ids import normalise_base
 from .planner import plan
 from .qido import QidoClient, RetryPolicy, redact
@@ -79,23 +80,39 @@ class SyncResult:
 @dataclass(frozen=True)
 class Outcome:
     summary: StudySummary
-    body: bytes | None = None
-    resource_id: str | None = None
+    resources: tuple[tuple[str, str, bytes], ...] = ()
     status: str = "synced"
     error: str | None = None
+    path: str | None = None
+
+    @property
+    def study(self) -> tuple[str, str, bytes]:
+        return self.resources[-1]
 
 
-def _crawl_one(client: QidoClient, summary: StudySummary, options: MappingOptions, page_size: int) -> Outcome:
+def convert(resource: dict[str, Any], version: str) -> dict[str, Any]:
+    if version == "R5":
+        return resource
+    from .mapping import r4
+
+    return {"ImagingStudy": r4.to_r4, "Endpoint": r4.endpoint_r4, "Patient": r4.patient_r4}[resource["resourceType"]](resource)
+
+
+def _crawl_one(client: QidoClient, summary: StudySummary, config: SyncConfig, options: MappingOptions, learned: Learned) -> Outcome:
     try:
-        fetched = fetch_study(client, summary, page_size)
+        fetched = fetch_study(client, summary, config.crawl, learned)
         if not fetched.consistent:
             return Outcome(
                 summary,
                 status="inconsistent",
                 error=f"study {summary.uid}: server reports {summary.n_instances} instances, {fetched.enumerated} listed (asked twice)",
+                path=fetched.path,
             )
-        resource = map_study(fetched.data, options)
-        return Outcome(summary, orjson.dumps(resource), resource["id"])
+        resources = [convert(r, config.fhir_version) for r in map_resources(fetched.data, options).resources()]
+        if config.validate:
+            for resource in resources:
+                validate(resource, config.fhir_version, summary.uid)
+        return Outcome(summary, tuple((r["resourceType"], r["id"], orjson.dumps(r)) for r in resources), path=fetched.path)
     except MappingError as exc:
         return Outcome(summary, status="failed", error=str(exc))
     except QidoError as exc:
@@ -134,7 +151,12 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
     )
     source = normalise_base(config.url)
     wado_base = normalise_base(config.wado_url or config.url)
-    options = MappingOptions(source=source, wado_base=wado_base, zone=config.zone)
+    options = MappingOptions(
+        source=source, wado_base=wado_base, zone=config.zone, issuer_systems=config.issuer_systems, patients=config.patients
+    )
+    if config.validate:
+        check_available(config.fhir_version)
+    learned = Learned()
     windows = plan(config.since, config.until)
     state = State(config.state)
     started = datetime.now(timezone.utc).replace(microsecond=0)
@@ -174,22 +196,23 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
                 sink.error(_outcome_body(outcome.error or ""))
             state.record_study(source, summary.uid, run_id=run_id, status=outcome.status, error=outcome.error)
             return
-        assert outcome.body is not None and outcome.resource_id is not None
         if known:
             figures.studies_changed += 1
         else:
             figures.studies_new += 1
-        store("ImagingStudy", outcome.resource_id, outcome.body)
+        for resource_type, resource_id, body in outcome.resources:
+            store(resource_type, resource_id, body)
+        _, study_resource_id, study_body = outcome.study
         state.record_study(
             source,
             summary.uid,
             run_id=run_id,
             status="synced",
-            resource_id=outcome.resource_id,
+            resource_id=study_resource_id,
             n_series=summary.n_series,
             n_instances=summary.n_instances,
             study_hash=study_hash(dict(summary.attributes)),
-            resource_hash=digest(outcome.body),
+            resource_hash=digest(study_body),
         )
 
     state.begin()
@@ -235,9 +258,9 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
                                 progress(figures)
                             continue
                         if not endpoint_written:
-                            store("Endpoint", endpoint_resource["id"], orjson.dumps(endpoint_resource))
+                            store("Endpoint", endpoint_resource["id"], orjson.dumps(convert(endpoint_resource, config.fhir_version)))
                             endpoint_written = True
-                        pending.append((pool.submit(_crawl_one, client, summary, options, config.instance_page_size), row is not None))
+                        pending.append((pool.submit(_crawl_one, client, summary, config, options, learned), row is not None))
                         drain(config.workers * 4)
                 except SourceUnreachable:
                     if figures.studies_listed == 0 and not client.answered:

@@ -30,10 +30,25 @@ class MappingOptions:
     ``source`` is the DICOMweb base the study came from (it makes the ids), ``wado_base`` the
     WADO-RS base the Endpoint points at, ``zone`` the PACS's time zone for times without
     Timezone Offset From UTC (``None``: this machine's), ``issuer_systems`` maps Issuer of
-    Patient ID / accession issuers to identifier systems.
+    Patient ID / accession issuers to identifier systems, and ``patients`` makes a Patient
+    resource per (issuer, Patient ID) that the subject references.
     """
 
     source: str = ""
     wado_base: str | None = None
     zone: tzinfo | None = None
     issuer_systems: Mapping[str, str] = field(default_factory=dict)
+    patients: bool = False
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """The resources of one study: its ImagingStudy, the Endpoints its series point at other than
+    the default one, and (with ``patients``) its Patient."""
+
+    study: dict
+    endpoints: tuple[dict, ...] = ()
+    patient: dict | None = None
+
+    def resources(self) -> list[dict]:
+        return [*self.endpoints, *([self.patient] if self.patient else []), self.study]

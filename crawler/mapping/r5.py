@@ -13,8 +13,9 @@ from ..dicomjson import Dataset, Tag
 from ..errors import MappingError
 from . import codes
 from .dates import fhir_datetime
-from .ids import endpoint_id, study_id
-from .model import MappingOptions, StudyInput
+from .endpoint import endpoint
+from .ids import endpoint_id, normalise_base, resource_id, study_id
+from .model import Mapped, MappingOptions, StudyInput
 
 
 DICOM_UID = "urn:dicom:uid"
@@ -51,20 +52,27 @@ def map_study(data: StudyInput, options: MappingOptions) -> Resource:
 
     Raises MappingError (naming the study and the attribute) for data that cannot be mapped.
     """
+    return map_resources(data, options).study
+
+
+def map_resources(data: StudyInput, options: MappingOptions) -> Mapped:
+    """The ImagingStudy of one study with the Endpoints and Patient it refers to."""
     if not isinstance(data.study, Mapping):
         raise MappingError(None, "study", "search result is not a JSON object")
     for item in (*data.instances, *data.series):
         if not isinstance(item, Mapping):
             raise MappingError(None, "instances", "search result is not a JSON object")
     first_instance = data.instances[0] if data.instances else {}
-    study = ChainMap(dict(data.study), dict(first_instance))
+    first_series = data.series[0] if data.series else {}
+    study = ChainMap(dict(data.study), dict(first_instance), dict(first_series))
     read = _Reader(None)
     study_uid = read(dj.string, study, Tag.StudyInstanceUID)
     if not study_uid:
         raise MappingError(None, dj.keyword(Tag.StudyInstanceUID), "missing")
     read = _Reader(study_uid)
 
-    series = _series(data, read, options)
+    endpoints: dict[str, Resource] = {}
+    series = _series(data, read, options, _retrieve_base(study, read), endpoints)
     resource: Resource = {"resourceType": "ImagingStudy", "id": study_id(options.source, study_uid)}
     location, contained = _location(study, read)
     if contained:
@@ -76,7 +84,8 @@ def map_study(data: StudyInput, options: MappingOptions) -> Resource:
     )
     if modalities:
         resource["modality"] = [_modality(code) for code in _unique(modalities)]
-    resource["subject"] = _subject(study, read, options)
+    patient = _patient(study, read, options) if options.patients else None
+    resource["subject"] = _subject(study, read, options, patient)
     started = read.datetime(study, Tag.StudyDate, Tag.StudyTime, options)
     if started:
         resource["started"] = started
@@ -107,7 +116,7 @@ def map_study(data: StudyInput, options: MappingOptions) -> Resource:
         resource["description"] = description
     if series:
         resource["series"] = series
-    return resource
+    return Mapped(resource, tuple(endpoints[k] for k in sorted(endpoints)), patient)
 
 
 def _unique(items: Iterable[T]) -> list[T]:
@@ -168,17 +177,72 @@ def _identifier(value: str, system: str | None, assigner: str | None) -> Resourc
     return identifier
 
 
-def _subject(study: Dataset, read: _Reader, options: MappingOptions) -> Resource:
-    subject: Resource = {"type": "Patient"}
+def _patient_identifier(study: Dataset, read: _Reader, options: MappingOptions) -> Resource | None:
     patient_id = read(dj.string, study, Tag.PatientID)
+    if not patient_id:
+        return None
+    issuer = read(dj.string, study, Tag.IssuerOfPatientID)
+    local, universal, kind = _issuer_item(read(dj.sequence, study, Tag.IssuerOfPatientIDQualifiersSequence), read)
+    system = _issuer_system(issuer or local, universal, kind, options)
+    return _identifier(patient_id, system, issuer or local)
+
+
+def _subject(study: Dataset, read: _Reader, options: MappingOptions, patient: Resource | None) -> Resource:
+    subject: Resource = {"reference": f"Patient/{patient['id']}"} if patient else {}
+    subject["type"] = "Patient"
+    identifier = _patient_identifier(study, read, options)
+    if identifier:
+        subject["identifier"] = identifier
     name = read(dj.person_name, study, Tag.PatientName)
-    if patient_id:
-        issuer = read(dj.string, study, Tag.IssuerOfPatientID)
-        local, universal, kind = _issuer_item(read(dj.sequence, study, Tag.IssuerOfPatientIDQualifiersSequence), read)
-        system = _issuer_system(issuer or local, universal, kind, options)
-        subject["identifier"] = _identifier(patient_id, system, issuer or local)
-    subject["display"] = name or ("Patient without a name" if patient_id else "Patient without an ID or name")
+    subject["display"] = name or ("Patient without a name" if identifier else "Patient without an ID or name")
     return subject
+
+
+_GENDER = {"M": "male", "F": "female", "O": "other"}
+
+
+def _patient(study: Dataset, read: _Reader, options: MappingOptions) -> Resource | None:
+    """A Patient per (issuer, Patient ID): the id is the same wherever the pair is seen; without a
+    known issuer system, IDs are only unique within one PACS, so the PACS is part of the id."""
+    identifier = _patient_identifier(study, read, options)
+    if identifier is None:
+        return None
+    scope = identifier.get("system") or "|".join((options.source, identifier.get("assigner", {}).get("display", "")))
+    patient: Resource = {"resourceType": "Patient", "id": resource_id("Patient", scope, identifier["value"]), "identifier": [identifier]}
+    raw_names = read(dj.values, study, Tag.PatientName)
+    names = []
+    for raw in raw_names[:1]:
+        text = raw.get("Alphabetic") if isinstance(raw, Mapping) else raw
+        if isinstance(text, str) and text.strip():
+            names.append(_human_name(text))
+    if names:
+        patient["name"] = names
+    sex = read(dj.string, study, Tag.PatientSex)
+    if sex:
+        patient["gender"] = _GENDER.get(sex.upper(), "unknown")
+    birth = read(dj.string, study, Tag.PatientBirthDate)
+    if birth:
+        try:
+            patient["birthDate"] = fhir_datetime(birth, None, None, None)
+        except ValueError as exc:
+            raise MappingError(read.study_uid, dj.keyword(Tag.PatientBirthDate), str(exc)) from None
+    return patient
+
+
+def _human_name(pn: str) -> Resource:
+    parts = [part.strip() for part in pn.split("=")[0].split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = parts[:5]
+    name: Resource = {"text": dj.readable_name(pn)}
+    if family:
+        name["family"] = family
+    given_names = [g for g in (given, *middle.split()) if g]
+    if given_names:
+        name["given"] = given_names
+    if prefix:
+        name["prefix"] = [prefix]
+    if suffix:
+        name["suffix"] = [suffix]
+    return name
 
 
 def _accession(study: Dataset, read: _Reader, options: MappingOptions) -> Resource | None:
@@ -366,7 +430,19 @@ def _instance(ds: Dataset, uid: str, read: _Reader) -> Resource:
     return out
 
 
-def _series(data: StudyInput, read: _Reader, options: MappingOptions) -> list[Resource]:
+def _retrieve_base(ds: Dataset, read: _Reader) -> str | None:
+    """The DICOMweb base of a Retrieve URL (0008,1190): everything before ``/studies/``."""
+    url = read(dj.string, ds, Tag.RetrieveURL)
+    if not url or "/studies/" not in url:
+        return None
+    return normalise_base(url.split("/studies/", 1)[0])
+
+
+def _series(
+    data: StudyInput, read: _Reader, options: MappingOptions, study_base: str | None, endpoints: dict[str, Resource]
+) -> list[Resource]:
+    """Series with their instances. A series whose Retrieve URL names another DICOMweb base than
+    the study's gets an Endpoint of its own (collected in ``endpoints``)."""
     grouped: dict[str, list[Dataset]] = {}
     for instance in data.instances:
         series_uid = read(dj.string, instance, Tag.SeriesInstanceUID)
@@ -397,7 +473,11 @@ def _series(data: StudyInput, read: _Reader, options: MappingOptions) -> list[Re
             out["description"] = description
         reported = read(dj.integer, ds, Tag.NumberOfSeriesRelatedInstances)
         out["numberOfInstances"] = reported if reported is not None else len(instances)
-        if options.wado_base:
+        series_base = _retrieve_base(ds, read)
+        if series_base and study_base and series_base != study_base:
+            endpoints.setdefault(series_base, endpoint(series_base))
+            out["endpoint"] = [{"reference": f"Endpoint/{endpoint_id(series_base)}"}]
+        elif options.wado_base:
             out["endpoint"] = [{"reference": f"Endpoint/{endpoint_id(options.wado_base)}"}]
         body_site = _body_site(ds, read)
         if body_site:
