@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
     p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once (default: 4)")
     p.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: 100)")
+    p.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: 1000000)")
+    p.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
     p.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: 1000)")
     p.add_argument("--metadata", choices=[m.value for m in MetadataMode], default="auto", help="read WADO-RS metadata: auto (when QIDO leaves out sequences the mapping needs), never, always (default: auto)")
     p.add_argument("--metadata-max-instances", type=_positive, default=1000, metavar="N", help="studies with more instances read one instance's metadata per series instead of the whole study's (default: 1000)")
@@ -185,6 +187,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         since=args.since,
         until=args.until,
         page_size=args.page_size,
+        max_offset=args.max_offset,
+        max_results=args.max_results,
         crawl=CrawlOptions(args.instance_page_size, MetadataMode(args.metadata), args.metadata_max_instances),
         fhir_version=args.fhir_version,
         patients=args.patients,

@@ -24,6 +24,8 @@ class SyncConfig:
     since: str | None = None
     until: str | None = None
     page_size: int = 100
+    max_offset: int = 1_000_000
+    max_results: int | None = None
     workers: int = 4
     wado_url: str | None = None
     zone: tzinfo | None = None
@@ -42,7 +44,9 @@ class SyncConfig:
     def __post_init__(self) -> None:
         if self.fhir_version not in ("R5", "R4"):
             raise ConfigError(f"--fhir-version must be R5 or R4, not {self.fhir_version!r}")
-        for name in ("page_size", "workers", "retries"):
+        if self.max_results is not None and self.max_results < 1:
+            raise ConfigError(f"max-results must be at least 1, not {self.max_results}")
+        for name in ("page_size", "workers", "retries", "max_offset"):
             value = getattr(self, name)
             minimum = 0 if name == "retries" else 1
             if not isinstance(value, int) or value < minimum:

@@ -10,7 +10,6 @@ from typing import Any
 from . import dicomjson as dj
 from .dicomjson import Dataset, Tag
 from .mapping import StudyInput
-from .planner import Window
 from .qido import Page, QidoClient
 
 STUDY_FIELDS = (
@@ -67,12 +66,6 @@ def summarise(item: Dataset) -> StudySummary:
         except ValueError:
             counts.append(None)
     return StudySummary(uid, counts[0], counts[1], item)
-
-
-def iter_listing(client: QidoClient, window: Window, page_size: int) -> Iterator[dict[str, Any]]:
-    """Raw study-level results of one window, page by page."""
-    for page in client.iter_pages("studies", "studies", [*window.params(), *includefields(STUDY_FIELDS)], page_size):
-        yield from page.items
 
 
 STUDY_SEQUENCES = (

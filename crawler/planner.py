@@ -1,15 +1,22 @@
-"""Which queries cover the study space: StudyDate windows."""
+"""Which queries cover the study space: StudyDate windows, split in halves under server caps.
+
+Pure: windows are values, splitting is arithmetic on days and seconds. A window is split by
+date down to single days, then a single day by StudyTime ranges down to one second.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 
 from .dicomjson import Tag
 from .errors import ConfigError
 
 _DAY = re.compile(r"^\d{8}$")
+FIRST_DAY = "19000101"
+LAST_DAY = "20991231"
+DAY_SECONDS = 86400
 
 
 def parse_day(text: str, option: str) -> str:
@@ -23,24 +30,91 @@ def parse_day(text: str, option: str) -> str:
     return text
 
 
+def _day(text: str) -> date:
+    return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+
+
+def _text(day: date) -> str:
+    return day.strftime("%Y%m%d")
+
+
+def _hms(seconds: int) -> str:
+    return f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+
+
 @dataclass(frozen=True)
 class Window:
-    """A StudyDate range (inclusive, ``YYYYMMDD``); open ends are unbounded. Both None: every study."""
+    """A StudyDate range (inclusive ``YYYYMMDD``; open ends unbounded) and, within a single day, a
+    StudyTime range in seconds of the day (inclusive). No bounds at all: every study, including
+    those without a StudyDate."""
 
     since: str | None = None
     until: str | None = None
+    time_from: int | None = None
+    time_to: int | None = None
+
+    @property
+    def unfiltered(self) -> bool:
+        return self.since is None and self.until is None
 
     def params(self) -> list[tuple[str, str]]:
-        if self.since is None and self.until is None:
+        if self.unfiltered:
             return []
-        if self.since == self.until:
-            return [(Tag.StudyDate, self.since or "")]
-        return [(Tag.StudyDate, f"{self.since or ''}-{self.until or ''}")]
+        if self.since is not None and self.since == self.until:
+            out = [(Tag.StudyDate, self.since)]
+        else:
+            out = [(Tag.StudyDate, f"{self.since or ''}-{self.until or ''}")]
+        if self.time_from is not None and self.time_to is not None:
+            out.append((Tag.StudyTime, f"{_hms(self.time_from)}-{_hms(self.time_to)}"))
+        return out
 
     def __str__(self) -> str:
-        if self.since is None and self.until is None:
-            return "all dates"
-        return f"{self.since or '...'}-{self.until or '...'}"
+        if self.unfiltered:
+            return "all studies"
+        text = f"StudyDate {self.since or ''}-{self.until or ''}" if self.since != self.until else f"StudyDate {self.since}"
+        if self.time_from is not None and self.time_to is not None:
+            text += f" StudyTime {_hms(self.time_from)}-{_hms(self.time_to)}"
+        return text
+
+    def split(self) -> list[Window]:
+        """Smaller windows that together cover this one's dated studies; [] when it cannot be split.
+
+        Open ends become bounded ranges (with unsplittable edge windows before FIRST_DAY and
+        after LAST_DAY); a single day is split by StudyTime. Studies without a StudyDate (or,
+        within a day, without a StudyTime) are only matched by the unsplit window.
+        """
+        if self.since is None or self.until is None:
+            if (self.since is None and self.until is not None and self.until < FIRST_DAY) or (
+                self.until is None and self.since is not None and self.since > LAST_DAY
+            ):
+                return []
+            since = self.since or FIRST_DAY
+            until = self.until or LAST_DAY
+            out = []
+            if self.since is None:
+                out.append(Window(None, _text(_day(since) - timedelta(days=1))))
+            out.append(Window(since, until))
+            if self.until is None:
+                out.append(Window(_text(_day(until) + timedelta(days=1)), None))
+            return out
+        first, last = _day(self.since), _day(self.until)
+        if first < last:
+            middle = first + (last - first) // 2
+            return [Window(self.since, _text(middle)), Window(_text(middle + timedelta(days=1)), self.until)]
+        low = 0 if self.time_from is None else self.time_from
+        high = DAY_SECONDS - 1 if self.time_to is None else self.time_to
+        if low >= high:
+            return []
+        middle = (low + high) // 2
+        return [Window(self.since, self.until, low, middle), Window(self.since, self.until, middle + 1, high)]
+
+    def split_at(self, day: str) -> list[Window]:
+        """Two windows: up to and including ``day``, and after it (open ends kept open)."""
+        return [Window(self.since, day), Window(_text(_day(day) + timedelta(days=1)), self.until)]
+
+    @property
+    def splittable(self) -> bool:
+        return bool(self.split())
 
 
 def plan(since: str | None = None, until: str | None = None) -> list[Window]:

@@ -53,6 +53,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        2,
+        "what was learned about each source",
+        """
+        CREATE TABLE sources (
+            source TEXT PRIMARY KEY,
+            cap INTEGER,
+            verified_uncapped INTEGER NOT NULL DEFAULT 0
+        );
+        """,
+    ),
 ]
 
 
@@ -171,6 +182,18 @@ class State:
                 "last_run = excluded.last_run",
                 (source, study_uid, status, error, run_id),
             )
+
+    def source_facts(self, source: str) -> tuple[int | None, int]:
+        """(the server's result cap if one was found, the largest listing verified as uncapped)."""
+        row = self.db.execute("SELECT cap, verified_uncapped FROM sources WHERE source = ?", (source,)).fetchone()
+        return (row[0], row[1]) if row else (None, 0)
+
+    def set_source_facts(self, source: str, cap: int | None, verified: int) -> None:
+        self.db.execute(
+            "INSERT INTO sources (source, cap, verified_uncapped) VALUES (?, ?, ?) "
+            "ON CONFLICT (source) DO UPDATE SET cap = excluded.cap, verified_uncapped = excluded.verified_uncapped",
+            (source, cap, verified),
+        )
 
     def resource_hash(self, resource_type: str, resource_id: str) -> str | None:
         row = self.db.execute("SELECT hash FROM resources WHERE type = ? AND id = ?", (resource_type, resource_id)).fetchone()

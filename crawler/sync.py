@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 
 from .config import SyncConfig
-from .crawl import VOLATILE, Learned, StudySummary, fetch_study, iter_listing, summarise
+from .crawl import VOLATILE, Learned, StudySummary, fetch_study, summarise
+from .listing import ListingReport, iter_studies
 from .errors import CrawlerError, MappingError, QidoError, SinkError, SourceUnreachable
 from .mapping import MappingOptions, endpoint, map_resources
 from .mapping.validate import check_available, validate
@@ -54,6 +55,7 @@ class Figures:
     studies_inconsistent: int = 0
     resources_written: int = 0
     windows_incomplete: int = 0
+    windows_split: int = 0
 
 
 @dataclass
@@ -229,51 +231,54 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
                     if progress:
                         progress(figures)
 
-            for window in windows:
-                try:
-                    for item in iter_listing(client, window, config.page_size):
-                        try:
-                            summary = summarise(item)
-                        except ValueError as exc:
-                            figures.studies_failed += 1
-                            message = f"listing entry in {window}: {exc}"
-                            errors.append(message)
-                            log.warning("%s", message)
-                            continue
-                        if summary.uid in seen:
-                            continue
-                        seen.add(summary.uid)
-                        figures.studies_listed += 1
-                        row = state.study(source, summary.uid)
-                        if (
-                            row is not None
-                            and row.status == "synced"
-                            and row.n_series == summary.n_series
-                            and row.n_instances == summary.n_instances
-                            and summary.n_instances is not None
-                            and row.study_hash == study_hash(dict(summary.attributes))
-                        ):
-                            figures.studies_unchanged += 1
-                            if progress:
-                                progress(figures)
-                            continue
-                        if not endpoint_written:
-                            store("Endpoint", endpoint_resource["id"], orjson.dumps(convert(endpoint_resource, config.fhir_version)))
-                            endpoint_written = True
-                        pending.append((pool.submit(_crawl_one, client, summary, config, options, learned), row is not None))
-                        drain(config.workers * 4)
-                except SourceUnreachable:
-                    if figures.studies_listed == 0 and not client.answered:
-                        raise
-                    figures.windows_incomplete += 1
-                    errors.append(f"listing of {window} stopped: source unreachable")
-                except QidoError as exc:
-                    if exc.status in (401, 403):
-                        raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
-                    figures.windows_incomplete += 1
-                    message = f"listing of {window} stopped: {exc}"
-                    errors.append(message)
-                    log.error("%s", message)
+            known_cap, verified = state.source_facts(source)
+            report = ListingReport(cap=config.max_results or known_cap, verified=verified)
+            try:
+                for item in iter_studies(client, windows, report, page_size=config.page_size, max_offset=config.max_offset):
+                    try:
+                        summary = summarise(item)
+                    except ValueError as exc:
+                        figures.studies_failed += 1
+                        message = f"listing entry: {exc}"
+                        errors.append(message)
+                        log.warning("%s", message)
+                        continue
+                    if summary.uid in seen:
+                        continue
+                    seen.add(summary.uid)
+                    figures.studies_listed += 1
+                    row = state.study(source, summary.uid)
+                    if (
+                        row is not None
+                        and row.status == "synced"
+                        and row.n_series == summary.n_series
+                        and row.n_instances == summary.n_instances
+                        and summary.n_instances is not None
+                        and row.study_hash == study_hash(dict(summary.attributes))
+                    ):
+                        figures.studies_unchanged += 1
+                        if progress:
+                            progress(figures)
+                        continue
+                    if not endpoint_written:
+                        store("Endpoint", endpoint_resource["id"], orjson.dumps(convert(endpoint_resource, config.fhir_version)))
+                        endpoint_written = True
+                    pending.append((pool.submit(_crawl_one, client, summary, config, options, learned), row is not None))
+                    drain(config.workers * 4)
+            except SourceUnreachable:
+                if figures.studies_listed == 0 and not client.answered:
+                    raise
+                report.incomplete.append("listing stopped: the source could not be reached any more")
+            except QidoError as exc:
+                if exc.status in (401, 403):
+                    raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
+                report.incomplete.append(f"listing stopped: {exc}")
+            state.set_source_facts(source, report.cap if config.max_results is None else known_cap, report.verified)
+            figures.windows_incomplete = len(report.incomplete)
+            figures.windows_split = report.windows_split
+            for message in report.incomplete:
+                errors.append(f"not listed completely: {message}")
+                log.error("not listed completely: %s", message)
             drain(0)
         run_dir = sink.finish() if sink is not None else None
         if figures.studies_failed or figures.studies_inconsistent or figures.windows_incomplete:

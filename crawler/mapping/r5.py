@@ -37,10 +37,13 @@ class _Reader:
         except ValueError as exc:
             raise MappingError(self.study_uid, dj.keyword(tag), str(exc)) from None
 
-    def datetime(self, ds: Dataset, date_tag: str, time_tag: str, options: MappingOptions) -> str | None:
+    def datetime(self, ds: Dataset, date_tag: str, time_tag: str, options: MappingOptions, study: Dataset | None = None) -> str | None:
+        """Date + time as FHIR dateTime; the offset from ``ds``, else from the study's attributes."""
         date = self(dj.string, ds, date_tag)
         time = self(dj.string, ds, time_tag)
         offset = self(dj.string, ds, Tag.TimezoneOffsetFromUTC)
+        if offset is None and study is not None:
+            offset = self(dj.string, study, Tag.TimezoneOffsetFromUTC)
         try:
             return fhir_datetime(date, time, offset, options.zone)
         except ValueError as exc:
@@ -72,7 +75,7 @@ def map_resources(data: StudyInput, options: MappingOptions) -> Mapped:
     read = _Reader(study_uid)
 
     endpoints: dict[str, Resource] = {}
-    series = _series(data, read, options, _retrieve_base(study, read), endpoints)
+    series = _series(data, read, options, study, endpoints)
     resource: Resource = {"resourceType": "ImagingStudy", "id": study_id(options.source, study_uid)}
     location, contained = _location(study, read)
     if contained:
@@ -103,9 +106,9 @@ def map_resources(data: StudyInput, options: MappingOptions) -> Mapped:
     resource["numberOfInstances"] = (
         n_instances if n_instances is not None else sum(s.get("numberOfInstances", 0) for s in series)
     )
-    procedures = [_codeable(item, read) for item in read(dj.sequence, study, Tag.ProcedureCodeSequence)]
+    procedures = [c for item in read(dj.sequence, study, Tag.ProcedureCodeSequence) if (c := _codeable(item, read))]
     if procedures:
-        resource["procedure"] = [{"concept": concept} for concept in procedures if concept]
+        resource["procedure"] = [{"concept": concept} for concept in procedures]
     if location:
         resource["location"] = location
     reason = _reason(study, read)
@@ -439,10 +442,11 @@ def _retrieve_base(ds: Dataset, read: _Reader) -> str | None:
 
 
 def _series(
-    data: StudyInput, read: _Reader, options: MappingOptions, study_base: str | None, endpoints: dict[str, Resource]
+    data: StudyInput, read: _Reader, options: MappingOptions, study: Dataset, endpoints: dict[str, Resource]
 ) -> list[Resource]:
     """Series with their instances. A series whose Retrieve URL names another DICOMweb base than
     the study's gets an Endpoint of its own (collected in ``endpoints``)."""
+    study_base = _retrieve_base(study, read)
     grouped: dict[str, list[Dataset]] = {}
     for instance in data.instances:
         series_uid = read(dj.string, instance, Tag.SeriesInstanceUID)
@@ -488,7 +492,7 @@ def _series(
         specimens = _specimens(instances, read, options)
         if specimens:
             out["specimen"] = specimens
-        started = read.datetime(ds, Tag.SeriesDate, Tag.SeriesTime, options)
+        started = read.datetime(ds, Tag.SeriesDate, Tag.SeriesTime, options, study)
         if started:
             out["started"] = started
         performers = _performers(ds, read)

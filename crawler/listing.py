@@ -1,0 +1,194 @@
+"""Listing every study of the PACS: windows paged, caps detected, capped windows split.
+
+Servers cap search results in different ways: a Warning header (dcm4chee's "There are N
+additional results that can be requested", or the 2013 text "The number of results exceeded the
+maximum supported by the server"), a 413, a 400 past an offset limit, an offset they ignore, or
+silently (Orthanc with ``LimitFindResults`` returns N+1 results for any larger match). A window
+that hits a cap is split (see planner.Window.split) until every window is under it. Silent caps
+cannot be seen in one answer, so the first window of a run is checked by listing its two halves
+(split at the median StudyDate seen) for a study it did not return; the cap learned that way
+applies to every later window. The state keeps both facts per source, so later runs skip the
+check while the listing stays within what was verified.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import dicomjson as dj
+from .crawl import STUDY_FIELDS, includefields
+from .dicomjson import Tag
+from .errors import FatalQidoError, QidoError, SourceUnreachable
+from .planner import Window
+from .qido import QidoClient
+
+log = logging.getLogger("crawler")
+TRUNCATION = re.compile(r"additional results|exceeded the maximum", re.IGNORECASE)
+VERIFY_MAX = 50_000
+
+
+@dataclass
+class ListingReport:
+    """How the listing went: windows listed and split, the cap in force, what could not be listed."""
+
+    windows_listed: int = 0
+    windows_split: int = 0
+    cap: int | None = None
+    verified: int = 0
+    incomplete: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Window:
+    window: Window
+    total: int = 0
+    capped: str | None = None
+    undated: int = 0
+    untimed: int = 0
+    dates: list[str] | None = None
+    uids: set[str] = field(default_factory=set)
+
+
+def _date(item: dict[str, Any]) -> str | None:
+    try:
+        value = dj.string(item, Tag.StudyDate)
+    except ValueError:
+        return None
+    return value if value and len(value) == 8 and value.isdigit() else None
+
+
+def _list_window(client: QidoClient, state: _Window, page_size: int, max_offset: int, cap: int | None) -> Iterator[dict[str, Any]]:
+    window = state.window
+    offset = 0
+    previous: list[Any] | None = None
+    while True:
+        if offset > max_offset:
+            state.capped = f"more than --max-offset {max_offset} results"
+            return
+        params = [*window.params(), *includefields(STUDY_FIELDS), ("limit", page_size)]
+        if offset:
+            params.append(("offset", offset))
+        try:
+            page = client.get("studies", "studies", params)
+        except FatalQidoError as exc:
+            if exc.status == 413:
+                state.capped = "HTTP 413 (query matches too much)"
+                return
+            if exc.status == 400 and offset > 0:
+                state.capped = f"HTTP 400 at offset {offset}"
+                return
+            raise
+        if offset and page.items and page.items == previous:
+            state.capped = "the server ignores offset"
+            return
+        for item in page.items:
+            day = _date(item)
+            if day is None:
+                state.undated += 1
+            elif Tag.StudyTime not in item or not item[Tag.StudyTime].get("Value"):
+                state.untimed += 1
+            if state.dates is not None:
+                if day is not None:
+                    state.dates.append(day)
+                uid = item.get(Tag.StudyInstanceUID, {}).get("Value", [None])[0] if isinstance(item.get(Tag.StudyInstanceUID), dict) else None
+                if isinstance(uid, str):
+                    state.uids.add(uid)
+                if len(state.dates) > VERIFY_MAX:
+                    state.dates = None
+                    state.uids = set()
+            yield item
+        state.total += len(page.items)
+        if page.warning and TRUNCATION.search(page.warning):
+            state.capped = "the server says its results were truncated (Warning header)"
+            return
+        if cap is not None and state.total >= cap:
+            state.capped = f"{state.total} results, at the server's cap"
+            return
+        if len(page.items) < page_size:
+            return
+        previous = page.items
+        offset += len(page.items)
+
+
+def _probe(client: QidoClient, window: Window, dates: list[str], uids: set[str], page_size: int) -> bool:
+    """True when a half of ``window`` holds a study that the window's own listing did not return."""
+    dates = sorted(dates)
+    median = dates[(len(dates) - 1) // 2]
+    for half in window.split_at(median):
+        offset = 0
+        while True:
+            params = [*half.params(), ("limit", page_size)] + ([("offset", offset)] if offset else [])
+            items = client.get("studies", "studies", params).items
+            for item in items:
+                uid = item.get(Tag.StudyInstanceUID, {}).get("Value", [None])[0]
+                if uid not in uids:
+                    log.info("%s returned %d studies but %s holds others: the server caps results silently", window, len(uids), half)
+                    return True
+            if len(items) < page_size:
+                break
+            offset += len(items)
+    return False
+
+
+def iter_studies(
+    client: QidoClient,
+    windows: Sequence[Window],
+    report: ListingReport,
+    *,
+    page_size: int = 100,
+    max_offset: int = 1_000_000,
+    verify: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Every study-level result in ``windows``, splitting capped windows; may yield a study twice
+    (a capped window's studies are listed again by its parts), so callers merge by UID."""
+    queue = deque(windows)
+    first = True
+    undated_at_risk: str | None = None
+    undated_elsewhere = False
+    while queue:
+        state = _Window(queue.popleft())
+        if first and verify and report.cap is None:
+            state.dates = []
+        report.windows_listed += 1
+        try:
+            yield from _list_window(client, state, page_size, max_offset, report.cap)
+        except SourceUnreachable:
+            raise
+        except QidoError as exc:
+            if exc.status in (401, 403):
+                raise
+            report.incomplete.append(f"{state.window}: {exc}")
+            log.error("listing of %s stopped: %s", state.window, exc)
+            first = False
+            continue
+        if state.capped is None and state.dates and state.total > max(report.verified, 1) and state.window.splittable:
+            if _probe(client, state.window, state.dates, state.uids, page_size):
+                report.cap = state.total
+                state.capped = f"{state.total} results, a silent cap"
+            else:
+                report.verified = state.total
+        first = False
+        if state.undated and not state.window.unfiltered:
+            undated_elsewhere = True
+        if state.capped is None:
+            continue
+        if state.capped == "the server ignores offset":
+            report.cap = min(report.cap or page_size, page_size)
+        children = state.window.split()
+        if not children:
+            report.incomplete.append(f"{state.window}: {state.capped}; cannot be split further")
+            continue
+        log.info("%s: %s; split into %d windows", state.window, state.capped, len(children))
+        report.windows_split += 1
+        if state.window.unfiltered and state.undated:
+            undated_at_risk = f"{state.window}: {state.capped}; studies without StudyDate past the cap cannot be listed"
+        elif state.window.since == state.window.until and state.window.time_from is None and state.untimed:
+            report.incomplete.append(f"{state.window}: {state.capped}; studies without StudyTime on that day past the cap cannot be listed")
+        queue.extendleft(reversed(children))
+    if undated_at_risk and not undated_elsewhere:
+        report.incomplete.append(undated_at_risk)
