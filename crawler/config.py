@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .crawl import CrawlOptions
 from .errors import ConfigError
+from .qido import RetryPolicy
 
 DEFAULT_STATE = "qido-crawler.db"
 
@@ -34,6 +35,7 @@ class SyncConfig:
     token: str | None = field(default=None, repr=False)
     timeout: tuple[float, float] = (10.0, 120.0)
     retries: int = 4
+    retry: RetryPolicy = RetryPolicy()
     verify: bool | str = True
     crawl: CrawlOptions = CrawlOptions()
     fhir_version: str = "R5"

@@ -37,7 +37,9 @@ class ListingReport:
     """How the listing went: windows listed and split, the cap in force, what could not be listed."""
 
     windows_listed: int = 0
+    windows_complete: int = 0
     windows_split: int = 0
+    page_size: int = 100
     cap: int | None = None
     verified: int = 0
     incomplete: list[str] = field(default_factory=list)
@@ -62,20 +64,25 @@ def _date(item: dict[str, Any]) -> str | None:
     return value if value and len(value) == 8 and value.isdigit() else None
 
 
-def _list_window(client: QidoClient, state: _Window, page_size: int, max_offset: int, cap: int | None) -> Iterator[dict[str, Any]]:
+def _list_window(client: QidoClient, state: _Window, report: ListingReport, max_offset: int) -> Iterator[dict[str, Any]]:
     window = state.window
+    cap = report.cap
     offset = 0
     previous: list[Any] | None = None
     while True:
         if offset > max_offset:
             state.capped = f"more than --max-offset {max_offset} results"
             return
+        page_size = client.page_size(report.page_size)
         params = [*window.params(), *includefields(STUDY_FIELDS), ("limit", page_size)]
         if offset:
             params.append(("offset", offset))
         try:
             page = client.get("studies", "studies", params)
         except FatalQidoError as exc:
+            if client.smaller_limit(exc, page_size, offset):
+                log.info("HTTP 400 for limit=%d: trying limit=%d", page_size, client.max_limit)
+                continue
             if exc.status == 413:
                 state.capped = "HTTP 413 (query matches too much)"
                 return
@@ -140,7 +147,6 @@ def iter_studies(
     windows: Sequence[Window],
     report: ListingReport,
     *,
-    page_size: int = 100,
     max_offset: int = 1_000_000,
     verify: bool = True,
 ) -> Iterator[dict[str, Any]]:
@@ -156,7 +162,7 @@ def iter_studies(
             state.dates = []
         report.windows_listed += 1
         try:
-            yield from _list_window(client, state, page_size, max_offset, report.cap)
+            yield from _list_window(client, state, report, max_offset)
         except SourceUnreachable:
             raise
         except QidoError as exc:
@@ -167,7 +173,7 @@ def iter_studies(
             first = False
             continue
         if state.capped is None and state.dates and state.total > max(report.verified, 1) and state.window.splittable:
-            if _probe(client, state.window, state.dates, state.uids, page_size):
+            if _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size)):
                 report.cap = state.total
                 state.capped = f"{state.total} results, a silent cap"
             else:
@@ -176,9 +182,11 @@ def iter_studies(
         if state.undated and not state.window.unfiltered:
             undated_elsewhere = True
         if state.capped is None:
+            report.windows_complete += 1
             continue
         if state.capped == "the server ignores offset":
-            report.cap = min(report.cap or page_size, page_size)
+            size = client.page_size(report.page_size)
+            report.cap = min(report.cap or size, size)
         children = state.window.split()
         if not children:
             report.incomplete.append(f"{state.window}: {state.capped}; cannot be split further")

@@ -142,6 +142,7 @@ class QidoClient:
         self.counts = RequestCounts()
         self._sleep = sleep
         self.answered = False
+        self.max_limit: int | None = None
 
     def close(self) -> None:
         self.session.close()
@@ -211,6 +212,17 @@ class QidoClient:
             raise FatalQidoError(f"answer from {shown} is not a JSON array of objects", url=shown, status=status)
         return Page(items, status, response.headers.get("Warning"))
 
+    def page_size(self, wanted: int) -> int:
+        return min(wanted, self.max_limit) if self.max_limit else wanted
+
+    def smaller_limit(self, exc: QidoError, page_size: int, offset: int) -> bool:
+        """After a 400 on a first page, try half the limit (Azure refuses limits above 200);
+        the smaller limit is kept for every later request."""
+        if exc.status != 400 or offset or page_size <= 1:
+            return False
+        self.max_limit = page_size // 2
+        return True
+
     def iter_pages(
         self, kind: str, path: str, params: Sequence[tuple[str, str | int]], page_size: int, max_pages: int = 100_000
     ) -> Iterator[Page]:
@@ -222,8 +234,14 @@ class QidoClient:
         offset = 0
         previous: list[Any] | None = None
         for _ in range(max_pages):
+            page_size = self.page_size(page_size)
             query = [*params, ("limit", page_size)] + ([("offset", offset)] if offset else [])
-            page = self.get(kind, path, query)
+            try:
+                page = self.get(kind, path, query)
+            except FatalQidoError as exc:
+                if self.smaller_limit(exc, page_size, offset):
+                    continue
+                raise
             if page.items and previous is not None and page.items == previous:
                 raise FatalQidoError(f"{redact(self.url(path))} returned the same page again at offset {offset}: the server ignores offset", url=redact(self.url(path)))
             yield page

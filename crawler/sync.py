@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from .mapping import MappingOptions, endpoint, map_resources
 from .mapping.validate import check_available, validate
 from .mapping.ids import normalise_base
 from .planner import plan
-from .qido import QidoClient, RetryPolicy, redact
+from .qido import QidoClient, redact
 from .sinks import NdjsonFolder
 from .state import State
 
@@ -147,7 +147,7 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
         auth=(config.user, config.password) if config.user is not None and config.password is not None else None,
         token=config.token,
         timeout=config.timeout,
-        retry=RetryPolicy(attempts=config.retries + 1),
+        retry=replace(config.retry, attempts=config.retries + 1),
         pool_size=config.workers + 1,
         verify=config.verify,
     )
@@ -232,9 +232,9 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
                         progress(figures)
 
             known_cap, verified = state.source_facts(source)
-            report = ListingReport(cap=config.max_results or known_cap, verified=verified)
+            report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
             try:
-                for item in iter_studies(client, windows, report, page_size=config.page_size, max_offset=config.max_offset):
+                for item in iter_studies(client, windows, report, max_offset=config.max_offset):
                     try:
                         summary = summarise(item)
                     except ValueError as exc:
@@ -273,6 +273,8 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
                 if exc.status in (401, 403):
                     raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
                 report.incomplete.append(f"listing stopped: {exc}")
+            if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0:
+                raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
             state.set_source_facts(source, report.cap if config.max_results is None else known_cap, report.verified)
             figures.windows_incomplete = len(report.incomplete)
             figures.windows_split = report.windows_split
