@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default=os.environ.get("QIDO_CRAWLER_USER"), help="HTTP basic auth user (env QIDO_CRAWLER_USER)")
     p.add_argument("--password", default=os.environ.get("QIDO_CRAWLER_PASSWORD"), help="HTTP basic auth password (env QIDO_CRAWLER_PASSWORD)")
     p.add_argument("--token", default=os.environ.get("QIDO_CRAWLER_TOKEN"), help="bearer token (env QIDO_CRAWLER_TOKEN)")
+    p.add_argument("--token-command", default=os.environ.get("QIDO_CRAWLER_TOKEN_COMMAND"), metavar="CMD", help="command that prints a bearer token; run again after a 401 (env QIDO_CRAWLER_TOKEN_COMMAND)")
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header on every request (repeatable)")
+    p.add_argument("--ca-bundle", default=os.environ.get("QIDO_CRAWLER_CA_BUNDLE"), metavar="PATH", help="CA certificates to verify TLS with (env QIDO_CRAWLER_CA_BUNDLE)")
+    p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (warns)")
+    p.add_argument("--max-rps", type=float, metavar="R", help="at most R requests per second to the server")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="read timeout per request (default: 120)")
     p.add_argument("--retries", type=int, default=4, metavar="N", help="retries of a failed request (default: 4)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
@@ -176,6 +181,32 @@ def issuer_systems(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def headers(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition(":")
+        if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
+            raise ConfigError(f"--header takes NAME:VALUE, not {name.strip() or pair!r}...")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def verification(args: argparse.Namespace) -> bool | str:
+    if args.insecure and args.ca_bundle:
+        raise ConfigError("use either --insecure or --ca-bundle, not both")
+    if args.insecure:
+        import urllib3
+
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        log.warning("TLS certificates are not verified (--insecure)")
+        return False
+    if args.ca_bundle:
+        if not Path(args.ca_bundle).is_file():
+            raise ConfigError(f"--ca-bundle: no file {args.ca_bundle}")
+        return args.ca_bundle
+    return True
+
+
 def _cmd_sync(args: argparse.Namespace) -> int:
     url = check_base_url(args.url)
     if args.wado_url:
@@ -200,6 +231,10 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         user=args.user,
         password=args.password,
         token=args.token,
+        token_command=args.token_command,
+        headers=headers(args.header),
+        max_rps=args.max_rps,
+        verify=verification(args),
         timeout=(10.0, args.timeout),
         retries=args.retries,
     )

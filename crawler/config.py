@@ -33,6 +33,9 @@ class SyncConfig:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
+    token_command: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    max_rps: float | None = None
     timeout: tuple[float, float] = (10.0, 120.0)
     retries: int = 4
     retry: RetryPolicy = RetryPolicy()
@@ -55,8 +58,12 @@ class SyncConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be an integer >= {minimum}, not {value!r}")
         if (self.user is None) != (self.password is None):
             raise ConfigError("--user and --password go together")
-        if self.token and self.user:
-            raise ConfigError("use either --user/--password or --token, not both")
+        if (self.token or self.token_command) and self.user:
+            raise ConfigError("use either --user/--password or --token/--token-command, not both")
+        if self.token and self.token_command:
+            raise ConfigError("use either --token or --token-command, not both")
+        if self.max_rps is not None and self.max_rps <= 0:
+            raise ConfigError(f"--max-rps must be above 0, not {self.max_rps}")
 
 
 def zone(name: str | None) -> tzinfo | None:

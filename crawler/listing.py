@@ -195,7 +195,7 @@ def iter_studies(
         report.windows_split += 1
         if state.window.unfiltered and state.undated:
             undated_at_risk = f"{state.window}: {state.capped}; studies without StudyDate past the cap cannot be listed"
-        elif state.window.since == state.window.until and state.window.time_from is None and state.untimed:
+        elif state.window.since is not None and state.window.since == state.window.until and state.window.time_from is None and state.untimed:
             report.incomplete.append(f"{state.window}: {state.capped}; studies without StudyTime on that day past the cap cannot be listed")
         queue.extendleft(reversed(children))
     if undated_at_risk and not undated_elsewhere:

@@ -81,6 +81,52 @@ class RequestCounts:
             return {"total": sum(self.by_kind.values()), **dict(sorted(self.by_kind.items())), "retries": self.retries}
 
 
+class RateLimit:
+    """At most ``rate`` requests per second across all threads (requests are spaced evenly)."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate <= 0:
+            raise ConfigError(f"--max-rps must be above 0, not {rate}")
+        self.interval = 1.0 / rate
+        self._next = 0.0
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._sleep = sleep
+
+    def wait(self) -> None:
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            self._sleep(start - now)
+
+
+def token_from_command(command: str) -> Callable[[], str]:
+    """A token provider that runs ``command`` (no shell) and takes its standard output.
+
+    The command's output is never logged; a failure names the command's program only.
+    """
+    import shlex
+    import subprocess
+
+    argv = shlex.split(command)
+    if not argv:
+        raise ConfigError("--token-command is empty")
+
+    def provide() -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(f"--token-command {argv[0]!r} could not run: {type(exc).__name__}") from None
+        token = done.stdout.strip()
+        if done.returncode != 0 or not token:
+            raise ConfigError(f"--token-command {argv[0]!r} failed (exit {done.returncode}, {len(token)} characters of output)")
+        return token
+
+    return provide
+
+
 @dataclass(frozen=True)
 class Page:
     items: list[dict[str, Any]]
@@ -125,6 +171,9 @@ class QidoClient:
         pool_size: int = 4,
         verify: bool | str = True,
         sleep: Callable[[float], None] = time.sleep,
+        token_provider: Callable[[], str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_rps: float | None = None,
     ) -> None:
         self.base_url = check_base_url(base_url)
         self.session = session or requests.Session()
@@ -134,9 +183,15 @@ class QidoClient:
         self.session.verify = verify
         if auth:
             self.session.auth = auth
+        self.session.headers.update(headers or {})
+        self._token_provider = token_provider
+        self._token_lock = threading.Lock()
+        if token_provider and not token:
+            token = token_provider()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self.session.headers["Accept"] = "application/dicom+json"
+        self._rate = RateLimit(max_rps) if max_rps else None
         self.timeout = timeout
         self.retry = retry
         self.counts = RequestCounts()
@@ -177,11 +232,21 @@ class QidoClient:
                 raise SourceUnreachable(str(exc), url=exc.url) from None
             raise
 
+    def _refresh_token(self, used: str | None) -> bool:
+        """Run the token command again after a 401, once for all threads that saw the same token."""
+        if self._token_provider is None:
+            return False
+        with self._token_lock:
+            if self.session.headers.get("Authorization") == used:
+                self.session.headers["Authorization"] = f"Bearer {self._token_provider()}"
+        return True
+
     def _get_once(self, kind: str, url: str) -> Page:
-        self.counts.add(kind)
         shown = redact(url)
         try:
-            response = self.session.get(url, timeout=self.timeout)
+            response = self._send(kind, url)
+            if response.status_code == 401 and self._refresh_token(response.request.headers.get("Authorization")):
+                response = self._send(kind, url)
             body = response.content
         except requests.exceptions.SSLError as exc:
             raise FatalQidoError(f"TLS error for {shown}: {_reason(exc)}", url=shown) from None
@@ -222,6 +287,12 @@ class QidoClient:
             return False
         self.max_limit = page_size // 2
         return True
+
+    def _send(self, kind: str, url: str) -> requests.Response:
+        if self._rate:
+            self._rate.wait()
+        self.counts.add(kind)
+        return self.session.get(url, timeout=self.timeout)
 
     def iter_pages(
         self, kind: str, path: str, params: Sequence[tuple[str, str | int]], page_size: int, max_pages: int = 100_000

@@ -25,7 +25,7 @@ from .mapping import MappingOptions, endpoint, map_resources
 from .mapping.validate import check_available, validate
 from .mapping.ids import normalise_base
 from .planner import plan
-from .qido import QidoClient, redact
+from .qido import QidoClient, redact, token_from_command
 from .sinks import NdjsonFolder
 from .state import State
 
@@ -150,6 +150,9 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
         retry=replace(config.retry, attempts=config.retries + 1),
         pool_size=config.workers + 1,
         verify=config.verify,
+        token_provider=token_from_command(config.token_command) if config.token_command else None,
+        headers=config.headers,
+        max_rps=config.max_rps,
     )
     source = normalise_base(config.url)
     wado_base = normalise_base(config.wado_url or config.url)
