@@ -196,3 +196,50 @@ def test_basic_auth_by_option_and_environment_and_never_shown(pacs_with_auth, tm
     code, stdout, stderr = run_cli(capsys, "sync", url, "--state", str(tmp_path / "c.db"), "-vv", "--json", *ZONE)
     assert code == 0, stderr
     assert "s3cret-Zq81!" not in stderr + stdout
+
+
+def test_metadata_auto_fills_the_sequence_rows_with_at_most_one_request_per_series(pacs, corpus_study_uids, tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, "sync", pacs.dicomweb, "--out", str(tmp_path / "o"), "--state", str(tmp_path / "s.db"), "--json", *ZONE)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    _, resources = read_folder(Path(summary["run_dir"]))
+    studies = {s["identifier"][0]["value"][8:]: s for s in resources["ImagingStudy"]}
+    n_series = sum(s["numberOfSeries"] for s in studies.values())
+    assert summary["requests"]["metadata"] + summary["requests"].get("instances", 0) <= n_series
+    assert summary["requests"]["metadata"] <= n_series
+
+    first = studies[corpus.uid("study", "01")]
+    assert first["procedure"][0]["concept"]["coding"][0]["code"] == "24627-2"
+    assert first["reason"][0]["concept"]["coding"][0]["system"] == "http://snomed.info/sct"
+    assert first["basedOn"][0]["identifier"]["system"].startswith("urn:oid:")
+    assert first["referrer"]["identifier"]["value"]
+    assert first["contained"][0]["type"][0]["coding"][0]["code"]
+    performers = [p["actor"] for s in first["series"] for p in s.get("performer", [])]
+    assert any("identifier" in actor for actor in performers)
+    pathology = studies[corpus.uid("study", "05")]
+    assert any("specimen" in s for s in pathology["series"])
+    brain = studies[corpus.uid("study", "06")]
+    assert any(s.get("bodySite", {}).get("concept", {}).get("coding") for s in brain["series"])
+
+    code, stdout, _ = run_cli(capsys, "sync", pacs.dicomweb, "--state", str(tmp_path / "q.db"), "--metadata", "never", "--json", *ZONE)
+    assert code == 0
+    assert "metadata" not in json.loads(stdout)["requests"]
+
+
+def test_r4_output_and_patients_validate(pacs, tmp_path, capsys):
+    from fhir.resources.R4B.imagingstudy import ImagingStudy as R4ImagingStudy
+    from fhir.resources.R4B.patient import Patient as R4Patient
+    from fhir.resources.R4B.endpoint import Endpoint as R4Endpoint
+
+    code, stdout, stderr = run_cli(capsys, "sync", pacs.dicomweb, "--out", str(tmp_path / "o"), "--state", str(tmp_path / "s.db"), "--fhir-version", "R4", "--patients", "--validate", "--json", *ZONE)
+    assert code == 0, stderr
+    _, resources = read_folder(Path(json.loads(stdout)["run_dir"]))
+    models = {"ImagingStudy": R4ImagingStudy, "Patient": R4Patient, "Endpoint": R4Endpoint}
+    assert set(resources) == set(models)
+    for kind, items in resources.items():
+        for item in items:
+            models[kind].model_validate(item)
+    patient_ids = {p["id"] for p in resources["Patient"]}
+    assert len(patient_ids) == len(resources["Patient"])
+    referenced = {s["subject"]["reference"][8:] for s in resources["ImagingStudy"] if "reference" in s["subject"]}
+    assert referenced == patient_ids
