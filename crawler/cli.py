@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state database (default: ./{DEFAULT_STATE})")
     p.add_argument("--since", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
     p.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
+    p.add_argument("--full", action="store_true", help="list every study, not only those since the last run's mark (e.g. a weekly reconciliation)")
+    p.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="an incremental run lists from the last complete run's date minus this many days (default: 7)")
+    p.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
+    p.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N", help="commit the state and flush the outputs every N crawled studies (and every minute) (default: 1000)")
     p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once (default: 4)")
     p.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: 100)")
     p.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: 1000000)")
@@ -217,6 +221,10 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         state=args.state,
         since=args.since,
         until=args.until,
+        full=args.full,
+        lookback=args.lookback,
+        prune=args.prune,
+        checkpoint_every=args.checkpoint_every,
         page_size=args.page_size,
         max_offset=args.max_offset,
         max_results=args.max_results,
@@ -247,9 +255,10 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     if not args.quiet:
         lines = [
             f"{PROG}: synced {redact(url)} in {result.seconds:.1f} s with {result.requests['total']} requests",
-            f"  studies: {f.studies_listed} listed, {f.studies_new} new, {f.studies_changed} changed, "
-            f"{f.studies_unchanged} unchanged, {f.studies_failed} failed, {f.studies_inconsistent} inconsistent",
-            f"  resources written: {f.resources_written}" + (f" -> {result.run_dir}" if result.run_dir else ""),
+            f"  studies ({result.scope}): {f.studies_listed} listed, {f.studies_new} new, {f.studies_changed} changed, "
+            f"{f.studies_unchanged} unchanged, {f.studies_failed} failed, {f.studies_inconsistent} inconsistent, {f.studies_gone} gone",
+            f"  resources written: {f.resources_written}" + (f", deleted: {f.resources_deleted}" if f.resources_deleted else "")
+            + (f" -> {result.run_dir}" if result.run_dir else ""),
         ]
         if f.windows_incomplete:
             lines.append(f"  listing incomplete in {f.windows_incomplete} window(s): state kept as it was for those")

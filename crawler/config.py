@@ -24,6 +24,11 @@ class SyncConfig:
     state: Path = Path(DEFAULT_STATE)
     since: str | None = None
     until: str | None = None
+    full: bool = False
+    lookback: int = 7
+    prune: bool = False
+    checkpoint_every: int = 1000
+    checkpoint_seconds: float = 60.0
     page_size: int = 100
     max_offset: int = 1_000_000
     max_results: int | None = None
@@ -49,9 +54,13 @@ class SyncConfig:
     def __post_init__(self) -> None:
         if self.fhir_version not in ("R5", "R4"):
             raise ConfigError(f"--fhir-version must be R5 or R4, not {self.fhir_version!r}")
+        if self.full and (self.since or self.until):
+            raise ConfigError("--full lists everything: it takes no --since/--until")
+        if not isinstance(self.lookback, int) or self.lookback < 0:
+            raise ConfigError(f"--lookback must be a number of days >= 0, not {self.lookback!r}")
         if self.max_results is not None and self.max_results < 1:
             raise ConfigError(f"max-results must be at least 1, not {self.max_results}")
-        for name in ("page_size", "workers", "retries", "max_offset"):
+        for name in ("page_size", "workers", "retries", "max_offset", "checkpoint_every"):
             value = getattr(self, name)
             minimum = 0 if name == "retries" else 1
             if not isinstance(value, int) or value < minimum:

@@ -7,7 +7,9 @@ after the sinks have finished, so the state never says "synced" for what no sink
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import zlib
 from collections.abc import Iterator
@@ -64,6 +66,18 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        3,
+        "incremental runs: StudyDate and last listing per study, high-water mark and windows per run",
+        """
+        ALTER TABLE studies ADD COLUMN study_date TEXT;
+        ALTER TABLE studies ADD COLUMN last_seen_run INTEGER;
+        CREATE INDEX studies_by_date ON studies (source, study_date);
+        ALTER TABLE runs ADD COLUMN mark TEXT;
+        ALTER TABLE runs ADD COLUMN windows TEXT;
+        ALTER TABLE runs ADD COLUMN pid INTEGER;
+        """,
+    ),
 ]
 
 
@@ -79,15 +93,25 @@ class StudyRow:
     last_error: str | None
 
 
-class State:
-    """One state database; use from one thread."""
+class StateLocked(StateError):
+    """Another run holds the state: exit code 2."""
 
-    def __init__(self, path: str | Path) -> None:
+
+class State:
+    """One state database; use from one thread.
+
+    ``lock=True`` takes an exclusive lock (``<path>.lock``, flock) for the life of the object: a
+    second run on the same state fails at once, and the lock of a run that was killed is
+    released by the kernel with its process, so the next run simply takes it.
+    """
+
+    def __init__(self, path: str | Path, *, lock: bool = False) -> None:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"cannot create the folder of state {self.path}: {exc.strerror}") from None
+        self._lock_file = self._lock() if lock else None
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -97,8 +121,27 @@ class State:
         except sqlite3.Error as exc:
             raise StateError(f"cannot open state {self.path}: {exc}") from None
 
+    def _lock(self) -> int:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(f"cannot open lock {lock_path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateLocked(f"another run (pid {holder}) is using the state {self.path}; try again when it has finished") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
     def close(self) -> None:
         self.db.close()
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
 
     def _migrate(self) -> None:
         self.db.execute(
@@ -127,8 +170,13 @@ class State:
         return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
 
     def begin_run(self, source: str, started: str) -> int:
-        cursor = self.db.execute("INSERT INTO runs (source, started) VALUES (?, ?)", (source, started))
+        cursor = self.db.execute("INSERT INTO runs (source, started, pid) VALUES (?, ?, ?)", (source, started, os.getpid()))
         return int(cursor.lastrowid)
+
+    def checkpoint(self) -> None:
+        """Commit what is written so far and carry on in a new transaction."""
+        self.commit()
+        self.begin()
 
     def begin(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
@@ -141,10 +189,13 @@ class State:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
-    def finish_run(self, run_id: int, ended: str, outcome: str, folder: str | None, figures: dict[str, Any]) -> None:
+    def finish_run(
+        self, run_id: int, ended: str, outcome: str, folder: str | None, figures: dict[str, Any],
+        mark: str | None = None, windows: list[str] | None = None,
+    ) -> None:
         self.db.execute(
-            "UPDATE runs SET ended = ?, outcome = ?, folder = ?, figures = ? WHERE id = ?",
-            (ended, outcome, folder, json.dumps(figures, sort_keys=True), run_id),
+            "UPDATE runs SET ended = ?, outcome = ?, folder = ?, figures = ?, mark = ?, windows = ? WHERE id = ?",
+            (ended, outcome, folder, json.dumps(figures, sort_keys=True), mark, json.dumps(windows) if windows is not None else None, run_id),
         )
 
     def study(self, source: str, study_uid: str) -> StudyRow | None:
@@ -168,24 +219,61 @@ class State:
         study_hash: str | None = None,
         resource_hash: str | None = None,
         error: str | None = None,
+        study_date: str | None = None,
     ) -> None:
         """Insert or update a study. A failure keeps the hashes of the last good sync."""
         if status == "synced":
             self.db.execute(
-                "INSERT INTO studies (source, study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, last_error, last_run) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'synced', NULL, ?) "
+                "INSERT INTO studies (source, study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, "
+                "last_error, last_run, last_seen_run, study_date) VALUES (?, ?, ?, ?, ?, ?, ?, 'synced', NULL, ?, ?, ?) "
                 "ON CONFLICT (source, study_uid) DO UPDATE SET resource_id = excluded.resource_id, n_series = excluded.n_series, "
                 "n_instances = excluded.n_instances, study_hash = excluded.study_hash, resource_hash = excluded.resource_hash, "
-                "status = 'synced', last_error = NULL, last_run = excluded.last_run",
-                (source, study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, run_id),
+                "status = 'synced', last_error = NULL, last_run = excluded.last_run, last_seen_run = excluded.last_seen_run, "
+                "study_date = excluded.study_date",
+                (source, study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, run_id, run_id, study_date),
             )
         else:
             self.db.execute(
-                "INSERT INTO studies (source, study_uid, status, last_error, last_run) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO studies (source, study_uid, status, last_error, last_run, last_seen_run, study_date) VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (source, study_uid) DO UPDATE SET status = excluded.status, last_error = excluded.last_error, "
-                "last_run = excluded.last_run",
-                (source, study_uid, status, error, run_id),
+                "last_run = excluded.last_run, last_seen_run = excluded.last_seen_run, study_date = excluded.study_date",
+                (source, study_uid, status, error, run_id, run_id, study_date),
             )
+
+    def mark_seen(self, source: str, study_uid: str, run_id: int) -> None:
+        self.db.execute("UPDATE studies SET last_seen_run = ? WHERE source = ? AND study_uid = ?", (run_id, source, study_uid))
+
+    def iter_unseen(self, source: str, run_id: int, since: str | None, until: str | None) -> Iterator[tuple[str, str | None]]:
+        """(UID, resource id) of studies not listed by run ``run_id`` whose StudyDate lies in
+        [since, until] (open ends unbounded; both None: every study, dated or not)."""
+        sql = "SELECT study_uid, resource_id FROM studies WHERE source = ? AND status != 'gone' AND (last_seen_run IS NULL OR last_seen_run != ?)"
+        args: list[Any] = [source, run_id]
+        if since is not None or until is not None:
+            sql += " AND study_date IS NOT NULL"
+        if since is not None:
+            sql += " AND study_date >= ?"
+            args.append(since)
+        if until is not None:
+            sql += " AND study_date <= ?"
+            args.append(until)
+        yield from self.db.execute(sql + " ORDER BY study_uid", args).fetchall()
+
+    def mark_gone(self, source: str, study_uid: str, run_id: int) -> None:
+        self.db.execute(
+            "UPDATE studies SET status = 'gone', last_error = NULL, last_run = ? WHERE source = ? AND study_uid = ?", (run_id, source, study_uid)
+        )
+
+    def drop_resource(self, resource_type: str, resource_id: str) -> None:
+        self.db.execute("DELETE FROM resources WHERE type = ? AND id = ?", (resource_type, resource_id))
+
+    def last_mark(self, source: str) -> str | None:
+        """The high-water mark of the last run of ``source`` whose listing was complete."""
+        row = self.db.execute("SELECT mark FROM runs WHERE source = ? AND mark IS NOT NULL ORDER BY id DESC LIMIT 1", (source,)).fetchone()
+        return row[0] if row else None
+
+    def close_interrupted_runs(self, run_id: int) -> int:
+        cursor = self.db.execute("UPDATE runs SET outcome = 'interrupted', ended = started WHERE ended IS NULL AND id != ?", (run_id,))
+        return cursor.rowcount
 
     def source_facts(self, source: str) -> tuple[int | None, int]:
         """(the server's result cap if one was found, the largest listing verified as uncapped)."""

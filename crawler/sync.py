@@ -1,38 +1,48 @@
-"""The job: plan -> list -> crawl changed studies -> map -> diff against state -> sinks -> commit."""
+"""The job: plan -> list -> crawl changed studies -> map -> diff against state -> sinks -> commit.
+
+Crash safety: the state and the sinks move forward together at checkpoints. Between
+checkpoints the crawled studies are held back; at a checkpoint every sink flushes (NDJSON:
+synced to disk with its sizes recorded; FHIR server: transactions answered), the studies a sink
+refused are recorded as failed, the rest as synced, and only then is the state committed. A run
+killed anywhere leaves the state at its last checkpoint and a run folder that the next run cuts
+back to the same point, so nothing the state calls synced is missing from the output, and no
+study is written twice into one run's output.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from . import dicomjson as dj
 from .config import SyncConfig
 from .crawl import VOLATILE, Learned, StudySummary, fetch_study, summarise
-from .listing import ListingReport, iter_studies
+from .dicomjson import Tag
 from .errors import CrawlerError, MappingError, QidoError, SinkError, SourceUnreachable
+from .listing import ListingReport, iter_studies
 from .mapping import MappingOptions, endpoint, map_resources
-from .mapping.validate import check_available, validate
 from .mapping.ids import normalise_base
-from .planner import plan
+from .mapping.validate import check_available, validate
+from .planner import Window, plan
 from .qido import QidoClient, redact, token_from_command
-from .sinks import NdjsonFolder
+from .sinks import NdjsonFolder, Sink
+from .sinks.ndjson import recover
 from .state import State
 
 log = logging.getLogger("crawler")
-RUN_FOLDER = re.compile(r"^\d{8}T\d{6}Z-run\d+$")
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+Resource = tuple[str, str, bytes]
 
 
 def digest(body: bytes) -> str:
@@ -53,7 +63,9 @@ class Figures:
     studies_unchanged: int = 0
     studies_failed: int = 0
     studies_inconsistent: int = 0
+    studies_gone: int = 0
     resources_written: int = 0
+    resources_deleted: int = 0
     windows_incomplete: int = 0
     windows_split: int = 0
 
@@ -66,6 +78,7 @@ class SyncResult:
     run_id: int
     run_dir: str | None
     exit_code: int
+    scope: str = ""
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -75,6 +88,7 @@ class SyncResult:
             "seconds": round(self.seconds, 3),
             "run_id": self.run_id,
             "run_dir": self.run_dir,
+            "scope": self.scope,
             "exit_code": self.exit_code,
         }
 
@@ -82,13 +96,13 @@ class SyncResult:
 @dataclass(frozen=True)
 class Outcome:
     summary: StudySummary
-    resources: tuple[tuple[str, str, bytes], ...] = ()
+    resources: tuple[Resource, ...] = ()
     status: str = "synced"
     error: str | None = None
     path: str | None = None
 
     @property
-    def study(self) -> tuple[str, str, bytes]:
+    def study(self) -> Resource:
         return self.resources[-1]
 
 
@@ -101,6 +115,7 @@ def convert(resource: dict[str, Any], version: str) -> dict[str, Any]:
 
 
 def _crawl_one(client: QidoClient, summary: StudySummary, config: SyncConfig, options: MappingOptions, learned: Learned) -> Outcome:
+    """Fetch, check and map one study (runs in a worker thread; no state, no sinks)."""
     try:
         fetched = fetch_study(client, summary, config.crawl, learned)
         if not fetched.consistent:
@@ -110,7 +125,8 @@ def _crawl_one(client: QidoClient, summary: StudySummary, config: SyncConfig, op
                 error=f"study {summary.uid}: server reports {summary.n_instances} instances, {fetched.enumerated} listed (asked twice)",
                 path=fetched.path,
             )
-        resources = [convert(r, config.fhir_version) for r in map_resources(fetched.data, options).resources()]
+        mapped = map_resources(fetched.data, options)
+        resources = [convert(r, config.fhir_version) for r in (endpoint(options.wado_base or options.source), *mapped.resources())]
         if config.validate:
             for resource in resources:
                 validate(resource, config.fhir_version, summary.uid)
@@ -127,21 +143,51 @@ def _outcome_body(message: str) -> bytes:
     )
 
 
-def clean_interrupted(out: Path) -> list[Path]:
-    """Remove run folders that an interrupted run left without a manifest (the state never recorded them)."""
-    removed = []
-    if out.is_dir():
-        for child in sorted(out.iterdir()):
-            if child.is_dir() and RUN_FOLDER.match(child.name) and not (child / "manifest.json").exists():
-                shutil.rmtree(child, ignore_errors=True)
-                removed.append(child)
-    return removed
+def _study_date(summary: StudySummary) -> str | None:
+    try:
+        value = dj.string(summary.attributes, Tag.StudyDate)
+    except ValueError:
+        return None
+    return value if value and len(value) == 8 and value.isdigit() else None
 
 
-def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) -> SyncResult:
-    """Run one sync. Per-study problems are counted and reported, not raised; configuration and
-    state problems raise CrawlerError subclasses."""
+@dataclass
+class _Held:
+    """A crawled study waiting for the next checkpoint."""
+
+    outcome: Outcome
+    known: bool
+    send: list[Resource]
+
+
+def choose_windows(config: SyncConfig, state: State, source: str, today: str) -> tuple[list[Window], str, bool]:
+    """(windows, a description, whether a complete listing moves the high-water mark)."""
+    if config.full:
+        return [Window()], "full", True
+    if config.since or config.until:
+        windows = plan(config.since, config.until)
+        return windows, str(windows[0]), False
+    mark = state.last_mark(source)
+    if mark is None:
+        return [Window()], "full (first run)", True
+    day = datetime.strptime(mark, "%Y%m%d") - timedelta(days=config.lookback)
+    since = day.strftime("%Y%m%d")
+    return plan(since, None), f"since {since} (mark {mark} - {config.lookback} days)", True
+
+
+def _today(config: SyncConfig, started: datetime) -> str:
+    return started.astimezone(config.zone).strftime("%Y%m%d") if config.zone else started.astimezone().strftime("%Y%m%d")
+
+
+def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, sinks: list[Sink] | None = None) -> SyncResult:
+    """Run one sync. Per-study problems are counted and reported, not raised; configuration,
+    state and reachability problems raise CrawlerError subclasses.
+
+    ``sinks`` adds sinks besides the NDJSON folder of ``config.out`` (e.g. a FHIR server).
+    """
     started_clock = time.monotonic()
+    if config.validate:
+        check_available(config.fhir_version)
     client = QidoClient(
         config.url,
         auth=(config.user, config.password) if config.user is not None and config.password is not None else None,
@@ -159,98 +205,113 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
     options = MappingOptions(
         source=source, wado_base=wado_base, zone=config.zone, issuer_systems=config.issuer_systems, patients=config.patients
     )
-    if config.validate:
-        check_available(config.fhir_version)
-    learned = Learned()
-    windows = plan(config.since, config.until)
-    state = State(config.state)
-    started = datetime.now(timezone.utc).replace(microsecond=0)
-    run_id = state.begin_run(source, started.isoformat())
-    sink = None
-    if config.out is not None:
-        for removed in clean_interrupted(config.out):
-            log.info("removed interrupted run folder %s", removed)
-        sink = NdjsonFolder(
-            config.out / f"{started.strftime('%Y%m%dT%H%M%SZ')}-run{run_id}",
-            transaction_time=started.isoformat().replace("+00:00", "Z"),
-            request=f"{redact(client.base_url)}/studies",
-        )
-    figures = Figures()
-    errors: list[str] = []
-    exit_code = EXIT_OK
-    seen: set[str] = set()
-
-    def store(resource_type: str, resource_id: str, body: bytes) -> bool:
-        body_digest = digest(body)
-        if state.resource_hash(resource_type, resource_id) == body_digest:
-            return False
-        if sink is not None:
-            sink.write(resource_type, body)
-        state.put_resource(resource_type, resource_id, body_digest, body)
-        figures.resources_written += 1
-        return True
-
-    def finish(outcome: Outcome, known: bool) -> None:
-        summary = outcome.summary
-        if outcome.status != "synced":
-            figures.studies_failed += outcome.status == "failed"
-            figures.studies_inconsistent += outcome.status == "inconsistent"
-            errors.append(outcome.error or f"study {summary.uid}: {outcome.status}")
-            log.warning("%s", outcome.error)
-            if sink is not None:
-                sink.error(_outcome_body(outcome.error or ""))
-            state.record_study(source, summary.uid, run_id=run_id, status=outcome.status, error=outcome.error)
-            return
-        if known:
-            figures.studies_changed += 1
-        else:
-            figures.studies_new += 1
-        for resource_type, resource_id, body in outcome.resources:
-            store(resource_type, resource_id, body)
-        _, study_resource_id, study_body = outcome.study
-        state.record_study(
-            source,
-            summary.uid,
-            run_id=run_id,
-            status="synced",
-            resource_id=study_resource_id,
-            n_series=summary.n_series,
-            n_instances=summary.n_instances,
-            study_hash=study_hash(dict(summary.attributes)),
-            resource_hash=digest(study_body),
-        )
-
-    state.begin()
+    state = State(config.state, lock=True)
     try:
-        endpoint_resource = endpoint(wado_base)
-        endpoint_written = False
-        pending: deque[tuple[Future[Outcome], bool]] = deque()
+        return _Run(config, client, state, source, options, progress, list(sinks or [])).run(started_clock)
+    finally:
+        state.close()
+        client.close()
+
+
+class _Run:
+    """One sync run's moving parts; ``run`` is the whole job, in order."""
+
+    def __init__(self, config: SyncConfig, client: QidoClient, state: State, source: str, options: MappingOptions,
+                 progress: Callable[[Figures], None] | None, sinks: list[Sink]) -> None:
+        self.config = config
+        self.client = client
+        self.state = state
+        self.source = source
+        self.options = options
+        self.progress = progress
+        self.sinks = sinks
+        self.ndjson: NdjsonFolder | None = None
+        self.figures = Figures()
+        self.errors: list[str] = []
+        self.held: list[_Held] = []
+        self.deleting: list[tuple[str, str]] = []
+        self.last_checkpoint = time.monotonic()
+        self.seen: set[str] = set()
+        self.learned = Learned()
+
+    def run(self, started_clock: float) -> SyncResult:
+        config, state = self.config, self.state
+        started = datetime.now(timezone.utc).replace(microsecond=0)
+        self.run_id = run_id = state.begin_run(self.source, started.isoformat())
+        if state.close_interrupted_runs(run_id):
+            log.info("an earlier run was interrupted; its state stands at its last checkpoint")
+        windows, scope, moves_mark = choose_windows(config, state, self.source, _today(config, started))
+        if config.out is not None:
+            completed, removed = recover(config.out)
+            for folder in completed:
+                log.warning("completed interrupted run folder %s at its last checkpoint", folder)
+            for folder in removed:
+                log.info("removed interrupted run folder %s (it had reached no checkpoint)", folder)
+            self.ndjson = NdjsonFolder(
+                config.out / f"{started.strftime('%Y%m%dT%H%M%SZ')}-run{run_id}",
+                transaction_time=started.isoformat().replace("+00:00", "Z"),
+                request=f"{redact(self.client.base_url)}/studies",
+            )
+            self.sinks.insert(0, self.ndjson)
+        state.begin()
+        try:
+            report = self._list_and_crawl(windows)
+            listing_clean = not report.incomplete and not self.listing_errors
+            if listing_clean:
+                self._find_gone(windows)
+            self._checkpoint()
+            run_dir = self.ndjson.finish() if self.ndjson else None
+            for sink in self.sinks:
+                if sink is not self.ndjson:
+                    sink.finish()
+            f = self.figures
+            exit_code = EXIT_PARTIAL if (f.studies_failed or f.studies_inconsistent or f.windows_incomplete) else EXIT_OK
+            result = SyncResult(f, self.client.counts.as_dict(), time.monotonic() - started_clock, run_id, run_dir, exit_code, scope, self.errors)
+            mark = _today(config, started) if moves_mark and listing_clean else None
+            state.finish_run(run_id, _now(), "partial" if exit_code else "ok", run_dir, result.summary(), mark, [str(w) for w in windows])
+            state.commit()
+            return result
+        except BaseException as exc:
+            for sink in self.sinks:
+                sink.abort()
+            state.rollback()
+            outcome = "unreachable" if isinstance(exc, SourceUnreachable) else "failed"
+            error = str(exc) if isinstance(exc, CrawlerError) else type(exc).__name__
+            state.finish_run(run_id, _now(), outcome, None, {**vars(self.figures), "error": error})
+            raise
+
+    listing_errors = 0
+
+    def _list_and_crawl(self, windows: list[Window]) -> ListingReport:
+        config, state, figures = self.config, self.state, self.figures
+        known_cap, verified = state.source_facts(self.source)
+        report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
+        in_flight: deque[tuple[Future[Outcome], bool]] = deque()
         with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="crawl") as pool:
 
             def drain(limit: int) -> None:
-                while len(pending) > limit:
-                    future, known = pending.popleft()
-                    finish(future.result(), known)
-                    if progress:
-                        progress(figures)
+                while len(in_flight) > limit:
+                    future, known = in_flight.popleft()
+                    self._hold(future.result(), known)
+                    if self.progress:
+                        self.progress(figures)
+                if len(self.held) >= config.checkpoint_every or time.monotonic() - self.last_checkpoint > config.checkpoint_seconds:
+                    self._checkpoint()
 
-            known_cap, verified = state.source_facts(source)
-            report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
             try:
-                for item in iter_studies(client, windows, report, max_offset=config.max_offset):
+                for item in iter_studies(self.client, windows, report, max_offset=config.max_offset):
                     try:
                         summary = summarise(item)
                     except ValueError as exc:
                         figures.studies_failed += 1
-                        message = f"listing entry: {exc}"
-                        errors.append(message)
-                        log.warning("%s", message)
+                        self.listing_errors += 1
+                        self._error(f"listing entry: {exc}")
                         continue
-                    if summary.uid in seen:
+                    if summary.uid in self.seen:
                         continue
-                    seen.add(summary.uid)
+                    self.seen.add(summary.uid)
                     figures.studies_listed += 1
-                    row = state.study(source, summary.uid)
+                    row = state.study(self.source, summary.uid)
                     if (
                         row is not None
                         and row.status == "synced"
@@ -260,48 +321,109 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None) 
                         and row.study_hash == study_hash(dict(summary.attributes))
                     ):
                         figures.studies_unchanged += 1
-                        if progress:
-                            progress(figures)
+                        state.mark_seen(self.source, summary.uid, self.run_id)
+                        if self.progress:
+                            self.progress(figures)
                         continue
-                    if not endpoint_written:
-                        store("Endpoint", endpoint_resource["id"], orjson.dumps(convert(endpoint_resource, config.fhir_version)))
-                        endpoint_written = True
-                    pending.append((pool.submit(_crawl_one, client, summary, config, options, learned), row is not None))
+                    in_flight.append((pool.submit(_crawl_one, self.client, summary, config, self.options, self.learned), row is not None))
                     drain(config.workers * 4)
             except SourceUnreachable:
-                if figures.studies_listed == 0 and not client.answered:
+                if figures.studies_listed == 0 and not self.client.answered:
                     raise
                 report.incomplete.append("listing stopped: the source could not be reached any more")
             except QidoError as exc:
                 if exc.status in (401, 403):
                     raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
                 report.incomplete.append(f"listing stopped: {exc}")
-            if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0:
-                raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
-            state.set_source_facts(source, report.cap if config.max_results is None else known_cap, report.verified)
-            figures.windows_incomplete = len(report.incomplete)
-            figures.windows_split = report.windows_split
-            for message in report.incomplete:
-                errors.append(f"not listed completely: {message}")
-                log.error("not listed completely: %s", message)
             drain(0)
-        run_dir = sink.finish() if sink is not None else None
-        if figures.studies_failed or figures.studies_inconsistent or figures.windows_incomplete:
-            exit_code = EXIT_PARTIAL
-        result = SyncResult(figures, client.counts.as_dict(), time.monotonic() - started_clock, run_id, run_dir, exit_code, errors)
-        state.finish_run(run_id, _now(), "partial" if exit_code else "ok", run_dir, result.summary())
-        state.commit()
-        return result
-    except BaseException as exc:
-        if sink is not None:
-            sink.abort()
-        state.rollback()
-        outcome = "unreachable" if isinstance(exc, SourceUnreachable) else "failed"
-        state.finish_run(run_id, _now(), outcome, None, {**vars(figures), "error": str(exc) if isinstance(exc, CrawlerError) else type(exc).__name__})
-        raise
-    finally:
-        state.close()
-        client.close()
+        if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0:
+            raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
+        state.set_source_facts(self.source, report.cap if config.max_results is None else known_cap, report.verified)
+        figures.windows_incomplete = len(report.incomplete)
+        figures.windows_split = report.windows_split
+        for message in report.incomplete:
+            self._error(f"not listed completely: {message}", level=logging.ERROR)
+        return report
+
+    def _error(self, message: str, level: int = logging.WARNING) -> None:
+        self.errors.append(message)
+        log.log(level, "%s", message)
+
+    def _hold(self, outcome: Outcome, known: bool) -> None:
+        """Hand a crawled study's changed resources to the sinks; its state waits for the checkpoint."""
+        if outcome.status != "synced":
+            self.figures.studies_failed += outcome.status == "failed"
+            self.figures.studies_inconsistent += outcome.status == "inconsistent"
+            self._error(outcome.error or f"study {outcome.summary.uid}: {outcome.status}")
+            for sink in self.sinks:
+                sink.error(_outcome_body(outcome.error or ""))
+            self.state.record_study(
+                self.source, outcome.summary.uid, run_id=self.run_id, status=outcome.status, error=outcome.error,
+                study_date=_study_date(outcome.summary),
+            )
+            return
+        send = [r for r in outcome.resources if self.state.resource_hash(r[0], r[1]) != digest(r[2])]
+        if send:
+            for sink in self.sinks:
+                sink.add(outcome.summary.uid, send)
+        self.held.append(_Held(outcome, known, send))
+
+    def _checkpoint(self) -> None:
+        """Flush every sink, record what they took, commit."""
+        refused: dict[str, str] = {}
+        for sink in self.sinks:
+            refused.update(sink.flush())
+        figures, state = self.figures, self.state
+        recorded: set[tuple[str, str, str]] = set()
+        for held in self.held:
+            summary = held.outcome.summary
+            if summary.uid in refused:
+                figures.studies_failed += 1
+                message = f"study {summary.uid}: not accepted: {refused[summary.uid]}"
+                self._error(message)
+                state.record_study(self.source, summary.uid, run_id=self.run_id, status="failed", error=message, study_date=_study_date(summary))
+                continue
+            if held.known:
+                figures.studies_changed += 1
+            else:
+                figures.studies_new += 1
+            for resource_type, resource_id, body in held.send:
+                body_digest = digest(body)
+                if (resource_type, resource_id, body_digest) not in recorded:
+                    recorded.add((resource_type, resource_id, body_digest))
+                    state.put_resource(resource_type, resource_id, body_digest, body)
+                    figures.resources_written += 1
+            _, study_resource_id, study_body = held.outcome.study
+            state.record_study(
+                self.source, summary.uid, run_id=self.run_id, status="synced", resource_id=study_resource_id,
+                n_series=summary.n_series, n_instances=summary.n_instances, study_hash=study_hash(dict(summary.attributes)),
+                resource_hash=digest(study_body), study_date=_study_date(summary),
+            )
+        self.held.clear()
+        for uid, resource_id in self.deleting:
+            if uid in refused:
+                self._error(f"study {uid}: deletion not accepted: {refused[uid]}")
+                continue
+            state.mark_gone(self.source, uid, self.run_id)
+            state.drop_resource("ImagingStudy", resource_id)
+            figures.resources_deleted += 1
+        self.deleting.clear()
+        state.checkpoint()
+        self.last_checkpoint = time.monotonic()
+
+    def _find_gone(self, windows: list[Window]) -> None:
+        """Studies the state holds in the listed windows that the listing no longer showed: marked
+        gone, and with --prune sent to the sinks as deletions (recorded at the checkpoint)."""
+        for window in windows:
+            for uid, resource_id in list(self.state.iter_unseen(self.source, self.run_id, window.since, window.until)):
+                self.figures.studies_gone += 1
+                log.warning("study %s is no longer in the PACS%s", uid, "; deleting it" if self.config.prune else "")
+                if self.config.prune and resource_id:
+                    for sink in self.sinks:
+                        sink.delete(uid, "ImagingStudy", resource_id)
+                    self.deleting.append((uid, resource_id))
+                else:
+                    self.state.mark_gone(self.source, uid, self.run_id)
 
 
 def _now() -> str:

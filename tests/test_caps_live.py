@@ -42,7 +42,7 @@ def test_a_silently_capped_orthanc_is_crawled_completely(capped_pacs, corpus_stu
     lines = (tmp_path / "out").glob("*/ImagingStudy.ndjson").__next__().read_text().splitlines()
     assert {json.loads(line)["identifier"][0]["value"][8:] for line in lines} == corpus_study_uids
 
-    code = main(["sync", capped_pacs.dicomweb, "--state", state, "--json", "--timezone", "UTC"])
+    code = main(["sync", capped_pacs.dicomweb, "--state", state, "--full", "--json", "--timezone", "UTC"])
     second = json.loads(capsys.readouterr().out)
     assert code == 0
     assert second["studies_unchanged"] == len(corpus_study_uids) and second["resources_written"] == 0

@@ -75,7 +75,7 @@ def test_silent_cap_found_once_is_remembered_by_the_next_run(tmp_path):
     with FakePacs(n_studies=120, seed=2, max_results=25, cap_mode="silent") as pacs:
         first, _ = run(pacs, tmp_path)
         pacs.reset_counts()
-        second, rows = run(pacs, tmp_path)
+        second, rows = run(pacs, tmp_path, full=True)
         assert second.figures.studies_unchanged == 120
         assert second.figures.resources_written == 0
         assert pacs.counts().keys() == {"studies"}
@@ -132,7 +132,7 @@ def test_inconsistent_and_broken_studies_are_reported_and_not_recorded_as_synced
         # the instance count is asked twice before the study is called inconsistent
         assert sum(1 for r in pacs.requests if r.kind == "instances" and pacs.study_uid(3) in r.path) == 2
 
-        again, rows = run(pacs, tmp_path)
+        again, rows = run(pacs, tmp_path, full=True)
         assert again.figures.studies_unchanged == 37
         assert again.figures.studies_inconsistent == 1 and again.figures.studies_failed == 2
 

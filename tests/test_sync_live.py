@@ -94,7 +94,16 @@ def test_second_sync_writes_nothing_and_export_reproduces_the_set(pacs, corpus_s
     assert code == 0
     first = json.loads(stdout)
 
+    # the next run is incremental: from the first run's date minus the lookback, so none of the
+    # fixture studies (all older) is listed
     code, stdout, stderr = run_cli(capsys, "sync", pacs.dicomweb, "--out", str(out), "--state", str(state), "--json", *ZONE)
+    assert code == 0, stderr
+    incremental = json.loads(stdout)
+    assert incremental["scope"].startswith("since ")
+    assert incremental["studies_listed"] == 0 and incremental["studies_gone"] == 0
+    assert incremental["requests"] == {"total": 1, "studies": 1, "retries": 0}
+
+    code, stdout, stderr = run_cli(capsys, "sync", pacs.dicomweb, "--out", str(out), "--state", str(state), "--full", "--json", *ZONE)
     assert code == 0, stderr
     second = json.loads(stdout)
     assert second["resources_written"] == 0
@@ -116,7 +125,7 @@ def test_second_sync_writes_nothing_and_export_reproduces_the_set(pacs, corpus_s
     assert code == 0
     status = json.loads(stdout)
     assert status["studies"] == {"synced": len(corpus_study_uids)}
-    assert [r["outcome"] for r in status["runs"]] == ["ok", "ok"]
+    assert [r["outcome"] for r in status["runs"]] == ["ok", "ok", "ok"]
 
 
 def test_map_a_saved_dicom_json_file(pacs, tmp_path, capsys):

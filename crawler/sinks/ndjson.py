@@ -1,21 +1,54 @@
 """A Bulk Data style folder: ``manifest.json`` plus one ``<ResourceType>.ndjson`` per type.
 
 Files are written as ``*.part`` and renamed when complete; the manifest is written last, so a
-folder without ``manifest.json`` is an interrupted one. The folder is made only when there is
+folder without ``manifest.json`` is an interrupted one. At each ``flush`` the part files are
+synced to disk and their sizes written to ``checkpoint.json`` (atomically); the state is
+committed only after that. A later run completes an interrupted folder by cutting its part
+files back to the last checkpoint (what the state knows was written) and writing the manifest,
+or removes it when it never reached a checkpoint. The folder is made only when there is
 something to put in it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+import orjson
+
 from ..errors import SinkError
+from .base import Resource
 
 ERROR_TYPE = "OperationOutcome"
+DELETED = "deleted"
+CHECKPOINT = "checkpoint.json"
+RUN_FOLDER = re.compile(r"^\d{8}T\d{6}Z-run\d+$")
+
+
+def _deletion(resource_type: str, resource_id: str) -> bytes:
+    return orjson.dumps(
+        {"resourceType": "Bundle", "type": "transaction", "entry": [{"request": {"method": "DELETE", "url": f"{resource_type}/{resource_id}"}}]}
+    )
+
+
+def write_manifest(folder: Path, counts: dict[str, int], transaction_time: str, request: str) -> None:
+    manifest = {
+        "transactionTime": transaction_time,
+        "request": request,
+        "requiresAccessToken": False,
+        "output": [{"type": t, "url": f"{t}.ndjson", "count": n} for t, n in sorted(counts.items()) if t not in (ERROR_TYPE, DELETED) and n],
+        "deleted": [{"type": "Bundle", "url": f"{DELETED}.ndjson", "count": counts[DELETED]}] if counts.get(DELETED) else [],
+        "error": [{"type": ERROR_TYPE, "url": f"{ERROR_TYPE}.ndjson", "count": counts[ERROR_TYPE]}] if counts.get(ERROR_TYPE) else [],
+    }
+    part = folder / "manifest.json.part"
+    part.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(part, folder / "manifest.json")
 
 
 class NdjsonFolder:
@@ -26,7 +59,7 @@ class NdjsonFolder:
         self.always = always
         self._files: dict[str, IO[bytes]] = {}
         self._counts: dict[str, int] = {}
-        self._errors = 0
+        self._shared: dict[tuple[str, str], bytes] = {}
 
     def _file(self, name: str) -> IO[bytes]:
         handle = self._files.get(name)
@@ -40,19 +73,55 @@ class NdjsonFolder:
             self._counts[name] = 0
         return handle
 
-    def write(self, resource_type: str, body: bytes) -> None:
+    def _line(self, name: str, body: bytes) -> None:
         try:
-            self._file(resource_type).write(body + b"\n")
+            self._file(name).write(body + b"\n")
         except OSError as exc:
             raise SinkError(f"cannot write to {self.folder}: {exc.strerror}") from None
-        self._counts[resource_type] += 1
+        self._counts[name] += 1
+
+    def write(self, resource_type: str, body: bytes) -> None:
+        self._line(resource_type, body)
+
+    def add(self, key: str, resources: Sequence[Resource]) -> None:
+        """Write each resource once per run: a shared resource (Endpoint, Patient) that comes again
+        unchanged with another study is skipped (remembered by a short digest, not its body)."""
+        for resource_type, resource_id, body in resources:
+            if resource_type != "ImagingStudy":
+                fingerprint = hashlib.blake2b(body, digest_size=12).digest()
+                if self._shared.get((resource_type, resource_id)) == fingerprint:
+                    continue
+                self._shared[(resource_type, resource_id)] = fingerprint
+            self._line(resource_type, body)
+
+    def delete(self, key: str, resource_type: str, resource_id: str) -> None:
+        self._line(DELETED, _deletion(resource_type, resource_id))
 
     def error(self, body: bytes) -> None:
-        self.write(ERROR_TYPE, body)
+        self._line(ERROR_TYPE, body)
 
     @property
     def written(self) -> int:
-        return sum(n for t, n in self._counts.items() if t != ERROR_TYPE)
+        return sum(n for t, n in self._counts.items() if t not in (ERROR_TYPE, DELETED))
+
+    def flush(self) -> dict[str, str]:
+        if not self._files:
+            return {}
+        try:
+            sizes = {}
+            for name, handle in self._files.items():
+                handle.flush()
+                os.fsync(handle.fileno())
+                sizes[name] = [handle.tell(), self._counts[name]]
+            part = self.folder / f"{CHECKPOINT}.part"
+            with open(part, "w") as out:
+                json.dump({"transactionTime": self.transaction_time, "request": self.request, "files": sizes}, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(part, self.folder / CHECKPOINT)
+        except OSError as exc:
+            raise SinkError(f"cannot write to {self.folder}: {exc.strerror}") from None
+        return {}
 
     def finish(self) -> str | None:
         if not self._files and not self.always:
@@ -64,29 +133,59 @@ class NdjsonFolder:
                 os.fsync(handle.fileno())
                 handle.close()
                 os.replace(self.folder / f"{name}.ndjson.part", self.folder / f"{name}.ndjson")
-            manifest = {
-                "transactionTime": self.transaction_time,
-                "request": self.request,
-                "requiresAccessToken": False,
-                "output": [
-                    {"type": t, "url": f"{t}.ndjson", "count": n} for t, n in sorted(self._counts.items()) if t != ERROR_TYPE
-                ],
-                "deleted": [],
-                "error": [{"type": ERROR_TYPE, "url": f"{ERROR_TYPE}.ndjson", "count": self._counts[ERROR_TYPE]}]
-                if ERROR_TYPE in self._counts
-                else [],
-            }
-            part = self.folder / "manifest.json.part"
-            part.write_text(json.dumps(manifest, indent=2) + "\n")
-            os.replace(part, self.folder / "manifest.json")
+            write_manifest(self.folder, self._counts, self.transaction_time, self.request)
+            (self.folder / CHECKPOINT).unlink(missing_ok=True)
         except OSError as exc:
             raise SinkError(f"cannot finish {self.folder}: {exc.strerror}") from None
         self._files.clear()
         return str(self.folder)
 
     def abort(self) -> None:
+        """Stop: keep what the last checkpoint holds (the state knows it was sent), drop the rest."""
         for handle in self._files.values():
             handle.close()
         self._files.clear()
         if self.folder.exists() and not (self.folder / "manifest.json").exists():
-            shutil.rmtree(self.folder, ignore_errors=True)
+            complete(self.folder)
+
+
+def complete(folder: Path) -> bool:
+    """Finish an interrupted folder at its last checkpoint; remove it when it has none.
+
+    Returns True when the folder was completed (it then has its manifest), False if removed.
+    """
+    checkpoint = folder / CHECKPOINT
+    if not checkpoint.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        return False
+    saved = json.loads(checkpoint.read_text())
+    counts = {}
+    for name, (size, count) in saved["files"].items():
+        part = folder / f"{name}.ndjson.part"
+        with open(part, "r+b") as handle:
+            handle.truncate(size)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(part, folder / f"{name}.ndjson")
+        counts[name] = count
+    for stray in folder.glob("*.part"):
+        stray.unlink()
+    write_manifest(folder, counts, saved["transactionTime"], saved["request"])
+    checkpoint.unlink()
+    return True
+
+
+def recover(out: Path) -> tuple[list[Path], list[Path]]:
+    """Complete or remove the run folders under ``out`` that an interrupted run left.
+
+    A folder with a checkpoint is cut back to it and given its manifest (everything up to the
+    checkpoint is what the state recorded as sent); one without is removed. Returns
+    (completed, removed).
+    """
+    completed, removed = [], []
+    if not out.is_dir():
+        return completed, removed
+    for folder in sorted(out.iterdir()):
+        if folder.is_dir() and RUN_FOLDER.match(folder.name) and not (folder / "manifest.json").exists():
+            (completed if complete(folder) else removed).append(folder)
+    return completed, removed
