@@ -72,8 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
     p.add_argument("--full", action="store_true", help="list every study, not only those since the last run's mark (e.g. a weekly reconciliation)")
     p.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="an incremental run lists from the last complete run's date minus this many days (default: 7)")
+    p.add_argument("--changes", choices=["orthanc"], help="also crawl the studies that the server's change feed names since the last run (Orthanc's /changes), whatever their StudyDate")
+    p.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes (default: URL without /dicom-web)")
     p.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
     p.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N", help="commit the state and flush the outputs every N crawled studies (and every minute) (default: 1000)")
+    p.add_argument("--fhir-url", metavar="URL", help="also send the changes to this FHIR server (transaction Bundles of PUT by id; DELETE with --prune)")
+    p.add_argument("--fhir-batch-size", type=_positive, default=100, metavar="N", help="studies per transaction Bundle (default: 100)")
+    p.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
+    p.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
+    p.add_argument("--fhir-token", default=os.environ.get("QIDO_CRAWLER_FHIR_TOKEN"), help="bearer token for the FHIR server (env QIDO_CRAWLER_FHIR_TOKEN)")
     p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once (default: 4)")
     p.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: 100)")
     p.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: 1000000)")
@@ -224,6 +231,13 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         full=args.full,
         lookback=args.lookback,
         prune=args.prune,
+        changes=args.changes,
+        fhir_url=args.fhir_url,
+        fhir_batch_size=args.fhir_batch_size,
+        fhir_user=args.fhir_user,
+        fhir_password=args.fhir_password,
+        fhir_token=args.fhir_token,
+        orthanc_url=check_base_url(args.orthanc_url) if args.orthanc_url else None,
         checkpoint_every=args.checkpoint_every,
         page_size=args.page_size,
         max_offset=args.max_offset,

@@ -28,6 +28,13 @@ class SyncConfig:
     lookback: int = 7
     prune: bool = False
     checkpoint_every: int = 1000
+    changes: str | None = None
+    fhir_url: str | None = None
+    fhir_batch_size: int = 100
+    fhir_user: str | None = None
+    fhir_password: str | None = field(default=None, repr=False)
+    fhir_token: str | None = field(default=None, repr=False)
+    orthanc_url: str | None = None
     checkpoint_seconds: float = 60.0
     page_size: int = 100
     max_offset: int = 1_000_000
@@ -56,11 +63,15 @@ class SyncConfig:
             raise ConfigError(f"--fhir-version must be R5 or R4, not {self.fhir_version!r}")
         if self.full and (self.since or self.until):
             raise ConfigError("--full lists everything: it takes no --since/--until")
+        if self.changes not in (None, "orthanc"):
+            raise ConfigError(f"--changes knows only 'orthanc', not {self.changes!r}")
         if not isinstance(self.lookback, int) or self.lookback < 0:
             raise ConfigError(f"--lookback must be a number of days >= 0, not {self.lookback!r}")
         if self.max_results is not None and self.max_results < 1:
             raise ConfigError(f"max-results must be at least 1, not {self.max_results}")
-        for name in ("page_size", "workers", "retries", "max_offset", "checkpoint_every"):
+        if (self.fhir_user is None) != (self.fhir_password is None):
+            raise ConfigError("--fhir-user and --fhir-password go together")
+        for name in ("page_size", "workers", "retries", "max_offset", "checkpoint_every", "fhir_batch_size"):
             value = getattr(self, name)
             minimum = 0 if name == "retries" else 1
             if not isinstance(value, int) or value < minimum:

@@ -78,6 +78,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE runs ADD COLUMN pid INTEGER;
         """,
     ),
+    (
+        4,
+        "position in the source's change feed",
+        """
+        ALTER TABLE sources ADD COLUMN changes_seq INTEGER;
+        """,
+    ),
 ]
 
 
@@ -285,6 +292,16 @@ class State:
             "INSERT INTO sources (source, cap, verified_uncapped) VALUES (?, ?, ?) "
             "ON CONFLICT (source) DO UPDATE SET cap = excluded.cap, verified_uncapped = excluded.verified_uncapped",
             (source, cap, verified),
+        )
+
+    def changes_position(self, source: str) -> int | None:
+        row = self.db.execute("SELECT changes_seq FROM sources WHERE source = ?", (source,)).fetchone()
+        return row[0] if row else None
+
+    def set_changes_position(self, source: str, position: int) -> None:
+        self.db.execute(
+            "INSERT INTO sources (source, changes_seq) VALUES (?, ?) ON CONFLICT (source) DO UPDATE SET changes_seq = excluded.changes_seq",
+            (source, position),
         )
 
     def resource_hash(self, resource_type: str, resource_id: str) -> str | None:

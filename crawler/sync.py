@@ -26,7 +26,8 @@ import orjson
 
 from . import dicomjson as dj
 from .config import SyncConfig
-from .crawl import VOLATILE, Learned, StudySummary, fetch_study, summarise
+from .changes import orthanc_base, orthanc_changes
+from .crawl import STUDY_FIELDS, VOLATILE, Learned, StudySummary, fetch_study, includefields, summarise
 from .dicomjson import Tag
 from .errors import CrawlerError, MappingError, QidoError, SinkError, SourceUnreachable
 from .listing import ListingReport, iter_studies
@@ -205,9 +206,25 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
     options = MappingOptions(
         source=source, wado_base=wado_base, zone=config.zone, issuer_systems=config.issuer_systems, patients=config.patients
     )
+    outputs = list(sinks or [])
+    if config.fhir_url:
+        from .sinks.fhir import FhirServer
+
+        fhir = FhirServer(
+            config.fhir_url,
+            fhir_version=config.fhir_version,
+            batch_size=config.fhir_batch_size,
+            token=config.fhir_token,
+            auth=(config.fhir_user, config.fhir_password) if config.fhir_user is not None and config.fhir_password is not None else None,
+            timeout=config.timeout,
+            retry=replace(config.retry, attempts=config.retries + 1),
+            verify=config.verify,
+        )
+        fhir.check()
+        outputs.append(fhir)
     state = State(config.state, lock=True)
     try:
-        return _Run(config, client, state, source, options, progress, list(sinks or [])).run(started_clock)
+        return _Run(config, client, state, source, options, progress, outputs).run(started_clock)
     finally:
         state.close()
         client.close()
@@ -241,6 +258,7 @@ class _Run:
         if state.close_interrupted_runs(run_id):
             log.info("an earlier run was interrupted; its state stands at its last checkpoint")
         windows, scope, moves_mark = choose_windows(config, state, self.source, _today(config, started))
+        self.full_listing = windows == [Window()]
         if config.out is not None:
             completed, removed = recover(config.out)
             for folder in completed:
@@ -259,6 +277,8 @@ class _Run:
             listing_clean = not report.incomplete and not self.listing_errors
             if listing_clean:
                 self._find_gone(windows)
+                if self.changes_position is not None:
+                    state.set_changes_position(self.source, self.changes_position)
             self._checkpoint()
             run_dir = self.ndjson.finish() if self.ndjson else None
             for sink in self.sinks:
@@ -281,6 +301,8 @@ class _Run:
             raise
 
     listing_errors = 0
+    changes_position: int | None = None
+    full_listing = False
 
     def _list_and_crawl(self, windows: list[Window]) -> ListingReport:
         config, state, figures = self.config, self.state, self.figures
@@ -299,7 +321,7 @@ class _Run:
                     self._checkpoint()
 
             try:
-                for item in iter_studies(self.client, windows, report, max_offset=config.max_offset):
+                for item in self._listing(windows, report):
                     try:
                         summary = summarise(item)
                     except ValueError as exc:
@@ -312,6 +334,8 @@ class _Run:
                     self.seen.add(summary.uid)
                     figures.studies_listed += 1
                     row = state.study(self.source, summary.uid)
+                    if row is not None:
+                        state.mark_seen(self.source, summary.uid, self.run_id)
                     if (
                         row is not None
                         and row.status == "synced"
@@ -321,7 +345,6 @@ class _Run:
                         and row.study_hash == study_hash(dict(summary.attributes))
                     ):
                         figures.studies_unchanged += 1
-                        state.mark_seen(self.source, summary.uid, self.run_id)
                         if self.progress:
                             self.progress(figures)
                         continue
@@ -344,6 +367,19 @@ class _Run:
         for message in report.incomplete:
             self._error(f"not listed completely: {message}", level=logging.ERROR)
         return report
+
+    def _listing(self, windows: list[Window], report: ListingReport) -> Iterator[dict[str, Any]]:
+        """The windows' studies, then (with --changes orthanc) those the change feed names."""
+        yield from iter_studies(self.client, windows, report, max_offset=self.config.max_offset)
+        if self.config.changes != "orthanc":
+            return
+        rest = normalise_base(self.config.orthanc_url) if self.config.orthanc_url else orthanc_base(self.client.base_url)
+        since = None if self.full_listing else self.state.changes_position(self.source)
+        changes = orthanc_changes(self.client, rest, since)
+        self.changes_position = changes.last
+        for uid in changes.study_uids:
+            if uid not in self.seen:
+                yield from self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
 
     def _error(self, message: str, level: int = logging.WARNING) -> None:
         self.errors.append(message)
@@ -416,6 +452,8 @@ class _Run:
         gone, and with --prune sent to the sinks as deletions (recorded at the checkpoint)."""
         for window in windows:
             for uid, resource_id in list(self.state.iter_unseen(self.source, self.run_id, window.since, window.until)):
+                if uid in self.seen:
+                    continue
                 self.figures.studies_gone += 1
                 log.warning("study %s is no longer in the PACS%s", uid, "; deleting it" if self.config.prune else "")
                 if self.config.prune and resource_id:

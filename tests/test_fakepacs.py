@@ -240,7 +240,7 @@ def test_series_instances_metadata_and_counts():
         assert get(pacs, "nothing").status_code == 404
         kinds = pacs.counts()
         assert kinds["studies"] == 1 and kinds["series"] == 40 and kinds["metadata"] == 3
-        assert pacs.requests[0] == Request("studies", "")
+        assert pacs.requests[0][:2] == Request("studies", "")[:2]
         pacs.reset_counts()
         assert pacs.requests == []
 

@@ -40,6 +40,7 @@ class Runner:
     def sync(self, *extra: str) -> dict:
         code = main(["sync", self.server.dicomweb, "--out", str(self.out), "--state", str(self.state), "--json", *ZONE, *extra])
         out, err = self.capsys.readouterr()
+        self.last_err = err
         assert code in (0, 1), err
         summary = json.loads(out)
         summary["_code"] = code
@@ -98,8 +99,8 @@ def test_added_instances_update_the_study(runner, live, corpus_files, tmp_path):
     source = next(p for p in corpus_files if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == uid)
     live.upload([_copy_with(source, tmp_path / "extra.dcm", SOPInstanceUID=corpus.uid("instance", "extra"), InstanceNumber=99)])
 
-    summary = runner.sync("--full")
-    assert (summary["studies_new"], summary["studies_changed"], summary["studies_unchanged"]) == (0, 1, 15)
+    summary = runner.sync("--full", "--prune")
+    assert (summary["studies_new"], summary["studies_changed"], summary["studies_unchanged"], summary["studies_gone"]) == (0, 1, 15, 0)
     (study,) = runner.folder(summary)["ImagingStudy"]
     assert study_uids([study]) == {uid}
     facts = {f.study_uid: f for f in corpus.expected_studies()}
@@ -112,8 +113,9 @@ def test_changed_study_attribute_updates_the_study(runner, live, corpus_files, t
     files = [p for p in corpus_files if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == uid]
     live.upload([_copy_with(p, tmp_path / f"m{i}.dcm", StudyDescription="MR KNEE RE-READ") for i, p in enumerate(files)])
 
-    summary = runner.sync("--full")
-    assert (summary["studies_new"], summary["studies_changed"], summary["studies_unchanged"]) == (0, 1, 15)
+    summary = runner.sync("--full", "--prune")
+    assert (summary["studies_new"], summary["studies_changed"], summary["studies_unchanged"], summary["studies_gone"]) == (0, 1, 15, 0)
+    assert set(runner.folder(summary)) == {"ImagingStudy"}
     (study,) = runner.folder(summary)["ImagingStudy"]
     assert study["description"] == "MR KNEE RE-READ"
 
@@ -166,3 +168,84 @@ def test_a_partial_listing_never_deletes(runner, live):
     state = State(runner.state)
     assert state.counts_by_status() == {"synced": 16}
     state.close()
+
+
+def test_late_arrival_with_an_old_study_date_is_found_by_the_orthanc_change_feed(runner, live, corpus_files, tmp_path):
+    first = runner.sync("--changes", "orthanc")
+    assert first["requests"]["changes"] == 1
+    source = next(p for p in corpus_files if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == corpus.uid("study", "07"))
+    late_uid = corpus.uid("study", "late")
+    late = _copy_with(source, tmp_path / "late.dcm", StudyInstanceUID=late_uid, SeriesInstanceUID=corpus.uid("series", "late"),
+                      SOPInstanceUID=corpus.uid("instance", "late"), StudyDate="19990101")
+    live.upload([late])
+
+    without = Runner(live, tmp_path / "copy", runner.capsys)
+    shutil.copytree(runner.state.parent, without.state.parent, dirs_exist_ok=True, ignore=shutil.ignore_patterns("out", "orthanc"))
+    assert without.sync()["studies_new"] == 0
+
+    summary = runner.sync("--changes", "orthanc")
+    assert (summary["studies_new"], summary["studies_changed"]) == (1, 0)
+    assert study_uids(runner.folder(summary)["ImagingStudy"]) == {late_uid}
+    again = runner.sync("--changes", "orthanc")
+    assert again["studies_listed"] == 0 and again["run_dir"] is None
+
+
+def _server_holds(fhir) -> dict[tuple[str, str], dict]:
+    return {key: resource for key, (_, resource) in fhir.resources.items()}
+
+
+def test_fhir_server_holds_exactly_what_export_gives_after_creates_updates_and_deletes(runner, live, corpus_files, tmp_path):
+    from fixtures.fakefhir import FakeFhir
+
+    with FakeFhir(version="5.0.0") as fhir:
+        runner.sync("--fhir-url", fhir.url, "--patients", "--fhir-batch-size", "5")
+        uid = corpus.uid("study", "09")
+        source = next(p for p in corpus_files if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == uid)
+        live.upload([_copy_with(source, tmp_path / "extra.dcm", SOPInstanceUID=corpus.uid("instance", "extra2"), InstanceNumber=98)])
+        gone = corpus.uid("study", "03")
+        live.rest("DELETE", f"/studies/{live.rest('POST', '/tools/lookup', data=gone).json()[0]['ID']}")
+        summary = runner.sync("--fhir-url", fhir.url, "--patients", "--full", "--prune")
+        assert (summary["studies_changed"], summary["studies_gone"], summary["resources_deleted"]) == (1, 1, 1), runner.last_err
+
+        exported = tmp_path / "export"
+        assert main(["export", "--state", str(runner.state), "--out", str(exported)]) == 0
+        export = {}
+        for path in exported.glob("*.ndjson"):
+            for line in path.read_text().splitlines():
+                resource = json.loads(line)
+                export[(resource["resourceType"], resource["id"])] = resource
+        held = _server_holds(fhir)
+        assert set(held) == set(export)
+        for key, resource in export.items():
+            stored = {k: v for k, v in held[key].items() if k != "meta"}
+            assert stored == resource
+
+
+def test_fhir_version_mismatch_and_unreachable_fhir_server(runner, live):
+    from fixtures.fakefhir import FakeFhir
+
+    with FakeFhir(version="4.0.1") as fhir:
+        code = main(["sync", live.dicomweb, "--state", str(runner.state), "--fhir-url", fhir.url])
+        err = runner.capsys.readouterr().err
+        assert code == 2 and "4.0.1" in err and len(err.strip().splitlines()) == 1
+    code = main(["sync", live.dicomweb, "--state", str(runner.state), "--fhir-url", "http://127.0.0.1:9/fhir", "--retries", "0"])
+    err = runner.capsys.readouterr().err
+    assert code == 3 and "cannot reach FHIR server" in err
+
+
+def test_a_study_the_fhir_server_refuses_is_failed_and_sent_again_next_run(runner, live):
+    from crawler.mapping.ids import study_id
+    from fixtures.fakefhir import FakeFhir
+
+    refused_uid = corpus.uid("study", "04")
+    with FakeFhir(version="5.0.0", reject={("ImagingStudy", study_id(live.dicomweb, refused_uid))}) as fhir:
+        summary = runner.sync("--fhir-url", fhir.url)
+        assert summary["_code"] == 1 and summary["studies_failed"] == 1 and summary["studies_new"] == 15
+        state = State(runner.state)
+        row = state.study(live.dicomweb, refused_uid)
+        state.close()
+        assert row.status == "failed" and "422" in row.last_error
+        fhir.reject = set()
+        again = runner.sync("--fhir-url", fhir.url, "--full")
+        assert again["_code"] == 0 and again["studies_changed"] == 1
+        assert ("ImagingStudy", study_id(live.dicomweb, refused_uid)) in fhir.resources

@@ -1,4 +1,4 @@
-"""Where resources go: NDJSON run folders (Bulk Data layout); more sinks share the same protocol."""
+"""Where resources go: NDJSON run folders (Bulk Data layout) and FHIR servers, behind one protocol."""
 
 from .base import Sink
 from .ndjson import NdjsonFolder

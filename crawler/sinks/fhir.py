@@ -66,6 +66,8 @@ GIVE_UP_AFTER = 3
 """Studies in a row whose one-study transactions exhaust the retries before the rest are refused unsent."""
 MAX_ENTRIES = 500
 """Entries per transaction at most (Azure Health Data Services' FHIR service refuses more than 500)."""
+MAX_BYTES = 16 * 2**20
+"""Resource bytes per transaction at most: the ImagingStudy of a 5,000-image study is megabytes."""
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
@@ -140,6 +142,7 @@ class FhirServer:
         sleep: Callable[[float], None] = time.sleep,
         session: requests.Session | None = None,
         max_entries: int = MAX_ENTRIES,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.query or parts.fragment:
@@ -156,10 +159,11 @@ class FhirServer:
         self.fhir_version = version
         if batch_size < 1:
             raise ConfigError(f"the FHIR batch size must be at least 1, not {batch_size}")
-        if max_entries < 1:
-            raise ConfigError(f"the FHIR bundle entry limit must be at least 1, not {max_entries}")
+        if max_entries < 1 or max_bytes < 1:
+            raise ConfigError(f"the FHIR bundle limits must be at least 1, not {max_entries} entries, {max_bytes} bytes")
         self.batch_size = batch_size
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.timeout = timeout
         self.retry = retry
         self._sleep = sleep
@@ -169,10 +173,10 @@ class FhirServer:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.verify = verify
-        if auth:
-            self.session.auth = auth
-        if token:
+        if token:   # a bearer token wins over user and password (both would set Authorization)
             self.session.headers["Authorization"] = f"Bearer {token}"
+        elif auth:
+            self.session.auth = auth
         self.session.headers["Accept"] = FHIR_JSON
         # figures
         self.requests = 0
@@ -309,20 +313,24 @@ class FhirServer:
             self._send_units(chunk)
 
     def _chunks(self, units: list[_Unit]) -> list[list[_Unit]]:
-        """Cut the queue into bundles: at most ``max_entries`` entries, and never a PUT and a
-        DELETE of the same resource in one (a transaction in which identities overlap fails)."""
+        """Cut the queue into bundles: at most ``max_entries`` entries and (about) ``max_bytes``,
+        and never a PUT and a DELETE of the same resource in one (a transaction in which
+        identities overlap fails). A study larger than the limits goes alone."""
         chunks: list[list[_Unit]] = []
         chunk: list[_Unit] = []
         methods: dict[tuple[str, str], str] = {}
+        size = 0
         for unit in units:
             identities = unit.identities()
             clash = any(methods.get(identity, method) != method for identity, method in identities)
             new = {identity for identity, _ in identities if identity not in methods}
-            if chunk and (clash or len(methods) + len(new) > self.max_entries):
+            weight = sum(len(body) for _, _, body in unit.puts)
+            if chunk and (clash or len(methods) + len(new) > self.max_entries or size + weight > self.max_bytes):
                 chunks.append(chunk)
-                chunk, methods = [], {}
+                chunk, methods, size = [], {}, 0
             chunk.append(unit)
             methods.update(identities)
+            size += weight
         if chunk:
             chunks.append(chunk)
         return chunks
@@ -339,20 +347,23 @@ class FhirServer:
                 deletes[unit.delete] = None
             for resource_type, resource_id, body in unit.puts:
                 (own if resource_type == OWN_TYPE else shared)[(resource_type, resource_id)] = body
-        entries: list[bytes] = []
+        parts: list[bytes] = [b'{"resourceType":"Bundle","type":"transaction","entry":[']
         methods: list[str] = []
         for (resource_type, resource_id), body in (*shared.items(), *own.items()):
             path = f"{resource_type}/{resource_id}"
-            entries.append(
-                b'{"fullUrl":' + orjson.dumps(f"{self.base_url}/{path}") + b',"resource":' + body.strip()
-                + b',"request":{"method":"PUT","url":' + orjson.dumps(path) + b"}}"
+            parts += (
+                b"," if methods else b"",
+                b'{"fullUrl":', orjson.dumps(f"{self.base_url}/{path}"),
+                b',"resource":', body.strip(),
+                b',"request":{"method":"PUT","url":', orjson.dumps(path), b"}}",
             )
             methods.append("PUT")
         for resource_type, resource_id in deletes:
-            entries.append(b'{"request":{"method":"DELETE","url":' + orjson.dumps(f"{resource_type}/{resource_id}") + b"}}")
+            path = f"{resource_type}/{resource_id}"
+            parts += (b"," if methods else b"", b'{"request":{"method":"DELETE","url":', orjson.dumps(path), b"}}")
             methods.append("DELETE")
-        body = b'{"resourceType":"Bundle","type":"transaction","entry":[' + b",".join(entries) + b"]}"
-        return _Bundle(body, methods, len(shared) + len(own), len(deletes))
+        parts.append(b"]}")
+        return _Bundle(b"".join(parts), methods, len(shared) + len(own), len(deletes))  # each body copied once
 
     def _send_units(self, units: list[_Unit]) -> None:
         """One transaction for ``units``; if refused, one transaction per study."""
