@@ -23,6 +23,7 @@ from .config import DEFAULT_STATE, SyncConfig, zone
 from .errors import ConfigError, CrawlerError, MappingError, SinkError, SourceUnreachable, StateError
 from .mapping import MappingOptions, StudyInput, map_study
 from .mapping.ids import normalise_base
+from .memory import tame_malloc
 from .planner import parse_day
 from .qido import check_base_url, redact
 from .crawl import CrawlOptions, MetadataMode
@@ -351,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
+    tame_malloc()
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, StateError) as exc:

@@ -98,6 +98,7 @@ class StudyRow:
     resource_hash: str | None
     status: str
     last_error: str | None
+    last_seen_run: int | None = None
 
 
 class StateLocked(StateError):
@@ -207,7 +208,7 @@ class State:
 
     def study(self, source: str, study_uid: str) -> StudyRow | None:
         row = self.db.execute(
-            "SELECT study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, last_error "
+            "SELECT study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, last_error, last_seen_run "
             "FROM studies WHERE source = ? AND study_uid = ?",
             (source, study_uid),
         ).fetchone()

@@ -248,7 +248,8 @@ class _Run:
         self.held: list[_Held] = []
         self.deleting: list[tuple[str, str]] = []
         self.last_checkpoint = time.monotonic()
-        self.seen: set[str] = set()
+        self.pending: set[str] = set()
+        """UIDs listed in this run that the state does not hold yet (until the next checkpoint)."""
         self.learned = Learned()
 
     def run(self, started_clock: float) -> SyncResult:
@@ -329,13 +330,14 @@ class _Run:
                         self.listing_errors += 1
                         self._error(f"listing entry: {exc}")
                         continue
-                    if summary.uid in self.seen:
-                        continue
-                    self.seen.add(summary.uid)
-                    figures.studies_listed += 1
                     row = state.study(self.source, summary.uid)
+                    if summary.uid in self.pending or (row is not None and row.last_seen_run == self.run_id):
+                        continue
+                    figures.studies_listed += 1
                     if row is not None:
                         state.mark_seen(self.source, summary.uid, self.run_id)
+                    else:
+                        self.pending.add(summary.uid)
                     if (
                         row is not None
                         and row.status == "synced"
@@ -378,7 +380,8 @@ class _Run:
         changes = orthanc_changes(self.client, rest, since)
         self.changes_position = changes.last
         for uid in changes.study_uids:
-            if uid not in self.seen:
+            row = self.state.study(self.source, uid)
+            if uid not in self.pending and (row is None or row.last_seen_run != self.run_id):
                 yield from self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
 
     def _error(self, message: str, level: int = logging.WARNING) -> None:
@@ -397,6 +400,7 @@ class _Run:
                 self.source, outcome.summary.uid, run_id=self.run_id, status=outcome.status, error=outcome.error,
                 study_date=_study_date(outcome.summary),
             )
+            self.pending.discard(outcome.summary.uid)
             return
         send = [r for r in outcome.resources if self.state.resource_hash(r[0], r[1]) != digest(r[2])]
         if send:
@@ -435,6 +439,7 @@ class _Run:
                 n_series=summary.n_series, n_instances=summary.n_instances, study_hash=study_hash(dict(summary.attributes)),
                 resource_hash=digest(study_body), study_date=_study_date(summary),
             )
+        self.pending.difference_update(held.outcome.summary.uid for held in self.held)
         self.held.clear()
         for uid, resource_id in self.deleting:
             if uid in refused:
@@ -452,8 +457,6 @@ class _Run:
         gone, and with --prune sent to the sinks as deletions (recorded at the checkpoint)."""
         for window in windows:
             for uid, resource_id in list(self.state.iter_unseen(self.source, self.run_id, window.since, window.until)):
-                if uid in self.seen:
-                    continue
                 self.figures.studies_gone += 1
                 log.warning("study %s is no longer in the PACS%s", uid, "; deleting it" if self.config.prune else "")
                 if self.config.prune and resource_id:

@@ -105,6 +105,9 @@ class NdjsonFolder:
         return sum(n for t, n in self._counts.items() if t not in (ERROR_TYPE, DELETED))
 
     def flush(self) -> dict[str, str]:
+        # after a checkpoint the state knows the shared resources written so far, and sends them
+        # again only when they change, so remembering them here is needed only until then
+        self._shared.clear()
         if not self._files:
             return {}
         try:
