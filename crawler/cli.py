@@ -131,6 +131,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timezone", metavar="ZONE", help="IANA time zone for times without an offset (default: this machine's)")
     _add_verbosity(p)
 
+    p = commands.add_parser(
+        "audit",
+        help="crawl the whole PACS and write a report of what is wrong with it",
+        description="List every study (or a StudyDate window) with the same engine as sync, read each study's series "
+        "and instances, and write report.html, findings.json and studies.csv into DIR. Exit code 1 when findings of "
+        "severity error exist.",
+    )
+    p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
+    p.add_argument("--report", type=Path, required=True, metavar="DIR", help="folder for report.html, findings.json and studies.csv (created if needed)")
+    p.add_argument("--state", type=Path, metavar="PATH", help="also compare with this state database (read only)")
+    p.add_argument("--fhir-url", metavar="URL", help="also compare with the ImagingStudy resources of this FHIR server (read only)")
+    p.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
+    p.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
+    p.add_argument("--fhir-token", default=os.environ.get("QIDO_CRAWLER_FHIR_TOKEN"), help="bearer token for the FHIR server (env QIDO_CRAWLER_FHIR_TOKEN)")
+    p.add_argument("--since", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
+    p.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
+    p.add_argument("--include-phi", action="store_true", help="put patient names, Patient IDs and full accession numbers into the report")
+    p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies read at once (default: 4)")
+    p.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: 100)")
+    p.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts (default: 1000000)")
+    p.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known; found by itself otherwise")
+    p.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: 1000)")
+    p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for what 'today' is (future dates) (default: this machine's)")
+    p.add_argument("--user", default=os.environ.get("QIDO_CRAWLER_USER"), help="HTTP basic auth user (env QIDO_CRAWLER_USER)")
+    p.add_argument("--password", default=os.environ.get("QIDO_CRAWLER_PASSWORD"), help="HTTP basic auth password (env QIDO_CRAWLER_PASSWORD)")
+    p.add_argument("--token", default=os.environ.get("QIDO_CRAWLER_TOKEN"), help="bearer token (env QIDO_CRAWLER_TOKEN)")
+    p.add_argument("--token-command", default=os.environ.get("QIDO_CRAWLER_TOKEN_COMMAND"), metavar="CMD", help="command that prints a bearer token; run again after a 401 (env QIDO_CRAWLER_TOKEN_COMMAND)")
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header on every request (repeatable)")
+    p.add_argument("--ca-bundle", default=os.environ.get("QIDO_CRAWLER_CA_BUNDLE"), metavar="PATH", help="CA certificates to verify TLS with (env QIDO_CRAWLER_CA_BUNDLE)")
+    p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (warns)")
+    p.add_argument("--max-rps", type=float, metavar="R", help="at most R requests per second to the server")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="read timeout per request (default: 120)")
+    p.add_argument("--retries", type=int, default=4, metavar="N", help="retries of a failed request (default: 4)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
+    _add_verbosity(p)
+
     p = commands.add_parser("status", help="recent runs and studies by state", description="Show recent runs, studies by status and the studies that failed.")
     p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state database (default: ./{DEFAULT_STATE})")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
@@ -345,7 +381,76 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"sync": _cmd_sync, "export": _cmd_export, "map": _cmd_map, "status": _cmd_status}
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import AuditConfig, AuditProgress, audit
+
+    url = check_base_url(args.url)
+    if args.fhir_url:
+        check_base_url(args.fhir_url)
+    config = AuditConfig(
+        url=url,
+        report=args.report,
+        state=args.state,
+        fhir_url=args.fhir_url,
+        fhir_user=args.fhir_user,
+        fhir_password=args.fhir_password,
+        fhir_token=args.fhir_token,
+        since=args.since,
+        until=args.until,
+        include_phi=args.include_phi,
+        workers=args.workers,
+        page_size=args.page_size,
+        max_offset=args.max_offset,
+        max_results=args.max_results,
+        instance_page_size=args.instance_page_size,
+        zone=zone(args.timezone),
+        user=args.user,
+        password=args.password,
+        token=args.token,
+        token_command=args.token_command,
+        headers=headers(args.header),
+        max_rps=args.max_rps,
+        verify=verification(args),
+        timeout=(10.0, args.timeout),
+        retries=args.retries,
+    )
+    enabled = sys.stderr.isatty() and not args.quiet
+    shown = {"at": 0.0, "drawn": False}
+
+    def progress(figures: AuditProgress) -> None:
+        now = time.monotonic()
+        if not enabled or now - shown["at"] < 0.1:
+            return
+        shown["at"], shown["drawn"] = now, True
+        sys.stderr.write(
+            f"\rstudies listed {figures.studies_listed:>8}  read {figures.studies_read:>8}  unreadable {figures.studies_unreadable}\x1b[K"
+        )
+        sys.stderr.flush()
+
+    try:
+        result = audit(config, progress)
+    finally:
+        if shown["drawn"]:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+    if not args.quiet:
+        t = result.totals
+        lines = [
+            f"{PROG}: audited {result.source} ({result.scope}) in {result.seconds:.1f} s with {result.requests['total']} requests",
+            f"  {t['patients']} patients, {t['studies']} studies, {t['series']} series, {t['instances']} instances",
+        ]
+        for f in sorted(result.evaluation.findings, key=lambda f: (f.severity.value != "error", f.severity.value != "warning", f.code)):
+            lines.append(f"  {f.severity.value:<7} {f.code}: {f.count}")
+        if not result.evaluation.findings:
+            lines.append("  no findings")
+        lines.append(f"  report: {result.report_dir / 'report.html'}")
+        print("\n".join(lines), file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.summary(), sort_keys=True))
+    return result.exit_code
+
+
+COMMANDS = {"sync": _cmd_sync, "export": _cmd_export, "map": _cmd_map, "status": _cmd_status, "audit": _cmd_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -223,9 +223,10 @@ def readable_name(pn: str) -> str:
     return name
 
 
-_DATE = re.compile(r"^(\d{4})(?:\.?(\d{2})(?:\.?(\d{2}))?)?$")
-_TIME = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
-_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+_DATE = re.compile(r"^([0-9]{4})(?:\.?([0-9]{2})(?:\.?([0-9]{2}))?)?$")
+_TIME = re.compile(r"^([0-9]{2})(?::?([0-9]{2})(?::?([0-9]{2})(?:\.([0-9]{1,6}))?)?)?$")
+_OFFSET = re.compile(r"^([+-])([0-9]{2})([0-9]{2})$")
+_UID = re.compile(r"^[0-9A-Za-z.\-]{1,64}$")
 
 
 def parse_date(text: str) -> tuple[int, int | None, int | None]:
@@ -234,6 +235,8 @@ def parse_date(text: str) -> tuple[int, int | None, int | None]:
     if not match:
         raise ValueError("not a DICOM date")
     year, month, day = (int(g) if g else None for g in match.groups())
+    if not year:
+        raise ValueError("year 0000 is not a date")
     if month is not None and not 1 <= month <= 12:
         raise ValueError("month out of range")
     if day is not None and not 1 <= day <= 31:
@@ -263,6 +266,37 @@ def parse_offset(text: str) -> int:
     if int(minutes) > 59 or total > 14 * 60:
         raise ValueError("UTC offset out of range")
     return -total if sign == "-" else total
+
+
+def uid(ds: Dataset, tag: str) -> str | None:
+    """A UID value (trailing NUL padding removed); ValueError when it cannot be one."""
+    value = string(ds, tag)
+    if value is None:
+        return None
+    value = value.rstrip("\x00").strip()
+    if not value:
+        return None
+    if not _UID.match(value):
+        raise ValueError("not a valid UID (digits and dots, at most 64 characters)")
+    return value
+
+
+def code(ds: Dataset, tag: str) -> str | None:
+    """A code value with runs of whitespace collapsed to one space (as FHIR codes require)."""
+    value = string(ds, tag)
+    return " ".join(value.split()) or None if value is not None else None
+
+
+def codes(ds: Dataset, tag: str) -> list[str]:
+    return [c for v in strings(ds, tag) if (c := " ".join(v.split()))]
+
+
+def count(ds: Dataset, tag: str) -> int | None:
+    """A non-negative integer that fits FHIR's unsignedInt (0 .. 2**31-1)."""
+    value = integer(ds, tag)
+    if value is not None and not 0 <= value <= 2**31 - 1:
+        raise ValueError("out of range for a count or number (0 .. 2147483647)")
+    return value
 
 
 def uid_list(items: Iterable[Dataset], tag: str) -> list[str]:

@@ -62,17 +62,17 @@ def map_resources(data: StudyInput, options: MappingOptions) -> Mapped:
     """The ImagingStudy of one study with the Endpoints and Patient it refers to."""
     if not isinstance(data.study, Mapping):
         raise MappingError(None, "study", "search result is not a JSON object")
-    for item in (*data.instances, *data.series):
-        if not isinstance(item, Mapping):
-            raise MappingError(None, "instances", "search result is not a JSON object")
-    first_instance = data.instances[0] if data.instances else {}
-    first_series = data.series[0] if data.series else {}
+    first_instance = next((i for i in data.instances if isinstance(i, Mapping)), {})
+    first_series = next((i for i in data.series if isinstance(i, Mapping)), {})
     study = ChainMap(dict(data.study), dict(first_instance), dict(first_series))
     read = _Reader(None)
-    study_uid = read(dj.string, study, Tag.StudyInstanceUID)
+    study_uid = read(dj.uid, study, Tag.StudyInstanceUID)
     if not study_uid:
         raise MappingError(None, dj.keyword(Tag.StudyInstanceUID), "missing")
     read = _Reader(study_uid)
+    for kind, items in (("instances", data.instances), ("series", data.series)):
+        if not all(isinstance(item, Mapping) for item in items):
+            raise MappingError(study_uid, kind, "a search result is not a JSON object")
 
     endpoints: dict[str, Resource] = {}
     series = _series(data, read, options, study, endpoints)
@@ -82,7 +82,7 @@ def map_resources(data: StudyInput, options: MappingOptions) -> Mapped:
         resource["contained"] = contained
     resource["identifier"] = _identifiers(study, study_uid, read)
     resource["status"] = "available"
-    modalities = read(dj.strings, study, Tag.ModalitiesInStudy) or sorted(
+    modalities = read(dj.codes, study, Tag.ModalitiesInStudy) or sorted(
         {s["modality"]["coding"][0]["code"] for s in series}
     )
     if modalities:
@@ -100,12 +100,14 @@ def map_resources(data: StudyInput, options: MappingOptions) -> Mapped:
         resource["referrer"] = referrer
     if options.wado_base:
         resource["endpoint"] = [{"reference": f"Endpoint/{endpoint_id(options.wado_base)}"}]
-    n_series = read(dj.integer, study, Tag.NumberOfStudyRelatedSeries)
-    n_instances = read(dj.integer, study, Tag.NumberOfStudyRelatedInstances)
+    n_series = read(dj.count, study, Tag.NumberOfStudyRelatedSeries)
+    n_instances = read(dj.count, study, Tag.NumberOfStudyRelatedInstances)
+    if n_instances is None:
+        n_instances = sum(s.get("numberOfInstances", 0) for s in series)
+        if n_instances > 2**31 - 1:
+            raise MappingError(study_uid, dj.keyword(Tag.NumberOfSeriesRelatedInstances), "the series' counts add up past 2147483647")
     resource["numberOfSeries"] = n_series if n_series is not None else len(series)
-    resource["numberOfInstances"] = (
-        n_instances if n_instances is not None else sum(s.get("numberOfInstances", 0) for s in series)
-    )
+    resource["numberOfInstances"] = n_instances
     procedures = [c for item in read(dj.sequence, study, Tag.ProcedureCodeSequence) if (c := _codeable(item, read))]
     if procedures:
         resource["procedure"] = [{"concept": concept} for concept in procedures]
@@ -262,11 +264,7 @@ def _accession(study: Dataset, read: _Reader, options: MappingOptions) -> Resour
 
 
 def _coding(item: Dataset, read: _Reader) -> Resource | None:
-    code = (
-        read(dj.string, item, Tag.CodeValue)
-        or read(dj.string, item, Tag.LongCodeValue)
-        or read(dj.string, item, Tag.URNCodeValue)
-    )
+    code = read(dj.code, item, Tag.CodeValue) or read(dj.code, item, Tag.LongCodeValue) or read(dj.code, item, Tag.URNCodeValue)
     designator = read(dj.string, item, Tag.CodingSchemeDesignator)
     meaning = read(dj.string, item, Tag.CodeMeaning)
     if not code:
@@ -383,7 +381,7 @@ def _body_site(ds: Dataset, read: _Reader) -> Resource | None:
 
 
 def _laterality(ds: Dataset, read: _Reader) -> Resource | None:
-    value = read(dj.string, ds, Tag.Laterality)
+    value = read(dj.code, ds, Tag.Laterality)
     if not value:
         return None
     found = codes.LATERALITY.get(value.upper())
@@ -398,7 +396,7 @@ def _specimens(instances: Sequence[Dataset], read: _Reader, options: MappingOpti
     for instance in instances:
         for item in read(dj.sequence, instance, Tag.SpecimenDescriptionSequence):
             specimen_id = read(dj.string, item, Tag.SpecimenIdentifier)
-            specimen_uid = read(dj.string, item, Tag.SpecimenUID)
+            specimen_uid = read(dj.uid, item, Tag.SpecimenUID)
             if specimen_id:
                 local, universal, kind = _issuer_item(read(dj.sequence, item, Tag.IssuerOfTheSpecimenIdentifierSequence), read)
                 identifier = _identifier(specimen_id, _issuer_system(local, universal, kind, options), local)
@@ -416,7 +414,7 @@ def _sort_key(number: int | None, uid: str) -> tuple[bool, int, str]:
 
 def _instance(ds: Dataset, uid: str, read: _Reader) -> Resource:
     out: Resource = {"uid": uid}
-    sop_class = read(dj.string, ds, Tag.SOPClassUID)
+    sop_class = read(dj.uid, ds, Tag.SOPClassUID)
     if not sop_class:
         raise MappingError(read.study_uid, dj.keyword(Tag.SOPClassUID), f"missing in instance {uid}")
     coding: Resource = {"system": codes.SOP_CLASS_SYSTEM, "code": f"urn:oid:{sop_class}"}
@@ -424,7 +422,7 @@ def _instance(ds: Dataset, uid: str, read: _Reader) -> Resource:
     if name:
         coding["display"] = name
     out["sopClass"] = coding
-    number = read(dj.integer, ds, Tag.InstanceNumber)
+    number = read(dj.count, ds, Tag.InstanceNumber)
     if number is not None:
         out["number"] = number
     title = read(dj.string, ds, Tag.DocumentTitle) or "\\".join(read(dj.strings, ds, Tag.ImageType))
@@ -449,13 +447,13 @@ def _series(
     study_base = _retrieve_base(study, read)
     grouped: dict[str, list[Dataset]] = {}
     for instance in data.instances:
-        series_uid = read(dj.string, instance, Tag.SeriesInstanceUID)
+        series_uid = read(dj.uid, instance, Tag.SeriesInstanceUID)
         if not series_uid:
             raise MappingError(read.study_uid, dj.keyword(Tag.SeriesInstanceUID), "missing in an instance result")
         grouped.setdefault(series_uid, []).append(instance)
     series_results: dict[str, Dataset] = {}
     for item in data.series:
-        series_uid = read(dj.string, item, Tag.SeriesInstanceUID)
+        series_uid = read(dj.uid, item, Tag.SeriesInstanceUID)
         if not series_uid:
             raise MappingError(read.study_uid, dj.keyword(Tag.SeriesInstanceUID), "missing in a series result")
         series_results[series_uid] = item
@@ -464,18 +462,18 @@ def _series(
     built = []
     for series_uid, instances in grouped.items():
         ds = ChainMap(dict(series_results.get(series_uid, {})), *(dict(i) for i in instances[:1]))
-        number = read(dj.integer, ds, Tag.SeriesNumber)
+        number = read(dj.count, ds, Tag.SeriesNumber)
         out: Resource = {"uid": series_uid}
         if number is not None:
             out["number"] = number
-        modality = read(dj.string, ds, Tag.Modality)
+        modality = read(dj.code, ds, Tag.Modality)
         if not modality:
             raise MappingError(read.study_uid, dj.keyword(Tag.Modality), f"missing in series {series_uid}")
         out["modality"] = _modality(modality)
         description = read(dj.string, ds, Tag.SeriesDescription)
         if description:
             out["description"] = description
-        reported = read(dj.integer, ds, Tag.NumberOfSeriesRelatedInstances)
+        reported = read(dj.count, ds, Tag.NumberOfSeriesRelatedInstances)
         out["numberOfInstances"] = reported if reported is not None else len(instances)
         series_base = _retrieve_base(ds, read)
         if series_base and study_base and series_base != study_base:
@@ -500,7 +498,7 @@ def _series(
             out["performer"] = performers
         mapped_instances = {}
         for instance in instances:
-            uid = read(dj.string, instance, Tag.SOPInstanceUID)
+            uid = read(dj.uid, instance, Tag.SOPInstanceUID)
             if not uid:
                 raise MappingError(read.study_uid, dj.keyword(Tag.SOPInstanceUID), f"missing in series {series_uid}")
             mapped_instances.setdefault(uid, _instance(instance, uid, read))

@@ -1,0 +1,202 @@
+"""Reading the copies the audit compares with the PACS: the state database and a FHIR server.
+
+Both are only read. The state is opened read-only (SQLite ``mode=ro``; a sync may be running
+at the same time, WAL lets it). The FHIR server is asked with plain GETs and the same
+credentials the FHIR sink uses: a search ``[base]/ImagingStudy?_count=N&_elements=...``
+followed along its ``next`` links, keeping the resources whose id is the one this source
+would give their Study Instance UID (``crawler.mapping.ids.study_id``). A server that cannot
+search ImagingStudy (400/404/405/501) is read study by study (``GET ImagingStudy/{id}``) instead,
+and then extra resources cannot be found.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import orjson
+import requests
+
+from ..errors import SinkError, StateError
+from ..mapping.ids import study_id
+from ..qido import RETRIABLE_STATUS, check_base_url, redact, retry_after_seconds
+from .findings import CopyRow
+
+log = logging.getLogger("crawler")
+
+DICOM_UID = "urn:dicom:uid"
+SEARCH_COUNT = 200
+ELEMENTS = "identifier,numberOfSeries,numberOfInstances,started"
+NO_SEARCH = frozenset({400, 404, 405, 501})
+
+
+def read_state(path: Path, source: str) -> tuple[dict[str, CopyRow], tuple[int | None, int]]:
+    """(rows by Study UID, (the result cap the sync learned, the listing size verified uncapped))."""
+    if not Path(path).is_file():
+        raise StateError(f"no state at {path}")
+    try:
+        db = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot open state {path}: {exc}") from None
+    try:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "studies" not in tables:
+            raise StateError(f"{path} is not a qido-crawler state (no studies table)")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(studies)")}
+        date_column = "study_date" if "study_date" in columns else "NULL"
+        rows = {
+            uid: CopyRow(n_series, n_instances, study_hash, status, study_date)
+            for uid, n_series, n_instances, study_hash, status, study_date in db.execute(
+                f"SELECT study_uid, n_series, n_instances, study_hash, status, {date_column} FROM studies WHERE source = ?", (source,)
+            )
+        }
+        facts: tuple[int | None, int] = (None, 0)
+        if "sources" in tables:
+            found = db.execute("SELECT cap, verified_uncapped FROM sources WHERE source = ?", (source,)).fetchone()
+            if found:
+                facts = (found[0], found[1] or 0)
+        return rows, facts
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot read state {path}: {exc}") from None
+    finally:
+        db.close()
+
+
+def _uid_of(resource: dict) -> str | None:
+    for identifier in resource.get("identifier") or []:
+        if isinstance(identifier, dict) and identifier.get("system") == DICOM_UID:
+            value = identifier.get("value")
+            if isinstance(value, str) and value.startswith("urn:oid:"):
+                return value[len("urn:oid:"):]
+    return None
+
+
+def _day(started: object) -> str | None:
+    if isinstance(started, str) and len(started) >= 10 and started[4] == "-" and started[7] == "-":
+        return started[:4] + started[5:7] + started[8:10]
+    return None
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class FhirReader:
+    """Reads ImagingStudy resources of one source from a FHIR server (plain GETs)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: tuple[str, str] | None = None,
+        token: str | None = None,
+        verify: bool | str = True,
+        timeout: tuple[float, float] = (10.0, 120.0),
+        retries: int = 4,
+        sleep: Callable[[float], None] = time.sleep,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = check_base_url(base_url)
+        self.session = session or requests.Session()
+        self.session.verify = verify
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        elif auth:
+            self.session.auth = auth
+        self.session.headers["Accept"] = "application/fhir+json"
+        self.timeout = timeout
+        self.retries = retries
+        self._sleep = sleep
+        self.requests = 0
+        self.searched = False
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _get(self, url: str, allowed: Iterable[int] = ()) -> requests.Response:
+        """GET with retries of connection errors, timeouts, 408/429/5xx; raises SinkError."""
+        shown = redact(url)
+        for attempt in range(self.retries + 1):
+            wait = min(20.0, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
+            try:
+                self.requests += 1
+                response = self.session.get(url, timeout=self.timeout)
+            except requests.RequestException as exc:
+                if attempt == self.retries:
+                    raise SinkError(f"cannot reach FHIR server {redact(self.base_url)}: {type(exc).__name__}") from None
+                self._sleep(wait)
+                continue
+            if response.status_code in RETRIABLE_STATUS and attempt < self.retries:
+                hinted = retry_after_seconds(response.headers.get("Retry-After"))
+                self._sleep(min(hinted, 60.0) if hinted is not None else wait)
+                continue
+            if response.status_code in (401, 403):
+                raise SinkError(f"FHIR server {redact(self.base_url)} refused the credentials (HTTP {response.status_code})")
+            if response.status_code == 200 or response.status_code in allowed:
+                return response
+            raise SinkError(f"FHIR server answered HTTP {response.status_code} for GET {shown}")
+        raise AssertionError("unreachable")
+
+    def _same_origin(self, url: str) -> bool:
+        a, b = urlsplit(url), urlsplit(self.base_url)
+        return (a.scheme, a.netloc) == (b.scheme, b.netloc)
+
+    def rows(self, source: str, uids: Iterable[str]) -> dict[str, CopyRow]:
+        """ImagingStudy rows by Study UID: by search when the server can, else by id for ``uids``
+        (``searched`` then stays False: extras cannot be known)."""
+        url = f"{self.base_url}/ImagingStudy?_count={SEARCH_COUNT}&_elements={ELEMENTS}"
+        first = self._get(url, allowed=NO_SEARCH)
+        if first.status_code != 200:
+            log.warning("the FHIR server cannot search ImagingStudy (HTTP %d): reading study by study; extra resources are not looked for", first.status_code)
+            return self._by_id(source, uids)
+        out: dict[str, CopyRow] = {}
+        seen_urls = {url}
+        response = first
+        for _ in range(1_000_000):
+            try:
+                bundle = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                raise SinkError(f"FHIR server {redact(self.base_url)} answered a search with malformed JSON") from None
+            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                raise SinkError(f"FHIR server {redact(self.base_url)} answered a search without a Bundle")
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                if not isinstance(resource, dict) or resource.get("resourceType") != "ImagingStudy":
+                    continue
+                uid = _uid_of(resource)
+                if uid is None or resource.get("id") != study_id(source, uid):
+                    continue   # not from this source (or not ours at all)
+                out[uid] = CopyRow(_count(resource.get("numberOfSeries")), _count(resource.get("numberOfInstances")),
+                                   study_date=_day(resource.get("started")))
+            following = next((link.get("url") for link in bundle.get("link") or []
+                              if isinstance(link, dict) and link.get("relation") == "next"), None)
+            if not following:
+                self.searched = True
+                return out
+            if not self._same_origin(following):
+                raise SinkError(f"FHIR server {redact(self.base_url)} pages its search to another host: not followed")
+            if following in seen_urls:
+                raise SinkError(f"FHIR server {redact(self.base_url)} returned the same search page twice")
+            seen_urls.add(following)
+            response = self._get(following)
+        raise SinkError(f"FHIR server {redact(self.base_url)}: search has too many pages")
+
+    def _by_id(self, source: str, uids: Iterable[str]) -> dict[str, CopyRow]:
+        out: dict[str, CopyRow] = {}
+        for uid in uids:
+            response = self._get(f"{self.base_url}/ImagingStudy/{study_id(source, uid)}", allowed=(404, 410))
+            if response.status_code != 200:
+                continue
+            try:
+                resource = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                raise SinkError(f"FHIR server {redact(self.base_url)} answered malformed JSON for an ImagingStudy") from None
+            if isinstance(resource, dict):
+                out[uid] = CopyRow(_count(resource.get("numberOfSeries")), _count(resource.get("numberOfInstances")),
+                                   study_date=_day(resource.get("started")))
+        return out

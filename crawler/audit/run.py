@@ -1,0 +1,319 @@
+"""The audit run: list the whole PACS (or a StudyDate window) with the sync's listing engine,
+read every study's series and instances, compare with the state and a FHIR server if asked,
+and write the report. The pure part is in ``findings``; the files in ``report``.
+
+Per study: one series-level query ``/studies/{uid}/series`` (Modality and (0020,1209): the
+series count and the series' modalities) and one paged instance-level query
+``/studies/{uid}/instances`` (Series and SOP Instance UIDs, grouped by series); only when the
+server leaves the Series Instance UID out at instance level are the instances asked series by
+series. Studies are read by ``workers`` threads; the listing, the collector and the report stay
+on the calling thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timezone, tzinfo
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from ..crawl import includefields, summarise
+from ..dicomjson import Tag
+from ..errors import ConfigError, QidoError, SourceUnreachable
+from ..listing import ListingReport, iter_studies
+from ..mapping.ids import normalise_base
+from ..planner import Window, plan
+from ..qido import QidoClient, RetryPolicy, redact, token_from_command
+from ..sync import EXIT_OK, EXIT_PARTIAL, study_hash
+from .copies import FhirReader, read_state
+from .findings import Collector, CopyRow, Evaluation, InstanceRow, SeriesRow, evaluate, instance_rows, series_rows, totals
+from .report import write_report
+
+log = logging.getLogger("crawler")
+
+SERIES_KEYS = (Tag.SeriesInstanceUID, Tag.Modality, Tag.NumberOfSeriesRelatedInstances)
+INSTANCE_KEYS = (Tag.SeriesInstanceUID, Tag.SOPInstanceUID)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Settings of an audit. ``url`` is the DICOMweb base; ``report`` the folder written."""
+
+    url: str
+    report: Path
+    state: Path | None = None
+    fhir_url: str | None = None
+    fhir_user: str | None = None
+    fhir_password: str | None = field(default=None, repr=False)
+    fhir_token: str | None = field(default=None, repr=False)
+    since: str | None = None
+    until: str | None = None
+    include_phi: bool = False
+    workers: int = 4
+    page_size: int = 100
+    max_offset: int = 1_000_000
+    max_results: int | None = None
+    instance_page_size: int = 1000
+    zone: tzinfo | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    token_command: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    max_rps: float | None = None
+    timeout: tuple[float, float] = (10.0, 120.0)
+    retries: int = 4
+    retry: RetryPolicy = RetryPolicy()
+    verify: bool | str = True
+
+    def __post_init__(self) -> None:
+        if self.since and self.until and self.since > self.until:
+            raise ConfigError(f"--since {self.since} is after --until {self.until}")
+        if (self.fhir_user is None) != (self.fhir_password is None):
+            raise ConfigError("--fhir-user and --fhir-password go together")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("--user and --password go together")
+        for name in ("page_size", "workers", "instance_page_size", "max_offset"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 1, not {value!r}")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ConfigError(f"retries must be an integer >= 0, not {self.retries!r}")
+
+
+@dataclass
+class AuditProgress:
+    studies_listed: int = 0
+    studies_read: int = 0
+    studies_unreadable: int = 0
+
+
+@dataclass
+class AuditResult:
+    source: str
+    generated: str
+    scope: str
+    evaluation: Evaluation
+    totals: dict[str, int]
+    windows: dict[str, Any]
+    requests: dict[str, int]
+    seconds: float
+    report_dir: Path
+    files: list[str]
+    exit_code: int
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--json`` object."""
+        return {
+            "source": self.source,
+            "generated": self.generated,
+            "scope": self.scope,
+            "report_dir": str(self.report_dir),
+            "files": self.files,
+            "totals": self.totals,
+            "findings": {f.code: f.count for f in self.evaluation.findings},
+            "findings_by_severity": {
+                severity: sum(1 for f in self.evaluation.findings if f.severity.value == severity) for severity in ("error", "warning", "info")
+            },
+            "windows_incomplete": len(self.windows["incomplete"]),
+            "windows_split": self.windows["split"],
+            "requests": self.requests,
+            "seconds": round(self.seconds, 3),
+            "exit_code": self.exit_code,
+        }
+
+
+def read_study(client: QidoClient, uid: str, page_size: int, instance_page_size: int) -> tuple[list[SeriesRow], list[InstanceRow]]:
+    """The rows of one study's series and instances (runs in a worker thread)."""
+    path = f"studies/{quote(uid, safe='.')}"
+    series: list[SeriesRow] = []
+    for page in client.iter_pages("series", f"{path}/series", includefields(SERIES_KEYS), page_size):
+        series.extend(series_rows(page.items))
+    instances: list[InstanceRow] = []
+    for page in client.iter_pages("instances", f"{path}/instances", includefields(INSTANCE_KEYS), instance_page_size):
+        instances.extend(instance_rows(page.items))
+    if any(row.series_uid is None for row in instances):
+        instances = []
+        for row in series:
+            if row.uid is None:
+                continue
+            series_path = f"{path}/series/{quote(row.uid, safe='.')}/instances"
+            for page in client.iter_pages("instances", series_path, includefields(INSTANCE_KEYS), instance_page_size):
+                instances.extend(InstanceRow(row.uid, r.uid) for r in instance_rows(page.items))
+    return series, instances
+
+
+def _read(client: QidoClient, uid: str, config: AuditConfig) -> tuple[str, tuple[list[SeriesRow], list[InstanceRow]] | None, str | None]:
+    try:
+        return uid, read_study(client, uid, config.page_size, config.instance_page_size), None
+    except SourceUnreachable as exc:
+        return uid, None, f"study {uid}: {exc}"
+    except QidoError as exc:
+        return uid, None, f"study {uid}: {exc}"
+
+
+def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None = None) -> AuditResult:
+    """Run one audit and write its report. Findings are results, not errors; configuration and
+    reachability problems raise CrawlerError subclasses (ConfigError, StateError,
+    SourceUnreachable, SinkError)."""
+    started_clock = time.monotonic()
+    source = normalise_base(config.url)
+    if config.report.exists() and not config.report.is_dir():
+        raise ConfigError(f"--report {config.report} is a file, not a folder")
+    try:
+        config.report.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--report: cannot create {config.report}: {exc.strerror or exc}") from None
+    state_rows: dict[str, CopyRow] | None = None
+    known_cap, verified = None, 0
+    if config.state is not None:
+        state_rows, (known_cap, verified) = read_state(config.state, source)
+    client = QidoClient(
+        config.url,
+        auth=(config.user, config.password) if config.user is not None and config.password is not None else None,
+        token=config.token,
+        timeout=config.timeout,
+        retry=replace(config.retry, attempts=config.retries + 1),
+        pool_size=config.workers + 1,
+        verify=config.verify,
+        token_provider=token_from_command(config.token_command) if config.token_command else None,
+        headers=config.headers,
+        max_rps=config.max_rps,
+    )
+    fhir: FhirReader | None = None
+    if config.fhir_url:
+        fhir = FhirReader(
+            config.fhir_url,
+            auth=(config.fhir_user, config.fhir_password) if config.fhir_user is not None and config.fhir_password is not None else None,
+            token=config.fhir_token,
+            verify=config.verify,
+            timeout=config.timeout,
+            retries=config.retries,
+        )
+    try:
+        generated = datetime.now(timezone.utc).replace(microsecond=0)
+        today = (generated.astimezone(config.zone) if config.zone else generated.astimezone()).date()
+        windows = plan(config.since, config.until)
+        scope = "all studies" if windows == [Window()] else str(windows[0])
+        collector = Collector()
+        figures = AuditProgress()
+        report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
+        _crawl(client, config, windows, report, collector, figures, progress)
+        fhir_rows = fhir.rows(source, collector.studies) if fhir is not None else None
+        evaluation = evaluate(
+            collector.studies,
+            today=today,
+            incomplete=report.incomplete,
+            state=state_rows,
+            fhir=fhir_rows,
+            since=config.since,
+            until=config.until,
+            fhir_extras=fhir.searched if fhir is not None else True,
+        )
+        figures_total = totals(collector.studies)
+        window_info = {
+            "listed": report.windows_listed,
+            "complete": report.windows_complete,
+            "split": report.windows_split,
+            "cap": report.cap,
+            "incomplete": sorted(report.incomplete),
+        }
+        requests = client.counts.as_dict()
+        if fhir is not None:
+            requests["fhir"] = fhir.requests
+        exit_code = EXIT_PARTIAL if evaluation.errors else EXIT_OK
+        files = write_report(
+            config.report,
+            source=redact(config.url),
+            generated=generated.isoformat().replace("+00:00", "Z"),
+            scope=scope,
+            today=today,
+            studies=collector.studies,
+            evaluation=evaluation,
+            totals=figures_total,
+            windows=window_info,
+            include_phi=config.include_phi,
+            compared={"state": str(config.state) if config.state else None, "fhir": redact(config.fhir_url) if config.fhir_url else None},
+        )
+        return AuditResult(
+            source=redact(config.url),
+            generated=generated.isoformat().replace("+00:00", "Z"),
+            scope=scope,
+            evaluation=evaluation,
+            totals=figures_total,
+            windows=window_info,
+            requests=requests,
+            seconds=time.monotonic() - started_clock,
+            report_dir=config.report,
+            files=files,
+            exit_code=exit_code,
+        )
+    finally:
+        client.close()
+        if fhir is not None:
+            fhir.close()
+
+
+def _crawl(
+    client: QidoClient,
+    config: AuditConfig,
+    windows: list[Window],
+    report: ListingReport,
+    collector: Collector,
+    figures: AuditProgress,
+    progress: Callable[[AuditProgress], None] | None,
+) -> None:
+    """List the windows and read every study once (the same listing engine as sync: caps found
+    and windows split the same way)."""
+    in_flight: deque[Future[tuple[str, Any, str | None]]] = deque()
+
+    def done(future: Future[tuple[str, Any, str | None]]) -> None:
+        uid, rows, error = future.result()
+        if error is not None:
+            collector.failed(uid, error)
+            figures.studies_unreadable += 1
+            log.warning("%s", error)
+        else:
+            collector.crawled(uid, *rows)
+        figures.studies_read += 1
+        if progress:
+            progress(figures)
+
+    with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="audit") as pool:
+        try:
+            for item in iter_studies(client, windows, report, max_offset=config.max_offset):
+                try:
+                    summary = summarise(item)
+                except ValueError as exc:
+                    report.incomplete.append(f"a listing entry could not be used: {exc}")
+                    continue
+                facts = collector.listed(item, study_hash(dict(summary.attributes)))
+                if facts is None:
+                    continue
+                figures.studies_listed += 1
+                in_flight.append(pool.submit(_read, client, summary.uid, config))
+                while len(in_flight) > config.workers * 4:
+                    done(in_flight.popleft())
+                if progress:
+                    progress(figures)
+        except SourceUnreachable:
+            if figures.studies_listed == 0 and not client.answered:
+                raise
+            report.incomplete.append("listing stopped: the source could not be reached any more")
+        except QidoError as exc:
+            if exc.status in (401, 403):
+                raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
+            report.incomplete.append(f"listing stopped: {exc}")
+        finally:
+            while in_flight:
+                done(in_flight.popleft())
+    if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0:
+        raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
+    for message in report.incomplete:
+        log.error("not listed completely: %s", message)
