@@ -156,12 +156,13 @@ def _bar_chart_v(data: Sequence[tuple[str, int]], label: str, chart_id: str) -> 
     if not data:
         return f'<p class="note" id="{chart_id}">No studies.</p>'
     peak = max(v for _, v in data) or 1
-    slot = max(6, min(40, 1100 // max(1, len(data))))
+    slot = max(3, min(40, 1100 // max(1, len(data))))
     left, top, bottom = 40, 14, 64
     plot_h = 180
     width = left + slot * len(data) + 10
     height = top + plot_h + bottom
-    every = max(1, -(-14 // slot))   # a label needs about 14 px of width (rotated)
+    # a (rotated) label needs about 14 px: label every month, quarter, half year, year, ...
+    every = next((k for k in (1, 2, 3, 6, 12, 24, 60, 120) if k * slot >= 14), 240)
     parts = [
         f'<svg id="{chart_id}" class="chart" role="img" aria-label="{_e(label)}" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg"><title>{_e(label)}</title>',

@@ -71,7 +71,7 @@ def map_resources(data: StudyInput, options: MappingOptions) -> Mapped:
         raise MappingError(None, dj.keyword(Tag.StudyInstanceUID), "missing")
     read = _Reader(study_uid)
     for kind, items in (("instances", data.instances), ("series", data.series)):
-        if not all(isinstance(item, Mapping) for item in items):
+        if not all(type(item) is dict or isinstance(item, Mapping) for item in items):
             raise MappingError(study_uid, kind, "a search result is not a JSON object")
 
     endpoints: dict[str, Resource] = {}
@@ -394,6 +394,8 @@ def _laterality(ds: Dataset, read: _Reader) -> Resource | None:
 def _specimens(instances: Sequence[Dataset], read: _Reader, options: MappingOptions) -> list[Resource]:
     found: dict[tuple[str | None, str], Resource] = {}
     for instance in instances:
+        if Tag.SpecimenDescriptionSequence not in instance:
+            continue
         for item in read(dj.sequence, instance, Tag.SpecimenDescriptionSequence):
             specimen_id = read(dj.string, item, Tag.SpecimenIdentifier)
             specimen_uid = read(dj.uid, item, Tag.SpecimenUID)
@@ -417,17 +419,75 @@ def _instance(ds: Dataset, uid: str, read: _Reader) -> Resource:
     sop_class = read(dj.uid, ds, Tag.SOPClassUID)
     if not sop_class:
         raise MappingError(read.study_uid, dj.keyword(Tag.SOPClassUID), f"missing in instance {uid}")
-    coding: Resource = {"system": codes.SOP_CLASS_SYSTEM, "code": f"urn:oid:{sop_class}"}
-    name = codes.sop_class_name(sop_class)
-    if name:
-        coding["display"] = name
-    out["sopClass"] = coding
+    out["sopClass"] = _sop_coding(sop_class)
     number = read(dj.count, ds, Tag.InstanceNumber)
     if number is not None:
         out["number"] = number
     title = read(dj.string, ds, Tag.DocumentTitle) or "\\".join(read(dj.strings, ds, Tag.ImageType))
     if title:
         out["title"] = title
+    return out
+
+
+_FAST_UID = re.compile(r"[0-9A-Za-z.\-]{1,64}").fullmatch
+_SOP_CODINGS: dict[str, Resource] = {}
+
+
+def _fast_uid(ds: Dataset, tag: str) -> str | None:
+    """The common, well-formed case of dj.uid without its checks' overhead; None sends the
+    caller to the careful reader (which also raises the precise MappingError)."""
+    element = ds.get(tag)
+    if type(element) is not dict:
+        return None
+    value = element.get("Value")
+    if type(value) is not list or len(value) != 1:
+        return None
+    uid = value[0]
+    return uid if type(uid) is str and _FAST_UID(uid) else None
+
+
+def _sop_coding(sop_class: str) -> Resource:
+    coding = _SOP_CODINGS.get(sop_class)
+    if coding is None:
+        coding = {"system": codes.SOP_CLASS_SYSTEM, "code": f"urn:oid:{sop_class}"}
+        name = codes.sop_class_name(sop_class)
+        if name:
+            coding["display"] = name
+        if len(_SOP_CODINGS) < 4096:
+            _SOP_CODINGS[sop_class] = coding
+    return dict(coding)
+
+
+def _fast_instance(ds: Dataset, uid: str) -> Resource | None:
+    """An instance from well-formed attributes, or None to take the careful path. Per-instance
+    work dominates the mapping of large studies, so the common case is read directly."""
+    sop_class = _fast_uid(ds, Tag.SOPClassUID)
+    if sop_class is None:
+        return None
+    out: Resource = {"uid": uid, "sopClass": _sop_coding(sop_class)}
+    element = ds.get(Tag.InstanceNumber)
+    if element is not None:
+        if type(element) is not dict:
+            return None
+        value = element.get("Value")
+        if value:
+            if type(value) is not list or len(value) != 1:
+                return None
+            number = value[0]
+            if type(number) is not int or not 0 <= number <= 2**31 - 1:
+                return None
+            out["number"] = number
+    if Tag.DocumentTitle in ds:
+        return None
+    element = ds.get(Tag.ImageType)
+    if element is not None:
+        if type(element) is not dict:
+            return None
+        value = element.get("Value")
+        if value:
+            if type(value) is not list or not all(type(v) is str and v and v == v.strip() for v in value):
+                return None
+            out["title"] = "\\".join(value)
     return out
 
 
@@ -447,7 +507,7 @@ def _series(
     study_base = _retrieve_base(study, read)
     grouped: dict[str, list[Dataset]] = {}
     for instance in data.instances:
-        series_uid = read(dj.uid, instance, Tag.SeriesInstanceUID)
+        series_uid = _fast_uid(instance, Tag.SeriesInstanceUID) or read(dj.uid, instance, Tag.SeriesInstanceUID)
         if not series_uid:
             raise MappingError(read.study_uid, dj.keyword(Tag.SeriesInstanceUID), "missing in an instance result")
         grouped.setdefault(series_uid, []).append(instance)
@@ -498,10 +558,11 @@ def _series(
             out["performer"] = performers
         mapped_instances = {}
         for instance in instances:
-            uid = read(dj.uid, instance, Tag.SOPInstanceUID)
+            uid = _fast_uid(instance, Tag.SOPInstanceUID) or read(dj.uid, instance, Tag.SOPInstanceUID)
             if not uid:
                 raise MappingError(read.study_uid, dj.keyword(Tag.SOPInstanceUID), f"missing in series {series_uid}")
-            mapped_instances.setdefault(uid, _instance(instance, uid, read))
+            if uid not in mapped_instances:
+                mapped_instances[uid] = _fast_instance(instance, uid) or _instance(instance, uid, read)
         if mapped_instances:
             out["instance"] = sorted(mapped_instances.values(), key=lambda i: _sort_key(i.get("number"), i["uid"]))
         built.append(out)
