@@ -410,6 +410,11 @@ def _specimens(instances: Sequence[Dataset], read: _Reader, options: MappingOpti
     return list(found.values())
 
 
+def _instance_order(instance: Resource) -> tuple[bool, int, str]:
+    number = instance.get("number")
+    return (number is None, number or 0, instance["uid"])
+
+
 def _sort_key(number: int | None, uid: str) -> tuple[bool, int, str]:
     return (number is None, number or 0, uid)
 
@@ -433,9 +438,10 @@ _FAST_UID = re.compile(r"[0-9A-Za-z.\-]{1,64}").fullmatch
 _SOP_CODINGS: dict[str, Resource] = {}
 
 
-def _fast_uid(ds: Dataset, tag: str) -> str | None:
+def _fast_uid(ds: Dataset, tag: str, known: set[str] | None = None) -> str | None:
     """The common, well-formed case of dj.uid without its checks' overhead; None sends the
-    caller to the careful reader (which also raises the precise MappingError)."""
+    caller to the careful reader (which also raises the precise MappingError). ``known`` holds
+    UIDs already checked (series and SOP class UIDs repeat across instances)."""
     element = ds.get(tag)
     if type(element) is not dict:
         return None
@@ -443,10 +449,17 @@ def _fast_uid(ds: Dataset, tag: str) -> str | None:
     if type(value) is not list or len(value) != 1:
         return None
     uid = value[0]
-    return uid if type(uid) is str and _FAST_UID(uid) else None
+    if known is not None and uid in known:
+        return uid
+    if type(uid) is str and _FAST_UID(uid):
+        if known is not None:
+            known.add(uid)
+        return uid
+    return None
 
 
 def _sop_coding(sop_class: str) -> Resource:
+    """The sopClass Coding; one shared (never mutated) dict per SOP class."""
     coding = _SOP_CODINGS.get(sop_class)
     if coding is None:
         coding = {"system": codes.SOP_CLASS_SYSTEM, "code": f"urn:oid:{sop_class}"}
@@ -455,14 +468,24 @@ def _sop_coding(sop_class: str) -> Resource:
             coding["display"] = name
         if len(_SOP_CODINGS) < 4096:
             _SOP_CODINGS[sop_class] = coding
-    return dict(coding)
+    return coding
 
 
-def _fast_instance(ds: Dataset, uid: str) -> Resource | None:
+class _Fast:
+    """Per-study caches for the fast path: UIDs checked, Image Type values joined."""
+
+    __slots__ = ("uids", "titles")
+
+    def __init__(self) -> None:
+        self.uids: set[str] = set()
+        self.titles: dict[tuple, str | None] = {}
+
+
+def _fast_instance(ds: Dataset, uid: str, fast: _Fast) -> Resource | None:
     """An instance from well-formed attributes, or None to take the careful path. Per-instance
     work dominates the mapping of large studies, so the common case is read directly."""
-    sop_class = _fast_uid(ds, Tag.SOPClassUID)
-    if sop_class is None:
+    sop_class = _fast_uid(ds, Tag.SOPClassUID, fast.uids)
+    if sop_class is None or Tag.DocumentTitle in ds:
         return None
     out: Resource = {"uid": uid, "sopClass": _sop_coding(sop_class)}
     element = ds.get(Tag.InstanceNumber)
@@ -477,17 +500,22 @@ def _fast_instance(ds: Dataset, uid: str) -> Resource | None:
             if type(number) is not int or not 0 <= number <= 2**31 - 1:
                 return None
             out["number"] = number
-    if Tag.DocumentTitle in ds:
-        return None
     element = ds.get(Tag.ImageType)
     if element is not None:
         if type(element) is not dict:
             return None
         value = element.get("Value")
         if value:
-            if type(value) is not list or not all(type(v) is str and v and v == v.strip() for v in value):
+            if type(value) is not list:
                 return None
-            out["title"] = "\\".join(value)
+            key = tuple(value)
+            title = fast.titles.get(key, False)
+            if title is False:
+                title = "\\".join(value) if all(type(v) is str and v and v == v.strip() for v in value) else None
+                fast.titles[key] = title
+            if title is None:
+                return None
+            out["title"] = title
     return out
 
 
@@ -505,9 +533,10 @@ def _series(
     """Series with their instances. A series whose Retrieve URL names another DICOMweb base than
     the study's gets an Endpoint of its own (collected in ``endpoints``)."""
     study_base = _retrieve_base(study, read)
+    fast = _Fast()
     grouped: dict[str, list[Dataset]] = {}
     for instance in data.instances:
-        series_uid = _fast_uid(instance, Tag.SeriesInstanceUID) or read(dj.uid, instance, Tag.SeriesInstanceUID)
+        series_uid = _fast_uid(instance, Tag.SeriesInstanceUID, fast.uids) or read(dj.uid, instance, Tag.SeriesInstanceUID)
         if not series_uid:
             raise MappingError(read.study_uid, dj.keyword(Tag.SeriesInstanceUID), "missing in an instance result")
         grouped.setdefault(series_uid, []).append(instance)
@@ -562,8 +591,8 @@ def _series(
             if not uid:
                 raise MappingError(read.study_uid, dj.keyword(Tag.SOPInstanceUID), f"missing in series {series_uid}")
             if uid not in mapped_instances:
-                mapped_instances[uid] = _fast_instance(instance, uid) or _instance(instance, uid, read)
+                mapped_instances[uid] = _fast_instance(instance, uid, fast) or _instance(instance, uid, read)
         if mapped_instances:
-            out["instance"] = sorted(mapped_instances.values(), key=lambda i: _sort_key(i.get("number"), i["uid"]))
+            out["instance"] = sorted(mapped_instances.values(), key=_instance_order)
         built.append(out)
     return sorted(built, key=lambda s: _sort_key(s.get("number"), s["uid"]))
