@@ -252,3 +252,15 @@ def test_r4_output_and_patients_validate(pacs, tmp_path, capsys):
     assert len(patient_ids) == len(resources["Patient"])
     referenced = {s["subject"]["reference"][8:] for s in resources["ImagingStudy"] if "reference" in s["subject"]}
     assert referenced == patient_ids
+
+
+def test_the_demo_runs_and_leaves_valid_imaging_studies(tmp_path, capsys):
+    from fixtures import demo
+
+    assert demo.main(["--out", str(tmp_path / "demo-output")]) == 0
+    err = capsys.readouterr().err
+    (ndjson,) = (tmp_path / "demo-output" / "runs").glob("*/ImagingStudy.ndjson")
+    lines = ndjson.read_text().splitlines()
+    assert len(lines) >= 16 and f"{len(lines)} ImagingStudy resources, each valid FHIR R5" in err
+    for line in lines:
+        ImagingStudy.model_validate_json(line)
