@@ -329,3 +329,22 @@ def _reason(exc: Exception) -> str:
         if marker in text:
             return marker.lower()
     return type(exc).__name__
+
+
+def client_from(settings: Any) -> QidoClient:
+    """A client from any settings object with the connection fields of SyncConfig (url, user,
+    password, token, token_command, headers, max_rps, timeout, retries, retry, verify, workers)."""
+    from dataclasses import replace
+
+    return QidoClient(
+        settings.url,
+        auth=(settings.user, settings.password) if settings.user is not None and settings.password is not None else None,
+        token=settings.token,
+        timeout=settings.timeout,
+        retry=replace(settings.retry, attempts=settings.retries + 1),
+        pool_size=settings.workers + 1,
+        verify=settings.verify,
+        token_provider=token_from_command(settings.token_command) if settings.token_command else None,
+        headers=settings.headers,
+        max_rps=settings.max_rps,
+    )

@@ -35,7 +35,7 @@ from .mapping import MappingOptions, endpoint, map_resources
 from .mapping.ids import normalise_base
 from .mapping.validate import check_available, validate
 from .planner import Window, plan
-from .qido import QidoClient, redact, token_from_command
+from .qido import QidoClient, client_from, redact
 from .sinks import NdjsonFolder, Sink
 from .sinks.ndjson import recover
 from .state import State
@@ -189,18 +189,7 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
     started_clock = time.monotonic()
     if config.validate:
         check_available(config.fhir_version)
-    client = QidoClient(
-        config.url,
-        auth=(config.user, config.password) if config.user is not None and config.password is not None else None,
-        token=config.token,
-        timeout=config.timeout,
-        retry=replace(config.retry, attempts=config.retries + 1),
-        pool_size=config.workers + 1,
-        verify=config.verify,
-        token_provider=token_from_command(config.token_command) if config.token_command else None,
-        headers=config.headers,
-        max_rps=config.max_rps,
-    )
+    client = client_from(config)
     source = normalise_base(config.url)
     wado_base = normalise_base(config.wado_url or config.url)
     options = MappingOptions(

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from ..errors import ConfigError, QidoError, SourceUnreachable
 from ..listing import ListingReport, iter_studies
 from ..mapping.ids import normalise_base
 from ..planner import Window, plan
-from ..qido import QidoClient, RetryPolicy, redact, token_from_command
+from ..qido import QidoClient, RetryPolicy, client_from, redact
 from ..sync import EXIT_OK, EXIT_PARTIAL, study_hash
 from .copies import FhirReader, read_state
 from .findings import Collector, CopyRow, Evaluation, InstanceRow, SeriesRow, evaluate, instance_rows, series_rows, totals
@@ -174,18 +174,7 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
     known_cap, verified = None, 0
     if config.state is not None:
         state_rows, (known_cap, verified) = read_state(config.state, source)
-    client = QidoClient(
-        config.url,
-        auth=(config.user, config.password) if config.user is not None and config.password is not None else None,
-        token=config.token,
-        timeout=config.timeout,
-        retry=replace(config.retry, attempts=config.retries + 1),
-        pool_size=config.workers + 1,
-        verify=config.verify,
-        token_provider=token_from_command(config.token_command) if config.token_command else None,
-        headers=config.headers,
-        max_rps=config.max_rps,
-    )
+    client = client_from(config)
     fhir: FhirReader | None = None
     if config.fhir_url:
         fhir = FhirReader(
