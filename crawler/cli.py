@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
     p.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
-    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state database (default: ./{DEFAULT_STATE})")
+    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
     p.add_argument("--since", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
     p.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
     p.add_argument("--full", action="store_true", help="list every study, not only those since the last run's mark (e.g. a weekly reconciliation)")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the full current set from the state",
         description="Write every resource the state holds into DIR, in the same layout as a run folder.",
     )
-    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state database (default: ./{DEFAULT_STATE})")
+    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="an empty or new folder")
     _add_verbosity(p)
 
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
     p.add_argument("--report", type=Path, required=True, metavar="DIR", help="folder for report.html, findings.json and studies.csv (created if needed)")
-    p.add_argument("--state", type=Path, metavar="PATH", help="also compare with this state database (read only)")
+    p.add_argument("--state", type=Path, metavar="PATH", help="also compare with this state database (a SQLite file; read only)")
     p.add_argument("--fhir-url", metavar="URL", help="also compare with the ImagingStudy resources of this FHIR server (read only)")
     p.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
     p.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(p)
 
     p = commands.add_parser("status", help="recent runs and studies by state", description="Show recent runs, studies by status and the studies that failed.")
-    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state database (default: ./{DEFAULT_STATE})")
+    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     _add_verbosity(p)
     return parser

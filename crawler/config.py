@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .crawl import CrawlOptions
 from .errors import ConfigError
 from .qido import RetryPolicy
+from .state import state_location
 
 DEFAULT_STATE = "qido-crawler.db"
 
@@ -21,7 +22,8 @@ class SyncConfig:
 
     url: str
     out: Path | None = None
-    state: Path = Path(DEFAULT_STATE)
+    state: Path | str = Path(DEFAULT_STATE)
+    """A SQLite file, or a ``postgresql://`` / ``postgres://`` URL (kept as a str)."""
     since: str | None = None
     until: str | None = None
     full: bool = False
@@ -59,6 +61,7 @@ class SyncConfig:
     issuer_systems: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "state", state_location(self.state))
         if self.fhir_version not in ("R5", "R4"):
             raise ConfigError(f"--fhir-version must be R5 or R4, not {self.fhir_version!r}")
         if self.full and (self.since or self.until):

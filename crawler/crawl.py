@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import dicomjson as dj
@@ -89,9 +90,14 @@ class MetadataMode(str, enum.Enum):
 
 @dataclass
 class Learned:
-    """What the crawl learns about the server during a run (shared by the worker threads)."""
+    """What the crawl learns about the server during a run (shared by the worker threads).
+
+    The first study decides whether QIDO leaves sequences out; ``deciding`` makes the other
+    workers wait for that answer instead of all asking QIDO first.
+    """
 
     qido_lacks_sequences: bool | None = None
+    deciding: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,14 @@ def _count(instances: list[dict[str, Any]]) -> int:
 
 
 def _fetch_once(client: QidoClient, summary: StudySummary, options: CrawlOptions, learned: Learned) -> tuple[StudyInput, int, str]:
+    if options.metadata is MetadataMode.AUTO and learned.qido_lacks_sequences is None:
+        with learned.deciding:
+            if learned.qido_lacks_sequences is None:
+                return _fetch_path(client, summary, options, learned)
+    return _fetch_path(client, summary, options, learned)
+
+
+def _fetch_path(client: QidoClient, summary: StudySummary, options: CrawlOptions, learned: Learned) -> tuple[StudyInput, int, str]:
     small = summary.n_instances is not None and summary.n_instances <= options.metadata_max_instances
     wants_metadata = options.metadata is MetadataMode.ALWAYS or (
         options.metadata is MetadataMode.AUTO and learned.qido_lacks_sequences

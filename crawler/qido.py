@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import orjson
 import requests
 import tenacity
 
@@ -270,8 +271,8 @@ class QidoClient:
         if not body.strip():
             return Page([], status, response.headers.get("Warning"))
         try:
-            items = response.json()
-        except ValueError:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError:
             raise FatalQidoError(f"malformed JSON from {shown} ({len(body)} bytes)", url=shown, status=status) from None
         if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
             raise FatalQidoError(f"answer from {shown} is not a JSON array of objects", url=shown, status=status)

@@ -1,4 +1,10 @@
-"""The SQLite state: what was synced from which PACS, with counts and hashes, and the runs.
+"""The state: what was synced from which PACS, with counts and hashes, and the runs.
+
+It lives in SQLite (a file path, the default) or in PostgreSQL (``postgresql://`` or
+``postgres://`` URL). Both hold the same schema, built by the same numbered migrations written
+in SQL both understand; every difference between the two (placeholders, column types, the id of
+a new row, PRAGMAs, how a write transaction starts, the run lock) is in the ``_Sqlite`` and
+``_Postgres`` dialects below and nowhere else.
 
 Migrations are numbered and each is applied in its own transaction together with its record in
 ``migrations``. A run's study updates are written inside one transaction that is committed only
@@ -8,16 +14,23 @@ after the sinks have finished, so the state never says "synced" for what no sink
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import json
 import os
+import re
+import socket
 import sqlite3
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .errors import StateError
+from .errors import ConfigError, StateError
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -85,7 +98,21 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE sources ADD COLUMN changes_seq INTEGER;
         """,
     ),
+    (
+        5,
+        "who holds the run lock (PostgreSQL; SQLite keeps the holder in <state>.lock)",
+        """
+        CREATE TABLE run_lock (
+            name TEXT PRIMARY KEY,
+            pid INTEGER,
+            host TEXT,
+            since TEXT
+        );
+        """,
+    ),
 ]
+
+MIGRATIONS_TABLE = "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
 
 
 @dataclass(frozen=True)
@@ -105,31 +132,104 @@ class StateLocked(StateError):
     """Another run holds the state: exit code 2."""
 
 
-class State:
-    """One state database; use from one thread.
 
-    ``lock=True`` takes an exclusive lock (``<path>.lock``, flock) for the life of the object: a
-    second run on the same state fails at once, and the lock of a run that was killed is
-    released by the kernel with its process, so the next run simply takes it.
+class _Busy(Exception):
+    """The run lock is held by someone else; the message says who (``pid N``)."""
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def postgres_url(location: str | os.PathLike[str]) -> str | None:
+    """The PostgreSQL URL that ``location`` names, or None when it is a file path (SQLite).
+
+    A URL that went through ``pathlib.Path`` (``postgresql:/user@host/db``) has lost one slash of
+    its ``//``; it is put back. A URL without a host (``postgresql:///db``) does not survive that
+    trip: name the host, or give a socket folder as ``?host=/run/postgresql``.
     """
+    text = os.fspath(location)
+    scheme, colon, rest = text.partition(":")
+    if not colon or scheme.lower() not in POSTGRES_SCHEMES or not rest.startswith("/"):
+        return None
+    return text if rest.startswith("//") else f"{scheme}:/{rest}"
 
-    def __init__(self, path: str | Path, *, lock: bool = False) -> None:
-        self.path = Path(path)
+
+def state_location(location: str | os.PathLike[str]) -> Path | str:
+    """What ``--state`` names: the PostgreSQL URL (a str) or the SQLite file (a Path)."""
+    url = postgres_url(location)
+    return url if url is not None else Path(location)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (in the user part or as ``?password=``), for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("@")[-1]
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{hosts}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="/")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class _Sqlite:
+    """SQLite in WAL mode, in one file; the run lock is ``flock`` on ``<path>.lock``."""
+
+    begin_sql = "BEGIN IMMEDIATE"
+    records_holder = False
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    lost: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.shown = str(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StateError(f"cannot create the folder of state {self.path}: {exc.strerror}") from None
-        self._lock_file = self._lock() if lock else None
-        try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.Error as exc:
-            raise StateError(f"cannot open state {self.path}: {exc}") from None
+            raise StateError(f"cannot create the folder of state {path}: {exc.strerror}") from None
 
-    def _lock(self) -> int:
+    def connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    @staticmethod
+    def sql(statement: str) -> str:
+        return statement
+
+    @staticmethod
+    def ddl(statement: str) -> str:
+        return statement
+
+    @staticmethod
+    def in_transaction(db: sqlite3.Connection) -> bool:
+        return db.in_transaction
+
+    @staticmethod
+    def insert_id(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
+        return int(db.execute(sql, params).lastrowid)
+
+    @staticmethod
+    def stream(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
+        return iter(db.execute(sql, params))
+
+    @contextmanager
+    def migrating(self, db: sqlite3.Connection) -> Iterator[None]:
+        yield  # BEGIN IMMEDIATE already makes migrating processes take turns
+
+    def lock(self) -> int:
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -140,46 +240,251 @@ class State:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise StateLocked(f"another run (pid {holder}) is using the state {self.path}; try again when it has finished") from None
+            raise _Busy(f"pid {holder}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
 
+    @staticmethod
+    def check_lock(handle: int) -> None:
+        pass  # a flock is not lost while its file descriptor is open
+
+    @staticmethod
+    def unlock(handle: int) -> None:
+        os.close(handle)
+
+
+# The column types of the migrations as PostgreSQL spells them, in order: the rowid alias of
+# SQLite becomes an identity column; INTEGER becomes BIGINT (SQLite's integers are 64-bit);
+# BLOB becomes BYTEA; TEXT compares and sorts by bytes as in SQLite (collation "C"), whatever
+# the database's locale, so both order study UIDs, resource ids and dates alike.
+_PG_DDL = (
+    (re.compile(r"\bid INTEGER PRIMARY KEY\b"), "id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+    (re.compile(r"\bINTEGER\b"), "BIGINT"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
+    (re.compile(r"\bTEXT\b"), 'TEXT COLLATE "C"'),
+)
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(statement: str) -> str:
+    return statement.replace("?", "%s")
+
+
+def _pg_ddl(statement: str) -> str:
+    for pattern, replacement in _PG_DDL:
+        statement = pattern.sub(replacement, statement)
+    return statement
+
+
+class _Postgres:
+    """PostgreSQL through psycopg 3, in autocommit mode with explicit BEGIN/COMMIT (as SQLite).
+
+    The run lock is a session-level advisory lock, ``pg_try_advisory_lock(key)``, held by a
+    connection of its own that stays open, idle and outside any transaction, for the life of the
+    ``State``. The key is a 64-bit hash of the database and schema the URL leads to, so states in
+    different databases or schemas do not block each other. ``pg_try_advisory_lock`` answers at
+    once (a second run fails with ``StateLocked`` without waiting), and the server releases the
+    lock when that session ends: a clean close, or the process being killed (its kernel closes
+    the socket and the server backend exits). Chosen over a row lock (``SELECT ... FOR UPDATE
+    NOWAIT``), which would need a transaction left open for the whole run: that holds back
+    VACUUM's horizon on the whole cluster for hours and is cut by
+    ``idle_in_transaction_session_timeout``. The holder writes its pid and host into
+    ``run_lock`` for the message of the runs it turns away; the lock is the truth, the row only
+    a label. (A client machine that vanishes without closing its socket holds the lock until the
+    server notices the dead connection: its ``tcp_keepalives_*`` settings. Session advisory
+    locks need a session of their own: no pooler in transaction mode between.)
+    """
+
+    begin_sql = "BEGIN"
+    records_holder = True
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError(
+                "a PostgreSQL state needs psycopg 3: pip install 'qido-crawler[postgres]'"
+            ) from None
+        self.psycopg = psycopg
+        self.url = url
+        self.shown = redact_url(url)
+        self.errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+        self.lost: tuple[type[BaseException], ...] = (psycopg.OperationalError,)
+
+    def connect(self) -> Any:
+        from psycopg.conninfo import conninfo_to_dict
+
+        given = conninfo_to_dict(self.url)
+        # keepalives: an idle connection (the lock's) is not dropped by firewalls, and a dead one is noticed
+        defaults = {"application_name": "qido-crawler", "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 60,
+                    "keepalives_interval": 10, "keepalives_count": 6}
+        return self.psycopg.connect(self.url, autocommit=True, **{k: v for k, v in defaults.items() if k not in given})
+
+    sql = staticmethod(_pg_sql)
+    ddl = staticmethod(_pg_ddl)
+
+    def in_transaction(self, db: Any) -> bool:
+        status = self.psycopg.pq.TransactionStatus
+        return db.info.transaction_status in (status.INTRANS, status.INERROR)
+
+    @staticmethod
+    def insert_id(db: Any, sql: str, params: tuple[Any, ...]) -> int:
+        return int(db.execute(sql + " RETURNING id", params).fetchone()[0])
+
+    @staticmethod
+    def stream(db: Any, sql: str, params: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
+        return db.cursor().stream(sql, params)  # row by row, not the whole table in memory
+
+    @staticmethod
+    def key(db: Any, purpose: str) -> int:
+        database, schema = db.execute("SELECT current_database(), COALESCE(current_schema(), '')").fetchone()
+        digest = hashlib.blake2b(f"qido-crawler {purpose} {database}.{schema}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    @contextmanager
+    def migrating(self, db: Any) -> Iterator[None]:
+        """Migrating processes take turns (``CREATE TABLE IF NOT EXISTS`` races otherwise)."""
+        key = self.key(db, "migrate")
+        db.execute("SELECT pg_advisory_lock(%s)", (key,))
+        try:
+            yield
+        finally:
+            try:
+                db.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            except self.psycopg.Error:
+                pass  # a broken session has released it
+
+    def lock(self) -> Any:
+        db = self.connect()
+        try:
+            if db.execute("SELECT pg_try_advisory_lock(%s)", (self.key(db, "run"),)).fetchone()[0]:
+                if db.info.server_version >= 140000:
+                    db.execute("SET idle_session_timeout = 0")  # the lock's session idles for the whole run
+                return db
+            try:
+                row = db.execute("SELECT pid, host FROM run_lock WHERE name = 'run'").fetchone()
+            except self.psycopg.errors.UndefinedTable:
+                row = None
+        except BaseException:
+            db.close()
+            raise
+        db.close()
+        raise _Busy(f"pid {row[0]} on {row[1]}" if row else "pid ?")
+
+    def check_lock(self, handle: Any) -> None:
+        """Before a commit: the lock's session is still there (else another run may hold the lock now)."""
+        try:
+            handle.execute("SELECT 1")
+        except self.psycopg.Error as exc:
+            raise StateError(f"lost the run lock on the state {self.shown} ({_one_line(exc)}); nothing more is committed") from None
+
+    @staticmethod
+    def unlock(handle: Any) -> None:
+        handle.close()  # the session ends: the server releases the advisory lock
+
+
+class State:
+    """One state database; use from one thread.
+
+    ``path`` is a file path (SQLite) or a ``postgresql://`` / ``postgres://`` URL (PostgreSQL).
+
+    ``lock=True`` takes an exclusive lock for the life of the object: a second run on the same
+    state fails at once with ``StateLocked``, and the lock of a run that was killed is released
+    with its process, so the next run simply takes it. SQLite: ``flock`` on ``<path>.lock``,
+    released by the kernel. PostgreSQL: an advisory lock released by the server when the
+    session ends (see ``_Postgres``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, lock: bool = False) -> None:
+        url = postgres_url(path)
+        self.path: Path | str = url if url is not None else Path(path)
+        self._dialect: Any = _Postgres(url) if url is not None else _Sqlite(Path(path))
+        self._lock: Any = None
+        try:
+            if lock:
+                try:
+                    self._lock = self._dialect.lock()
+                except _Busy as busy:
+                    raise StateLocked(
+                        f"another run ({busy}) is using the state {self._dialect.shown}; try again when it has finished"
+                    ) from None
+            self.db = self._dialect.connect()
+            self._migrate()
+            if lock and self._dialect.records_holder:
+                self._q(
+                    "INSERT INTO run_lock (name, pid, host, since) VALUES ('run', ?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, host = excluded.host, since = excluded.since",
+                    (os.getpid(), socket.gethostname(), datetime.now(timezone.utc).replace(microsecond=0).isoformat()),
+                )
+        except self._dialect.errors as exc:
+            self.close()
+            raise StateError(f"cannot open state {self._dialect.shown}: {_one_line(exc)}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return "postgresql" if isinstance(self._dialect, _Postgres) else "sqlite"
+
     def close(self) -> None:
-        self.db.close()
-        if self._lock_file is not None:
-            os.close(self._lock_file)
-            self._lock_file = None
+        db = getattr(self, "db", None)
+        if db is not None:
+            db.close()
+        if self._lock is not None:
+            self._dialect.unlock(self._lock)
+            self._lock = None
+
+    def _q(self, sql: str, params: tuple[Any, ...] | list[Any] | None = None) -> Any:
+        """Run one statement written with ``?`` placeholders; returns the cursor."""
+        with self._guard():
+            if params is None:
+                return self.db.execute(self._dialect.sql(sql))
+            return self.db.execute(self._dialect.sql(sql), params)
+
+    def _insert(self, sql: str, params: tuple[Any, ...]) -> int:
+        """Run an INSERT written with ``?`` placeholders; returns the id of the new row."""
+        with self._guard():
+            return self._dialect.insert_id(self.db, self._dialect.sql(sql), params)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """A connection lost mid-run (PostgreSQL) is a StateError, not a traceback."""
+        try:
+            yield
+        except self._dialect.lost as exc:
+            raise StateError(f"lost the state {self._dialect.shown}: {_one_line(exc)}") from None
 
     def _migrate(self) -> None:
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
-        )
-        done = {row[0] for row in self.db.execute("SELECT version FROM migrations")}
-        newest = max((v for v, _, _ in MIGRATIONS), default=0)
-        if done and max(done) > newest:
-            raise StateError(f"state {self.path} was written by a newer qido-crawler (schema {max(done)})")
-        for version, name, sql in MIGRATIONS:
-            if version in done:
-                continue
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in sql.split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
-                self.db.execute("INSERT INTO migrations (version, name) VALUES (?, ?)", (version, name))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._dialect.migrating(self.db):
+            self._q(self._dialect.ddl(MIGRATIONS_TABLE))
+            done = {row[0] for row in self._q("SELECT version FROM migrations")}
+            newest = max((v for v, _, _ in MIGRATIONS), default=0)
+            if done and max(done) > newest:
+                raise StateError(f"state {self._dialect.shown} was written by a newer qido-crawler (schema {max(done)})")
+            for version, name, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                self.begin()
+                try:
+                    for statement in sql.split(";"):
+                        if statement.strip():
+                            self._q(self._dialect.ddl(statement))
+                    applied = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")  # as SQLite's CURRENT_TIMESTAMP
+                    self._q("INSERT INTO migrations (version, name, applied) VALUES (?, ?, ?)", (version, name, applied))
+                    self.commit()
+                except BaseException:
+                    self.rollback()
+                    raise
 
     @property
     def schema_version(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
+        return self._q("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
 
     def begin_run(self, source: str, started: str) -> int:
-        cursor = self.db.execute("INSERT INTO runs (source, started, pid) VALUES (?, ?, ?)", (source, started, os.getpid()))
-        return int(cursor.lastrowid)
+        return self._insert("INSERT INTO runs (source, started, pid) VALUES (?, ?, ?)", (source, started, os.getpid()))
 
     def checkpoint(self) -> None:
         """Commit what is written so far and carry on in a new transaction."""
@@ -187,27 +492,29 @@ class State:
         self.begin()
 
     def begin(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        self._q(self._dialect.begin_sql)
 
     def commit(self) -> None:
-        if self.db.in_transaction:
-            self.db.execute("COMMIT")
+        if self._dialect.in_transaction(self.db):
+            if self._lock is not None:
+                self._dialect.check_lock(self._lock)
+            self._q("COMMIT")
 
     def rollback(self) -> None:
-        if self.db.in_transaction:
-            self.db.execute("ROLLBACK")
+        if self._dialect.in_transaction(self.db):
+            self._q("ROLLBACK")
 
     def finish_run(
         self, run_id: int, ended: str, outcome: str, folder: str | None, figures: dict[str, Any],
         mark: str | None = None, windows: list[str] | None = None,
     ) -> None:
-        self.db.execute(
+        self._q(
             "UPDATE runs SET ended = ?, outcome = ?, folder = ?, figures = ?, mark = ?, windows = ? WHERE id = ?",
             (ended, outcome, folder, json.dumps(figures, sort_keys=True), mark, json.dumps(windows) if windows is not None else None, run_id),
         )
 
     def study(self, source: str, study_uid: str) -> StudyRow | None:
-        row = self.db.execute(
+        row = self._q(
             "SELECT study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, last_error, last_seen_run "
             "FROM studies WHERE source = ? AND study_uid = ?",
             (source, study_uid),
@@ -231,7 +538,7 @@ class State:
     ) -> None:
         """Insert or update a study. A failure keeps the hashes of the last good sync."""
         if status == "synced":
-            self.db.execute(
+            self._q(
                 "INSERT INTO studies (source, study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, "
                 "last_error, last_run, last_seen_run, study_date) VALUES (?, ?, ?, ?, ?, ?, ?, 'synced', NULL, ?, ?, ?) "
                 "ON CONFLICT (source, study_uid) DO UPDATE SET resource_id = excluded.resource_id, n_series = excluded.n_series, "
@@ -241,7 +548,7 @@ class State:
                 (source, study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, run_id, run_id, study_date),
             )
         else:
-            self.db.execute(
+            self._q(
                 "INSERT INTO studies (source, study_uid, status, last_error, last_run, last_seen_run, study_date) VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (source, study_uid) DO UPDATE SET status = excluded.status, last_error = excluded.last_error, "
                 "last_run = excluded.last_run, last_seen_run = excluded.last_seen_run, study_date = excluded.study_date",
@@ -249,7 +556,7 @@ class State:
             )
 
     def mark_seen(self, source: str, study_uid: str, run_id: int) -> None:
-        self.db.execute("UPDATE studies SET last_seen_run = ? WHERE source = ? AND study_uid = ?", (run_id, source, study_uid))
+        self._q("UPDATE studies SET last_seen_run = ? WHERE source = ? AND study_uid = ?", (run_id, source, study_uid))
 
     def iter_unseen(self, source: str, run_id: int, since: str | None, until: str | None) -> Iterator[tuple[str, str | None]]:
         """(UID, resource id) of studies not listed by run ``run_id`` whose StudyDate lies in
@@ -264,53 +571,53 @@ class State:
         if until is not None:
             sql += " AND study_date <= ?"
             args.append(until)
-        yield from self.db.execute(sql + " ORDER BY study_uid", args).fetchall()
+        yield from self._q(sql + " ORDER BY study_uid", args).fetchall()
 
     def mark_gone(self, source: str, study_uid: str, run_id: int) -> None:
-        self.db.execute(
+        self._q(
             "UPDATE studies SET status = 'gone', last_error = NULL, last_run = ? WHERE source = ? AND study_uid = ?", (run_id, source, study_uid)
         )
 
     def drop_resource(self, resource_type: str, resource_id: str) -> None:
-        self.db.execute("DELETE FROM resources WHERE type = ? AND id = ?", (resource_type, resource_id))
+        self._q("DELETE FROM resources WHERE type = ? AND id = ?", (resource_type, resource_id))
 
     def last_mark(self, source: str) -> str | None:
         """The high-water mark of the last run of ``source`` whose listing was complete."""
-        row = self.db.execute("SELECT mark FROM runs WHERE source = ? AND mark IS NOT NULL ORDER BY id DESC LIMIT 1", (source,)).fetchone()
+        row = self._q("SELECT mark FROM runs WHERE source = ? AND mark IS NOT NULL ORDER BY id DESC LIMIT 1", (source,)).fetchone()
         return row[0] if row else None
 
     def close_interrupted_runs(self, run_id: int) -> int:
-        cursor = self.db.execute("UPDATE runs SET outcome = 'interrupted', ended = started WHERE ended IS NULL AND id != ?", (run_id,))
+        cursor = self._q("UPDATE runs SET outcome = 'interrupted', ended = started WHERE ended IS NULL AND id != ?", (run_id,))
         return cursor.rowcount
 
     def source_facts(self, source: str) -> tuple[int | None, int]:
         """(the server's result cap if one was found, the largest listing verified as uncapped)."""
-        row = self.db.execute("SELECT cap, verified_uncapped FROM sources WHERE source = ?", (source,)).fetchone()
+        row = self._q("SELECT cap, verified_uncapped FROM sources WHERE source = ?", (source,)).fetchone()
         return (row[0], row[1]) if row else (None, 0)
 
     def set_source_facts(self, source: str, cap: int | None, verified: int) -> None:
-        self.db.execute(
+        self._q(
             "INSERT INTO sources (source, cap, verified_uncapped) VALUES (?, ?, ?) "
             "ON CONFLICT (source) DO UPDATE SET cap = excluded.cap, verified_uncapped = excluded.verified_uncapped",
             (source, cap, verified),
         )
 
     def changes_position(self, source: str) -> int | None:
-        row = self.db.execute("SELECT changes_seq FROM sources WHERE source = ?", (source,)).fetchone()
+        row = self._q("SELECT changes_seq FROM sources WHERE source = ?", (source,)).fetchone()
         return row[0] if row else None
 
     def set_changes_position(self, source: str, position: int) -> None:
-        self.db.execute(
+        self._q(
             "INSERT INTO sources (source, changes_seq) VALUES (?, ?) ON CONFLICT (source) DO UPDATE SET changes_seq = excluded.changes_seq",
             (source, position),
         )
 
     def resource_hash(self, resource_type: str, resource_id: str) -> str | None:
-        row = self.db.execute("SELECT hash FROM resources WHERE type = ? AND id = ?", (resource_type, resource_id)).fetchone()
+        row = self._q("SELECT hash FROM resources WHERE type = ? AND id = ?", (resource_type, resource_id)).fetchone()
         return row[0] if row else None
 
     def put_resource(self, resource_type: str, resource_id: str, digest: str, body: bytes) -> None:
-        self.db.execute(
+        self._q(
             "INSERT INTO resources (type, id, hash, body) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (type, id) DO UPDATE SET hash = excluded.hash, body = excluded.body",
             (resource_type, resource_id, digest, zlib.compress(body, 1)),
@@ -318,14 +625,15 @@ class State:
 
     def iter_resources(self) -> Iterator[tuple[str, str, bytes]]:
         """(type, id, JSON bytes) of every resource, ordered by type then id."""
-        for resource_type, resource_id, body in self.db.execute("SELECT type, id, body FROM resources ORDER BY type, id"):
+        rows = self._dialect.stream(self.db, self._dialect.sql("SELECT type, id, body FROM resources ORDER BY type, id"), ())
+        for resource_type, resource_id, body in rows:
             yield resource_type, resource_id, zlib.decompress(body)
 
     def counts_by_status(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status ORDER BY status"))
+        return dict(self._q("SELECT status, COUNT(*) FROM studies GROUP BY status ORDER BY status"))
 
     def last_runs(self, limit: int = 10) -> list[dict[str, Any]]:
-        rows = self.db.execute(
+        rows = self._q(
             "SELECT id, source, started, ended, outcome, folder, figures FROM runs ORDER BY id DESC LIMIT ?", (limit,)
         ).fetchall()
         return [
@@ -334,14 +642,15 @@ class State:
         ]
 
     def problems(self, limit: int = 50) -> list[tuple[str, str, str, str | None]]:
-        return self.db.execute(
+        return self._q(
             "SELECT source, study_uid, status, last_error FROM studies WHERE status NOT IN ('synced') ORDER BY source, study_uid LIMIT ?",
             (limit,),
         ).fetchall()
 
 
-def open_existing(path: str | Path) -> State:
-    """Open a state that must already exist (for ``export`` and ``status``)."""
-    if not Path(path).is_file():
+def open_existing(path: str | os.PathLike[str]) -> State:
+    """Open a state that must already exist (for ``export`` and ``status``): a SQLite file, or a
+    PostgreSQL database (which must exist; its tables are made by the migrations if missing)."""
+    if postgres_url(path) is None and not Path(path).is_file():
         raise StateError(f"no state at {path}")
     return State(path)

@@ -11,6 +11,7 @@ study is written twice into one run's output.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import time
@@ -212,9 +213,16 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
         fhir.check()
         outputs.append(fhir)
     state = State(config.state, lock=True)
+    thresholds = gc.get_threshold()
+    # a run allocates millions of short-lived dicts (parsed answers, resources): the default
+    # collection thresholds spend a quarter of the crawler's CPU scanning them
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     try:
         return _Run(config, client, state, source, options, progress, outputs).run(started_clock)
     finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
         state.close()
         client.close()
 
