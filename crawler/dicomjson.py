@@ -104,14 +104,14 @@ def values(ds: Dataset, tag: str) -> list[Any]:
     element = ds.get(tag)
     if element is None:
         return []
-    if not isinstance(element, Mapping):
+    if type(element) is not dict and not isinstance(element, Mapping):
         raise ValueError(f"element is a {type(element).__name__}, not an object")
     raw = element.get("Value")
     if raw is None:
         return []
-    if not isinstance(raw, list):
-        raw = [raw]
-    return [item for item in raw if item is not None]
+    if type(raw) is not list:
+        return [raw]
+    return [item for item in raw if item is not None] if None in raw else raw
 
 
 def first(ds: Dataset, tag: str) -> Any:

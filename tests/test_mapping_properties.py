@@ -464,14 +464,19 @@ mapping_options = st.sampled_from(
 TAG_IN_ATTRIBUTE = re.compile(r"\([0-9A-F]{4},[0-9A-F]{4}\)")
 
 
+# The UID reader: dj.uid (which also checks the UID's form) where dicomjson has it.
+_read_uid = getattr(dj, "uid", dj.string)
+
+
 def usable_study_uid(data: StudyInput) -> str | None:
-    """The Study Instance UID a reader gets from the input: the study result's, else the first
-    instance result's, else the first series result's (the ones that are objects)."""
+    """The Study Instance UID the input offers: the study result's, else that of the first
+    instance result that is an object, else that of the first such series result; ``None``
+    when there is none or it is malformed."""
     if not isinstance(data.study, Mapping):
         return None
-    firsts = [items[0] for items in (data.instances, data.series) if items and isinstance(items[0], Mapping)]
+    firsts = [next((i for i in items if isinstance(i, Mapping)), {}) for items in (data.instances, data.series)]
     try:
-        return dj.string(ChainMap(dict(data.study), *(dict(item) for item in firsts)), Tag.StudyInstanceUID)
+        return _read_uid(ChainMap(dict(data.study), *(dict(item) for item in firsts)), Tag.StudyInstanceUID)
     except ValueError:
         return None
 
@@ -495,7 +500,7 @@ def check_mapping(data: StudyInput, options: MappingOptions) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Regressions: inputs the property found that the current mapper gets wrong
+# Regressions: inputs these strategies found that the mapper once got wrong
 # --------------------------------------------------------------------------------------------
 
 
@@ -520,25 +525,26 @@ def _instance(**elements: Element) -> dict:
     return {**base, **{getattr(Tag, name): value for name, value in elements.items()}}
 
 
+# Each comment says what the mapper did with the input when it was found.
 REGRESSIONS: dict[str, StudyInput] = {
-    # count/number out of unsignedInt range: negative, or above 2**31 - 1
+    # count/number out of unsignedInt range (negative, or above 2**31 - 1) copied as is
     "negative NumberOfStudyRelatedInstances": StudyInput(_study(NumberOfStudyRelatedInstances=_el("IS", -1))),
     "NumberOfStudyRelatedSeries above 2**31-1": StudyInput(_study(NumberOfStudyRelatedSeries=_el("IS", 2**31))),
     "negative SeriesNumber": StudyInput(_study(), [_instance(SeriesNumber=_el("IS", -1))]),
     "negative InstanceNumber": StudyInput(_study(), [_instance(InstanceNumber=_el("IS", "-1"))]),
     "NumberOfSeriesRelatedInstances above 2**31-1": StudyInput(_study(), [_instance(NumberOfSeriesRelatedInstances=_el("IS", 2**31))]),
-    # year 0000 in a reduced-precision date: "0000" is not a FHIR year
+    # year 0000 in a reduced-precision date: "0000" copied, not a FHIR year
     "StudyDate 0000": StudyInput(_study(StudyDate=_el("DA", "0000"))),
-    # non-ASCII digits: \d in the TM pattern lets them into the fraction, copied verbatim
+    # non-ASCII digits: \d in the TM pattern let them into the fraction, copied verbatim
     "StudyTime fraction in Arabic-Indic digits": StudyInput(
         _study(StudyDate=_el("DA", "19970424"), StudyTime=_el("TM", "101010.١"), TimezoneOffsetFromUTC=_el("SH", "+0000"))
     ),
-    # codes with inner runs of whitespace are not FHIR codes
+    # codes with inner runs of whitespace copied: not FHIR codes
     "ModalitiesInStudy with two inner spaces": StudyInput(_study(ModalitiesInStudy=_el("CS", "C  T"))),
     "Modality with two inner spaces": StudyInput(_study(), [_instance(Modality=_el("CS", "C  T"))]),
     "SOPClassUID with two inner spaces": StudyInput(_study(), [_instance(SOPClassUID=_el("UI", "1.2  3"))]),
     "CodeValue with two inner spaces": StudyInput(_study(ProcedureCodeSequence=_el("SQ", {Tag.CodeValue: _el("SH", "A  B")}))),
-    # numberOfInstances summed from series counts that are each in range
+    # numberOfInstances summed past 2**31 - 1 from series counts that are each in range
     "NumberOfSeriesRelatedInstances summing above 2**31-1": StudyInput(
         _study(),
         series=[
@@ -550,12 +556,15 @@ REGRESSIONS: dict[str, StudyInput] = {
     "AnatomicRegionSequence CodeValue with a blank line": StudyInput(
         _study(), [_instance(AnatomicRegionSequence=_el("SQ", {Tag.CodeValue: _el("SH", "a\n\nb")}))]
     ),
-    # series.uid and instance.uid are FHIR ids: [A-Za-z0-9-.] only
+    # copied into series.uid / instance.uid, FHIR ids: [A-Za-z0-9-.] only
     "SOPInstanceUID null-padded": StudyInput(_study(), [_instance(SOPInstanceUID=_el("UI", "1.2.3.4.5\x00"))]),
     "SeriesInstanceUID with a space": StudyInput(_study(), [_instance(SeriesInstanceUID=_el("UI", "1.2.3 4"))]),
-    # a result that is not an object: the error does not name the study
+    # a result that is not an object: MappingError without the (usable) study UID
     "instance result not an object": StudyInput(_study(), [5]),
     "series result not an object": StudyInput(_study(), series=[[]]),
+    # a list or an object inside a UI Value: TypeError (unhashable) in r5._fast_uid's ``uid in known``
+    "SeriesInstanceUID value a list": StudyInput(_study(), [_instance(SeriesInstanceUID={"vr": "UI", "Value": [[]]})]),
+    "SOPClassUID value an object": StudyInput(_study(), [_instance(SOPClassUID={"vr": "UI", "Value": [{}]})]),
 }
 
 
@@ -588,8 +597,8 @@ def test_map_study_validates_or_raises_mapping_error(data: StudyInput, options: 
 @settings(RANDOM, max_examples=150)
 @given(data=study_inputs(malformed=False), options=mapping_options)
 def test_well_formed_studies_validate_or_raise_mapping_error(data: StudyInput, options: MappingOptions) -> None:
-    """The same property on well-formed JSON only (valid values of each VR; attributes may be
-    missing), so that more of the examples get past the readers to the rest of the mapping."""
+    """The same property on well-formed JSON only (valid values of each VR; optional attributes
+    may be absent or empty), so that most examples get past the readers to the rest of the mapping."""
     check_mapping(data, options)
 
 
@@ -602,6 +611,7 @@ def test_well_formed_studies_validate_or_raise_mapping_error(data: StudyInput, o
 @example(data=REGRESSIONS["Modality with two inner spaces"], options=UTC)
 @example(data=REGRESSIONS["SOPInstanceUID null-padded"], options=UTC)
 @example(data=REGRESSIONS["instance result not an object"], options=UTC)
+@example(data=REGRESSIONS["SeriesInstanceUID value a list"], options=UTC)
 @given(data=study_inputs(), options=mapping_options)
 def test_regression_examples(data: StudyInput, options: MappingOptions) -> None:
     """One explicit example per kind of failure found (Hypothesis reports the first failing one

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -64,7 +63,7 @@ def map_resources(data: StudyInput, options: MappingOptions) -> Mapped:
         raise MappingError(None, "study", "search result is not a JSON object")
     first_instance = next((i for i in data.instances if isinstance(i, Mapping)), {})
     first_series = next((i for i in data.series if isinstance(i, Mapping)), {})
-    study = ChainMap(dict(data.study), dict(first_instance), dict(first_series))
+    study = {**first_series, **first_instance, **data.study}
     read = _Reader(None)
     study_uid = read(dj.uid, study, Tag.StudyInstanceUID)
     if not study_uid:
@@ -314,13 +313,14 @@ def _location(study: Dataset, read: _Reader) -> tuple[Resource | None, list[Reso
     return reference, [location]
 
 
-def _person(ds: Dataset, name_tag: str, id_tag: str, index: int, read: _Reader, name: str | None = None) -> Resource | None:
+def _person(ds: Dataset, name_tag: str, id_tag: str, index: int, read: _Reader) -> Resource | None:
     """A Practitioner reference from a PN value and the matching item of its identification sequence."""
-    if name is None:
-        names = read(dj.person_names, ds, name_tag)
-        name = names[index] if index < len(names) else None
+    names = read(dj.person_names, ds, name_tag)
     items = read(dj.sequence, ds, id_tag)
-    item = items[index] if index < len(items) else None
+    return _practitioner(names[index] if index < len(names) else None, items[index] if index < len(items) else None, read)
+
+
+def _practitioner(name: str | None, item: Dataset | None, read: _Reader) -> Resource | None:
     identifier = None
     if item is not None:
         for code_item in read(dj.sequence, item, Tag.PersonIdentificationCodeSequence):
@@ -343,7 +343,11 @@ def _person(ds: Dataset, name_tag: str, id_tag: str, index: int, read: _Reader, 
 def _people(ds: Dataset, name_tag: str, id_tag: str, read: _Reader) -> list[Resource]:
     names = read(dj.person_names, ds, name_tag)
     items = read(dj.sequence, ds, id_tag)
-    return [p for i in range(max(len(names), len(items))) if (p := _person(ds, name_tag, id_tag, i, read))]
+    people = (
+        _practitioner(names[i] if i < len(names) else None, items[i] if i < len(items) else None, read)
+        for i in range(max(len(names), len(items)))
+    )
+    return [p for p in people if p]
 
 
 def _performers(ds: Dataset, read: _Reader) -> list[Resource]:
@@ -449,9 +453,11 @@ def _fast_uid(ds: Dataset, tag: str, known: set[str] | None = None) -> str | Non
     if type(value) is not list or len(value) != 1:
         return None
     uid = value[0]
+    if type(uid) is not str:
+        return None
     if known is not None and uid in known:
         return uid
-    if type(uid) is str and _FAST_UID(uid):
+    if _FAST_UID(uid):
         if known is not None:
             known.add(uid)
         return uid
@@ -550,7 +556,7 @@ def _series(
 
     built = []
     for series_uid, instances in grouped.items():
-        ds = ChainMap(dict(series_results.get(series_uid, {})), *(dict(i) for i in instances[:1]))
+        ds = {**(instances[0] if instances else {}), **series_results.get(series_uid, {})}
         number = read(dj.count, ds, Tag.SeriesNumber)
         out: Resource = {"uid": series_uid}
         if number is not None:
