@@ -27,6 +27,7 @@ from .memory import tame_malloc
 from .planner import parse_day
 from .qido import check_base_url, redact
 from .crawl import CrawlOptions, MetadataMode
+from .state import redact_url, state_location
 from .sync import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures, convert, export, sync
 
 PROG = "qido-crawler"
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
     p.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
-    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
+    p.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
     p.add_argument("--since", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
     p.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
     p.add_argument("--full", action="store_true", help="list every study, not only those since the last run's mark (e.g. a weekly reconciliation)")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the full current set from the state",
         description="Write every resource the state holds into DIR, in the same layout as a run folder.",
     )
-    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
+    p.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="an empty or new folder")
     _add_verbosity(p)
 
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(p)
 
     p = commands.add_parser("status", help="recent runs and studies by state", description="Show recent runs, studies by status and the studies that failed.")
-    p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
+    p.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     _add_verbosity(p)
     return parser
@@ -358,7 +359,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     state = open_existing(args.state)
     try:
-        info = {"state": str(args.state), "schema": state.schema_version, "studies": state.counts_by_status(), "runs": state.last_runs()}
+        shown = redact_url(args.state) if isinstance(args.state, str) else str(args.state)
+        info = {"state": shown, "schema": state.schema_version, "studies": state.counts_by_status(), "runs": state.last_runs()}
         problems = [{"source": s, "study_uid": u, "status": st, "error": e} for s, u, st, e in state.problems()]
     finally:
         state.close()

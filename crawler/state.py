@@ -132,7 +132,6 @@ class StateLocked(StateError):
     """Another run holds the state: exit code 2."""
 
 
-
 class _Busy(Exception):
     """The run lock is held by someone else; the message says who (``pid N``)."""
 

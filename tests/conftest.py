@@ -33,3 +33,13 @@ def corpus_study_uids(corpus_files: list[Path]) -> set[str]:
     import pydicom
 
     return {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in corpus_files}
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL (fixtures/postgres.py) for the PostgreSQL-state tests; each test
+    makes its own database with ``postgres_server.create_database()``."""
+    from fixtures import postgres
+
+    with postgres.running() as server:
+        yield server
