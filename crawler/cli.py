@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
     p.add_argument("--report", type=Path, required=True, metavar="DIR", help="folder for report.html, findings.json and studies.csv (created if needed)")
-    p.add_argument("--state", type=Path, metavar="PATH", help="also compare with this state database (a SQLite file; read only)")
+    p.add_argument("--state", type=state_location, metavar="PATH", help="also compare with this state (a SQLite file, read only, or a postgresql:// URL)")
     p.add_argument("--fhir-url", metavar="URL", help="also compare with the ImagingStudy resources of this FHIR server (read only)")
     p.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
     p.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")

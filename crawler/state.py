@@ -628,6 +628,13 @@ class State:
         for resource_type, resource_id, body in rows:
             yield resource_type, resource_id, zlib.decompress(body)
 
+    def iter_studies(self, source: str) -> Iterator[tuple[str, int | None, int | None, str | None, str, str | None]]:
+        """(UID, series, instances, study-level hash, status, StudyDate) of every study of ``source``."""
+        yield from self._q(
+            "SELECT study_uid, n_series, n_instances, study_hash, status, study_date FROM studies WHERE source = ? ORDER BY study_uid",
+            (source,),
+        ).fetchall()
+
     def counts_by_status(self) -> dict[str, int]:
         return dict(self._q("SELECT status, COUNT(*) FROM studies GROUP BY status ORDER BY status"))
 

@@ -25,6 +25,7 @@ import requests
 from ..errors import SinkError, StateError
 from ..mapping.ids import study_id
 from ..qido import RETRIABLE_STATUS, check_base_url, redact, retry_after_seconds
+from ..state import postgres_url
 from .findings import CopyRow
 
 log = logging.getLogger("crawler")
@@ -35,8 +36,20 @@ ELEMENTS = "identifier,numberOfSeries,numberOfInstances,started"
 NO_SEARCH = frozenset({400, 404, 405, 501})
 
 
-def read_state(path: Path, source: str) -> tuple[dict[str, CopyRow], tuple[int | None, int]]:
-    """(rows by Study UID, (the result cap the sync learned, the listing size verified uncapped))."""
+def read_state(path: Path | str, source: str) -> tuple[dict[str, CopyRow], tuple[int | None, int]]:
+    """(rows by Study UID, (the result cap the sync learned, the listing size verified uncapped)).
+
+    A SQLite state is opened read-only as it is; a PostgreSQL state through State.
+    """
+    if isinstance(path, str) and postgres_url(path):
+        from ..state import open_existing
+
+        state = open_existing(path)
+        try:
+            rows = {uid: CopyRow(n_series, n_instances, study_hash, status, study_date) for uid, n_series, n_instances, study_hash, status, study_date in state.iter_studies(source)}
+            return rows, state.source_facts(source)
+        finally:
+            state.close()
     if not Path(path).is_file():
         raise StateError(f"no state at {path}")
     try:

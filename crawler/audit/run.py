@@ -47,7 +47,7 @@ class AuditConfig:
 
     url: str
     report: Path
-    state: Path | None = None
+    state: Path | str | None = None
     fhir_url: str | None = None
     fhir_user: str | None = None
     fhir_password: str | None = field(default=None, repr=False)
