@@ -142,8 +142,22 @@ def strings(ds: Dataset, tag: str) -> list[str]:
 
 
 def string(ds: Dataset, tag: str) -> str | None:
-    found = strings(ds, tag)
-    return found[0] if found else None
+    """The first non-blank value as text (what ``strings(ds, tag)[0]`` gives, without the lists)."""
+    element = ds.get(tag)
+    if element is None:
+        return None
+    if type(element) is not dict and not isinstance(element, Mapping):
+        raise ValueError(f"element is a {type(element).__name__}, not an object")
+    raw = element.get("Value")
+    if raw is None:
+        return None
+    for item in raw if type(raw) is list else (raw,):
+        if item is None:
+            continue
+        text = (item.strip() or None) if type(item) is str else _text(item)
+        if text is not None:
+            return text
+    return None
 
 
 def integer(ds: Dataset, tag: str) -> int | None:
