@@ -96,18 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--issuer-system", action="append", default=[], metavar="ISSUER=URI", help="identifier system for an Issuer of Patient ID or accession issuer (repeatable)")
     p.add_argument("--validate", action="store_true", help="validate every resource with fhir.resources before writing it (needs the validate extra)")
     p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for times without Timezone Offset From UTC (default: this machine's)")
-    p.add_argument("--user", default=os.environ.get("QIDO_CRAWLER_USER"), help="HTTP basic auth user (env QIDO_CRAWLER_USER)")
-    p.add_argument("--password", default=os.environ.get("QIDO_CRAWLER_PASSWORD"), help="HTTP basic auth password (env QIDO_CRAWLER_PASSWORD)")
-    p.add_argument("--token", default=os.environ.get("QIDO_CRAWLER_TOKEN"), help="bearer token (env QIDO_CRAWLER_TOKEN)")
-    p.add_argument("--token-command", default=os.environ.get("QIDO_CRAWLER_TOKEN_COMMAND"), metavar="CMD", help="command that prints a bearer token; run again after a 401 (env QIDO_CRAWLER_TOKEN_COMMAND)")
-    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header on every request (repeatable)")
-    p.add_argument("--ca-bundle", default=os.environ.get("QIDO_CRAWLER_CA_BUNDLE"), metavar="PATH", help="CA certificates to verify TLS with (env QIDO_CRAWLER_CA_BUNDLE)")
-    p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (warns)")
-    p.add_argument("--max-rps", type=float, metavar="R", help="at most R requests per second to the server")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="read timeout per request (default: 120)")
-    p.add_argument("--retries", type=int, default=4, metavar="N", help="retries of a failed request (default: 4)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
-    _add_verbosity(p)
+    _add_connection(p)
 
     p = commands.add_parser(
         "export",
@@ -155,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known; found by itself otherwise")
     p.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: 1000)")
     p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for what 'today' is (future dates) (default: this machine's)")
+    _add_connection(p)
+
+    p = commands.add_parser("status", help="recent runs and studies by state", description="Show recent runs, studies by status and the studies that failed.")
+    p.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    _add_verbosity(p)
+    return parser
+
+
+def _add_connection(p: argparse.ArgumentParser) -> None:
+    """Auth, transport and output options that sync and audit share."""
     p.add_argument("--user", default=os.environ.get("QIDO_CRAWLER_USER"), help="HTTP basic auth user (env QIDO_CRAWLER_USER)")
     p.add_argument("--password", default=os.environ.get("QIDO_CRAWLER_PASSWORD"), help="HTTP basic auth password (env QIDO_CRAWLER_PASSWORD)")
     p.add_argument("--token", default=os.environ.get("QIDO_CRAWLER_TOKEN"), help="bearer token (env QIDO_CRAWLER_TOKEN)")
@@ -167,12 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=4, metavar="N", help="retries of a failed request (default: 4)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
     _add_verbosity(p)
-
-    p = commands.add_parser("status", help="recent runs and studies by state", description="Show recent runs, studies by status and the studies that failed.")
-    p.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
-    p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    _add_verbosity(p)
-    return parser
 
 
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
