@@ -387,6 +387,14 @@ def _saturation(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # --- report ---------------------------------------------------------------------------------------
 
 
+def _loadavg() -> list[float]:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return []
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -433,6 +441,10 @@ def targets(cases: list[dict[str, Any]], tp: dict[str, Any] | None) -> list[dict
 def print_report(report: dict[str, Any]) -> None:
     env = report["environment"]
     print(f"qido-crawler scale benchmark  (Python {env['python']}, {env['cpus']} CPUs, {env['machine']})")
+    load = env.get("loadavg_before") or []
+    if load and load[0] > 0.5:
+        print(f"note: load average {load[0]:.2f} before the run ({', '.join(f'{x:.2f}' for x in env.get('loadavg_after') or [])} after): "
+              "other work on this machine makes times and rates lower than they would be alone")
     print(f"simulator: FakePacs in its own process, seed {report['seed']}, latency {report['latency']} s; crawler: --workers {report['workers']} --metadata never, page size 100")
     print()
     head = f"{'studies':>10} {'sync':6} {'wall s':>8} {'requests':>10} {'listing':>8} {'instances':>10} {'req/s':>7} {'CPU s':>7} {'ms/study':>8} {'sim CPU s':>9} {'base MB':>7} {'peak MB':>7} {'RSS 10/50/90/100% MB':>22}  check"
@@ -505,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
     base = Path(tempfile.mkdtemp(prefix="qido-bench-scale-", dir=args.tmp))
     started = time.monotonic()
+    load_before = _loadavg()
     try:
         cases = [] if args.skip_scale else [scale_case(n, args, base) for n in sizes]
         tp = None if args.skip_throughput else throughput(args, base)
@@ -512,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     report = {
-        "environment": {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform()},
+        "environment": {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
+                        "loadavg_before": load_before, "loadavg_after": _loadavg()},
         "seed": args.seed, "latency": args.latency, "workers": args.workers, "seconds": round(time.monotonic() - started, 1),
         "sizes": cases, "throughput": tp,
     }

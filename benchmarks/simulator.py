@@ -16,8 +16,9 @@ only reaches about 250 requests/s (both fight for one GIL): a benchmark that mea
 crawler must not also be measuring the server's share of its interpreter.
 
 Protocol: the first line on stdout is the DICOMweb base URL (``http://127.0.0.1:PORT/dicom-web``).
-Then it serves until it is killed or its stdin is closed. Lines on stdin are commands, each
-answered by one JSON line on stdout:
+Then it serves until it is killed or its stdin is closed (with ``--no-stdin``, or when stdin is
+``/dev/null``, until it is killed). Lines on stdin are commands, each answered by one JSON line
+on stdout:
 
     counts   {"requests": {"studies": N, "instances": N, ...}, "spans": {kind: seconds from the first to
              the last request of that kind}, "statuses": {...}, "cpu": SECONDS, "rss_mb": MB}
@@ -119,7 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-date-fraction", type=float, default=0.0, help="fraction of studies without StudyDate (default 0)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    p.add_argument("--no-stdin", action="store_true", help="ignore stdin: serve until killed (also when stdin is /dev/null)")
     return p
+
+
+def _stdin_is_null() -> bool:
+    """True when stdin is /dev/null or closed (e.g. a background job of a script): no commands can come."""
+    try:
+        st, null = os.fstat(sys.stdin.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError, AttributeError):
+        return True
+    return (st.st_dev, st.st_ino) == (null.st_dev, null.st_ino)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write(pacs.url + "\n")
     out.flush()
     try:
+        if args.no_stdin or _stdin_is_null():
+            threading.Event().wait()      # until SIGINT (KeyboardInterrupt) or SIGTERM
         for line in sys.stdin:
             command = line.strip()
             if command == "counts":
