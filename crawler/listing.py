@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,8 +53,10 @@ class _Window:
     capped: str | None = None
     undated: int = 0
     untimed: int = 0
-    dates: list[str] | None = None
-    uids: set[str] = field(default_factory=set)
+    dates: array | None = None
+    """StudyDates (as YYYYMMDD ints) and UID hashes of the first window, for the silent-cap check:
+    compact arrays, since a window may hold up to VERIFY_MAX studies."""
+    uids: array = field(default_factory=lambda: array("q"))
 
 
 def _date(item: dict[str, Any]) -> str | None:
@@ -101,13 +104,13 @@ def _list_window(client: QidoClient, state: _Window, report: ListingReport, max_
                 state.untimed += 1
             if state.dates is not None:
                 if day is not None:
-                    state.dates.append(day)
+                    state.dates.append(int(day))
                 uid = item.get(Tag.StudyInstanceUID, {}).get("Value", [None])[0] if isinstance(item.get(Tag.StudyInstanceUID), dict) else None
                 if isinstance(uid, str):
-                    state.uids.add(uid)
+                    state.uids.append(hash(uid))
                 if len(state.dates) > VERIFY_MAX:
                     state.dates = None
-                    state.uids = set()
+                    state.uids = array("q")
             yield item
         state.total += len(page.items)
         if page.warning and TRUNCATION.search(page.warning):
@@ -122,10 +125,11 @@ def _list_window(client: QidoClient, state: _Window, report: ListingReport, max_
         offset += len(page.items)
 
 
-def _probe(client: QidoClient, window: Window, dates: list[str], uids: set[str], page_size: int) -> bool:
+def _probe(client: QidoClient, window: Window, dates: array, uid_hashes: array, page_size: int) -> bool:
     """True when a half of ``window`` holds a study that the window's own listing did not return."""
-    dates = sorted(dates)
-    median = dates[(len(dates) - 1) // 2]
+    ordered = sorted(dates)
+    median = f"{ordered[(len(ordered) - 1) // 2]:08d}"
+    uids = set(uid_hashes)
     for half in window.split_at(median):
         offset = 0
         while True:
@@ -133,7 +137,7 @@ def _probe(client: QidoClient, window: Window, dates: list[str], uids: set[str],
             items = client.get("studies", "studies", params).items
             for item in items:
                 uid = item.get(Tag.StudyInstanceUID, {}).get("Value", [None])[0]
-                if uid not in uids:
+                if isinstance(uid, str) and hash(uid) not in uids:
                     log.info("%s returned %d studies but %s holds others: the server caps results silently", window, len(uids), half)
                     return True
             if len(items) < page_size:
@@ -159,7 +163,7 @@ def iter_studies(
     while queue:
         state = _Window(queue.popleft())
         if first and verify and report.cap is None:
-            state.dates = []
+            state.dates = array("L")
         report.windows_listed += 1
         try:
             yield from _list_window(client, state, report, max_offset)
