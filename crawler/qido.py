@@ -143,6 +143,17 @@ class RetryPolicy:
     max_delay: float = 20.0
 
 
+def retry_wait(policy: RetryPolicy, state: tenacity.RetryCallState) -> float:
+    """Seconds before the next attempt: the server's Retry-After when it gave one (bounded by the
+    policy's total time), else exponential backoff with jitter."""
+    exc = state.outcome.exception() if state.outcome else None
+    hinted = getattr(exc, "retry_after", None)
+    if hinted is not None:
+        return min(hinted, policy.max_seconds)
+    backoff = policy.base_delay * 2 ** (state.attempt_number - 1)
+    return min(policy.max_delay, backoff) * (0.5 + random.random() / 2)
+
+
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
@@ -208,12 +219,7 @@ class QidoClient:
         return f"{self.base_url}/{path.lstrip('/')}" + (f"?{query}" if query else "")
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        hinted = getattr(exc, "retry_after", None)
-        if hinted is not None:
-            return min(hinted, self.retry.max_seconds)
-        backoff = self.retry.base_delay * 2 ** (state.attempt_number - 1)
-        return min(self.retry.max_delay, backoff) * (0.5 + random.random() / 2)
+        return retry_wait(self.retry, state)
 
     def get(self, kind: str, path: str, params: Sequence[tuple[str, str | int]] = ()) -> Page:
         """One GET with retries; returns the parsed page. Raises QidoError subclasses."""

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import http
 import logging
-import random
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ import requests
 import tenacity
 
 from ..errors import ConfigError, SinkError
-from ..qido import RETRIABLE_STATUS, RetryPolicy, check_base_url, redact, retry_after_seconds
+from ..qido import RETRIABLE_STATUS, RetryPolicy, check_base_url, redact, retry_after_seconds, retry_wait
 from .base import Resource
 
 log = logging.getLogger("crawler")
@@ -424,12 +423,7 @@ class FhirServer:
     # --- HTTP -----------------------------------------------------------------------------
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        hinted = getattr(exc, "retry_after", None)
-        if hinted is not None:
-            return min(hinted, self.retry.max_seconds)
-        backoff = self.retry.base_delay * 2 ** (state.attempt_number - 1)
-        return min(self.retry.max_delay, backoff) * (0.5 + random.random() / 2)
+        return retry_wait(self.retry, state)
 
     def _retried(self, _: tenacity.RetryCallState) -> None:
         self.retries += 1
