@@ -250,6 +250,21 @@ def verification(args: argparse.Namespace) -> bool | str:
     return True
 
 
+def _connection(args: argparse.Namespace) -> dict:
+    """The settings that _add_connection's options give, for SyncConfig and AuditConfig alike."""
+    return {
+        "user": args.user,
+        "password": args.password,
+        "token": args.token,
+        "token_command": args.token_command,
+        "headers": headers(args.header),
+        "max_rps": args.max_rps,
+        "verify": verification(args),
+        "timeout": (10.0, args.timeout),
+        "retries": args.retries,
+    }
+
+
 def _cmd_sync(args: argparse.Namespace) -> int:
     url = check_base_url(args.url)
     if args.wado_url:
@@ -282,15 +297,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         workers=args.workers,
         wado_url=args.wado_url,
         zone=zone(args.timezone),
-        user=args.user,
-        password=args.password,
-        token=args.token,
-        token_command=args.token_command,
-        headers=headers(args.header),
-        max_rps=args.max_rps,
-        verify=verification(args),
-        timeout=(10.0, args.timeout),
-        retries=args.retries,
+        **_connection(args),
     )
     progress = Progress(sys.stderr, enabled=sys.stderr.isatty() and not args.quiet)
     try:
@@ -400,15 +407,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         max_results=args.max_results,
         instance_page_size=args.instance_page_size,
         zone=zone(args.timezone),
-        user=args.user,
-        password=args.password,
-        token=args.token,
-        token_command=args.token_command,
-        headers=headers(args.header),
-        max_rps=args.max_rps,
-        verify=verification(args),
-        timeout=(10.0, args.timeout),
-        retries=args.retries,
+        **_connection(args),
     )
     enabled = sys.stderr.isatty() and not args.quiet
     shown = {"at": 0.0, "drawn": False}
