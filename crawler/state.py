@@ -380,7 +380,13 @@ class _Postgres:
 
     @staticmethod
     def unlock(handle: Any) -> None:
-        handle.close()  # the session ends: the server releases the advisory lock
+        # closing the session releases the lock too, but the server notices that a moment later;
+        # unlocking first means the next run can take it at once
+        try:
+            handle.execute("SELECT pg_advisory_unlock_all()")
+        except Exception:  # noqa: BLE001 - a dead lock connection has nothing left to release
+            pass
+        handle.close()
 
 
 class State:
