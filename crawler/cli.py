@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
     p.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
     p.add_argument("--fhir-token", default=os.environ.get("QIDO_CRAWLER_FHIR_TOKEN"), help="bearer token for the FHIR server (env QIDO_CRAWLER_FHIR_TOKEN)")
-    p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once (default: 4)")
+    p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once; with --executor dask and no --scheduler, the local cluster's worker processes (default: 4)")
+    p.add_argument("--executor", choices=["threads", "dask"], default="threads", help="crawl in this process's threads, or on a Dask cluster (needs the dask extra) (default: threads)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: start a local cluster)")
+    p.add_argument("--worker-threads", type=_positive, default=4, metavar="N", help="with --executor dask and no --scheduler: threads per local worker process (default: 4)")
     p.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: 100)")
     p.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: 1000000)")
     p.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
@@ -295,6 +298,9 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         validate=args.validate,
         issuer_systems=issuer_systems(args.issuer_system),
         workers=args.workers,
+        executor=args.executor,
+        scheduler=args.scheduler,
+        worker_threads=args.worker_threads,
         wado_url=args.wado_url,
         zone=zone(args.timezone),
         **_connection(args),

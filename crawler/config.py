@@ -59,6 +59,12 @@ class SyncConfig:
     patients: bool = False
     validate: bool = False
     issuer_systems: Mapping[str, str] = field(default_factory=dict)
+    executor: str = "threads"
+    """``threads`` (this process) or ``dask`` (a Dask cluster: see crawler.distributed)."""
+    scheduler: str | None = None
+    """With ``dask``: the address of a running scheduler; None starts a local cluster of
+    ``workers`` processes with ``worker_threads`` threads each."""
+    worker_threads: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", state_location(self.state))
@@ -74,7 +80,11 @@ class SyncConfig:
             raise ConfigError(f"max-results must be at least 1, not {self.max_results}")
         if (self.fhir_user is None) != (self.fhir_password is None):
             raise ConfigError("--fhir-user and --fhir-password go together")
-        for name in ("page_size", "workers", "retries", "max_offset", "checkpoint_every", "fhir_batch_size"):
+        if self.executor not in ("threads", "dask"):
+            raise ConfigError(f"--executor must be threads or dask, not {self.executor!r}")
+        if self.scheduler and self.executor != "dask":
+            raise ConfigError("--scheduler goes with --executor dask")
+        for name in ("page_size", "workers", "worker_threads", "retries", "max_offset", "checkpoint_every", "fhir_batch_size"):
             value = getattr(self, name)
             minimum = 0 if name == "retries" else 1
             if not isinstance(value, int) or value < minimum:

@@ -57,6 +57,9 @@ class _Window:
     """StudyDates (as YYYYMMDD ints) and UID hashes of the first window, for the silent-cap check:
     compact arrays, since a window may hold up to VERIFY_MAX studies."""
     uids: array = field(default_factory=lambda: array("q"))
+    budget: int | None = None
+    """At most this many studies for one listing (a task's share of the work); a window over it
+    is split like a capped one, unless it is a single day or cannot be split."""
 
 
 def _date(item: dict[str, Any]) -> str | None:
@@ -121,6 +124,9 @@ def _list_window(client: QidoClient, state: _Window, report: ListingReport, max_
             return
         if len(page.items) < page_size:
             return
+        if state.budget is not None and state.total >= state.budget and window.since != window.until and window.splittable:
+            state.capped = f"more than {state.budget} studies for one task"
+            return
         previous = page.items
         offset += len(page.items)
 
@@ -146,6 +152,51 @@ def _probe(client: QidoClient, window: Window, dates: array, uid_hashes: array, 
     return False
 
 
+@dataclass
+class _Undated:
+    """Whether studies without a StudyDate may have been lost past a cap of the unfiltered window."""
+
+    at_risk: str | None = None
+    elsewhere: bool = False
+
+    def close(self, report: ListingReport) -> None:
+        if self.at_risk and not self.elsewhere:
+            report.incomplete.append(self.at_risk)
+
+
+def verify_cap(client: QidoClient, state: _Window, report: ListingReport) -> None:
+    """The silent-cap check of a window listed with ``state.dates`` kept (see the module docstring)."""
+    if state.capped is None and state.dates and state.total > max(report.verified, 1) and state.window.splittable:
+        if _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size)):
+            report.cap = state.total if report.cap is None else min(report.cap, state.total)
+            state.capped = f"{state.total} results, a silent cap"
+        else:
+            report.verified = max(report.verified, state.total)
+
+
+def follow_up(state: _Window, report: ListingReport, undated: _Undated, page_size: int) -> list[Window]:
+    """After a window was listed: the windows that must be listed instead (its parts when it was
+    capped), with what cannot be listed recorded in ``report``."""
+    if state.undated and not state.window.unfiltered:
+        undated.elsewhere = True
+    if state.capped is None:
+        report.windows_complete += 1
+        return []
+    if state.capped == "the server ignores offset":
+        report.cap = min(report.cap or page_size, page_size)
+    children = state.window.split()
+    if not children:
+        report.incomplete.append(f"{state.window}: {state.capped}; cannot be split further")
+        return []
+    log.info("%s: %s; split into %d windows", state.window, state.capped, len(children))
+    report.windows_split += 1
+    if state.window.unfiltered and state.undated:
+        undated.at_risk = f"{state.window}: {state.capped}; studies without StudyDate past the cap cannot be listed"
+    elif state.window.since is not None and state.window.since == state.window.until and state.window.time_from is None and state.untimed:
+        report.incomplete.append(f"{state.window}: {state.capped}; studies without StudyTime on that day past the cap cannot be listed")
+    return children
+
+
 def iter_studies(
     client: QidoClient,
     windows: Sequence[Window],
@@ -158,8 +209,7 @@ def iter_studies(
     (a capped window's studies are listed again by its parts), so callers merge by UID."""
     queue = deque(windows)
     first = True
-    undated_at_risk: str | None = None
-    undated_elsewhere = False
+    undated = _Undated()
     while queue:
         state = _Window(queue.popleft())
         if first and verify and report.cap is None:
@@ -176,31 +226,7 @@ def iter_studies(
             log.error("listing of %s stopped: %s", state.window, exc)
             first = False
             continue
-        if state.capped is None and state.dates and state.total > max(report.verified, 1) and state.window.splittable:
-            if _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size)):
-                report.cap = state.total
-                state.capped = f"{state.total} results, a silent cap"
-            else:
-                report.verified = state.total
+        verify_cap(client, state, report)
         first = False
-        if state.undated and not state.window.unfiltered:
-            undated_elsewhere = True
-        if state.capped is None:
-            report.windows_complete += 1
-            continue
-        if state.capped == "the server ignores offset":
-            size = client.page_size(report.page_size)
-            report.cap = min(report.cap or size, size)
-        children = state.window.split()
-        if not children:
-            report.incomplete.append(f"{state.window}: {state.capped}; cannot be split further")
-            continue
-        log.info("%s: %s; split into %d windows", state.window, state.capped, len(children))
-        report.windows_split += 1
-        if state.window.unfiltered and state.undated:
-            undated_at_risk = f"{state.window}: {state.capped}; studies without StudyDate past the cap cannot be listed"
-        elif state.window.since is not None and state.window.since == state.window.until and state.window.time_from is None and state.untimed:
-            report.incomplete.append(f"{state.window}: {state.capped}; studies without StudyTime on that day past the cap cannot be listed")
-        queue.extendleft(reversed(children))
-    if undated_at_risk and not undated_elsewhere:
-        report.incomplete.append(undated_at_risk)
+        queue.extendleft(reversed(follow_up(state, report, undated, client.page_size(report.page_size))))
+    undated.close(report)

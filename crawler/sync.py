@@ -139,6 +139,10 @@ def _crawl_one(client: QidoClient, summary: StudySummary, config: SyncConfig, op
         return Outcome(summary, status="failed", error=f"study {summary.uid}: {exc}")
 
 
+def _result(entry: tuple[Future[Outcome], bool]) -> tuple[Outcome, bool]:
+    return entry[0].result(), entry[1]
+
+
 def _outcome_body(message: str) -> bytes:
     return orjson.dumps(
         {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing", "diagnostics": message}]}
@@ -306,58 +310,12 @@ class _Run:
         config, state, figures = self.config, self.state, self.figures
         known_cap, verified = state.source_facts(self.source)
         report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
-        in_flight: deque[tuple[Future[Outcome], bool]] = deque()
-        with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="crawl") as pool:
+        if config.executor == "dask":
+            from .distributed import Coordinator
 
-            def drain(limit: int) -> None:
-                while len(in_flight) > limit:
-                    future, known = in_flight.popleft()
-                    self._hold(future.result(), known)
-                    if self.progress:
-                        self.progress(figures)
-                if len(self.held) >= config.checkpoint_every or time.monotonic() - self.last_checkpoint > config.checkpoint_seconds:
-                    self._checkpoint()
-
-            try:
-                for item in self._listing(windows, report):
-                    try:
-                        summary = summarise(item)
-                    except ValueError as exc:
-                        figures.studies_failed += 1
-                        self.listing_errors += 1
-                        self._error(f"listing entry: {exc}")
-                        continue
-                    row = state.study(self.source, summary.uid)
-                    if summary.uid in self.pending or (row is not None and row.last_seen_run == self.run_id):
-                        continue
-                    figures.studies_listed += 1
-                    if row is not None:
-                        state.mark_seen(self.source, summary.uid, self.run_id)
-                    else:
-                        self.pending.add(summary.uid)
-                    if (
-                        row is not None
-                        and row.status == "synced"
-                        and row.n_series == summary.n_series
-                        and row.n_instances == summary.n_instances
-                        and summary.n_instances is not None
-                        and row.study_hash == study_hash(dict(summary.attributes))
-                    ):
-                        figures.studies_unchanged += 1
-                        if self.progress:
-                            self.progress(figures)
-                        continue
-                    in_flight.append((pool.submit(_crawl_one, self.client, summary, config, self.options, self.learned), row is not None))
-                    drain(config.workers * 4)
-            except SourceUnreachable:
-                if figures.studies_listed == 0 and not self.client.answered:
-                    raise
-                report.incomplete.append("listing stopped: the source could not be reached any more")
-            except QidoError as exc:
-                if exc.status in (401, 403):
-                    raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
-                report.incomplete.append(f"listing stopped: {exc}")
-            drain(0)
+            Coordinator(self, report).list_and_crawl(windows)
+        else:
+            self._crawl_in_threads(windows, report)
         if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0:
             raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
         state.set_source_facts(self.source, report.cap if config.max_results is None else known_cap, report.verified)
@@ -367,9 +325,79 @@ class _Run:
             self._error(f"not listed completely: {message}", level=logging.ERROR)
         return report
 
+    def _crawl_in_threads(self, windows: list[Window], report: ListingReport) -> None:
+        config, figures = self.config, self.figures
+        in_flight: deque[tuple[Future[Outcome], bool]] = deque()
+        with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="crawl") as pool:
+            try:
+                for item in self._listing(windows, report):
+                    chosen = self._consider(item)
+                    if chosen is None:
+                        continue
+                    summary, known = chosen
+                    in_flight.append((pool.submit(_crawl_one, self.client, summary, config, self.options, self.learned), known))
+                    while len(in_flight) > config.workers * 4:
+                        self._take(*_result(in_flight.popleft()))
+            except SourceUnreachable:
+                if figures.studies_listed == 0 and not self.client.answered:
+                    raise
+                report.incomplete.append("listing stopped: the source could not be reached any more")
+            except QidoError as exc:
+                if exc.status in (401, 403):
+                    raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
+                report.incomplete.append(f"listing stopped: {exc}")
+            while in_flight:
+                self._take(*_result(in_flight.popleft()))
+
+    def _consider(self, item: dict[str, Any]) -> tuple[StudySummary, bool] | None:
+        """A listed study: counted and marked seen; returned (with whether the state knew it) when
+        it must be crawled, None when it is unchanged, listed already or unusable."""
+        figures, state = self.figures, self.state
+        try:
+            summary = summarise(item)
+        except ValueError as exc:
+            figures.studies_failed += 1
+            self.listing_errors += 1
+            self._error(f"listing entry: {exc}")
+            return None
+        row = state.study(self.source, summary.uid)
+        if summary.uid in self.pending or (row is not None and row.last_seen_run == self.run_id):
+            return None
+        figures.studies_listed += 1
+        if row is not None:
+            state.mark_seen(self.source, summary.uid, self.run_id)
+        else:
+            self.pending.add(summary.uid)
+        if (
+            row is not None
+            and row.status == "synced"
+            and row.n_series == summary.n_series
+            and row.n_instances == summary.n_instances
+            and summary.n_instances is not None
+            and row.study_hash == study_hash(dict(summary.attributes))
+        ):
+            figures.studies_unchanged += 1
+            if self.progress:
+                self.progress(figures)
+            return None
+        return summary, row is not None
+
+    def _take(self, outcome: Outcome, known: bool) -> None:
+        """A crawled study: held for the next checkpoint, which comes when enough are held or
+        enough time has passed."""
+        self._hold(outcome, known)
+        if self.progress:
+            self.progress(self.figures)
+        if len(self.held) >= self.config.checkpoint_every or time.monotonic() - self.last_checkpoint > self.config.checkpoint_seconds:
+            self._checkpoint()
+
     def _listing(self, windows: list[Window], report: ListingReport) -> Iterator[dict[str, Any]]:
         """The windows' studies, then (with --changes orthanc) those the change feed names."""
         yield from iter_studies(self.client, windows, report, max_offset=self.config.max_offset)
+        yield from self._changed_items()
+
+    def _changed_items(self) -> Iterator[dict[str, Any]]:
+        """With --changes orthanc: the studies Orthanc's change feed names that the listing did not show."""
         if self.config.changes != "orthanc":
             return
         rest = normalise_base(self.config.orthanc_url) if self.config.orthanc_url else orthanc_base(self.client.base_url)

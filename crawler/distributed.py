@@ -1,0 +1,327 @@
+"""Crawling on a Dask cluster (``--executor dask``): windows and study batches as tasks.
+
+The coordinator (the process running the sync) plans, diffs against the state, writes the sinks
+and commits exactly as with the thread pool; the cluster's workers only talk to the PACS:
+
+- a *listing task* lists one window, every page, and returns its studies and whether it hit a
+  cap. A window over the server's cap, or spanning more than one day and holding more than a
+  task's share (``task_size``), comes back to the coordinator, which feeds its parts back to the
+  cluster as new listing tasks;
+- a *crawl task* fetches, checks and maps a batch of the studies the coordinator found new or
+  changed, and returns their resources (already serialised) or their errors.
+
+Studies without a StudyDate match only an unfiltered query, so a full listing runs one extra
+task that lists the unfiltered window and keeps only those, while the dated part of the study
+space is listed in parallel windows.
+
+A worker that dies has its tasks run again by the scheduler (up to its ``allowed_failures``);
+the state records only what came back, so a lost task can never be recorded as synced. Workers
+keep one client (pooled connections) per run, dropped when the run ends.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import uuid
+from array import array
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from .config import SyncConfig
+from .crawl import Learned, StudySummary
+from .errors import ConfigError, QidoError, SourceUnreachable
+from .listing import ListingReport, _Undated, _Window, _date, _list_window, follow_up, verify_cap
+from .mapping import MappingOptions
+from .planner import Window
+from .qido import QidoClient, RequestCounts, client_from
+
+if TYPE_CHECKING:
+    from .sync import Outcome, _Run
+
+log = logging.getLogger("crawler")
+
+BATCH = 8
+"""Studies per crawl task: enough to make the scheduler's cost per task small against the
+requests, few enough to spread a window's studies over every worker thread."""
+
+_RUNS: dict[str, tuple[QidoClient, Learned]] = {}
+_RUNS_LOCK = threading.Lock()
+
+
+def task_size(config: SyncConfig) -> int:
+    return max(10 * config.page_size, 1000)
+
+
+def _worker_client(key: str, config: SyncConfig) -> tuple[QidoClient, Learned]:
+    with _RUNS_LOCK:
+        if key not in _RUNS:
+            _RUNS[key] = (client_from(config), Learned())
+        return _RUNS[key]
+
+
+def _task_client(key: str, config: SyncConfig) -> tuple[QidoClient, Learned]:
+    """The run's pooled client, with request counts of the task's own."""
+    client, learned = _worker_client(key, config)
+    view = copy.copy(client)
+    view.counts = RequestCounts()
+    return view, learned
+
+
+def _forget(key: str) -> None:
+    with _RUNS_LOCK:
+        entry = _RUNS.pop(key, None)
+    if entry:
+        entry[0].close()
+
+
+@dataclass
+class Counted:
+    """What a task asked of the PACS."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    answered: bool = False
+
+    @classmethod
+    def of(cls, client: QidoClient) -> Counted:
+        counts = client.counts.as_dict()
+        retries = counts.pop("retries", 0)
+        counts.pop("total", None)
+        return cls(counts, retries, client.answered)
+
+
+@dataclass
+class Listed:
+    """A listing task's answer."""
+
+    window: Window
+    items: list[dict[str, Any]]
+    state: _Window
+    cap: int | None
+    verified: int
+    max_limit: int | None
+    counted: Counted
+    error: str | None = None
+    status: int | None = None
+    unreachable: bool = False
+
+
+def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, verified: int, verify: bool,
+              budget: int | None, undated_only: bool) -> Listed:
+    """List one window (runs on a worker)."""
+    client, _ = _task_client(key, config)
+    report = ListingReport(cap=cap, verified=verified, page_size=config.page_size)
+    state = _Window(window, budget=budget)
+    if verify and cap is None:
+        state.dates = array("L")
+    items: list[dict[str, Any]] = []
+    error, status, unreachable = None, None, False
+    try:
+        for item in _list_window(client, state, report, config.max_offset):
+            if not undated_only or _date(item) is None:
+                items.append(item)
+        verify_cap(client, state, report)
+    except QidoError as exc:
+        error, status, unreachable = str(exc), exc.status, isinstance(exc, SourceUnreachable)
+    state.dates, state.uids = None, array("q")
+    return Listed(window, items, state, report.cap, report.verified, client.max_limit, Counted.of(client), error, status, unreachable)
+
+
+def crawl_task(key: str, config: SyncConfig, options: MappingOptions, summaries: list[StudySummary]) -> tuple[list[Outcome], Counted]:
+    """Fetch, check and map a batch of studies (runs on a worker)."""
+    from .sync import _crawl_one
+
+    client, learned = _task_client(key, config)
+    outcomes = [_crawl_one(client, summary, config, options, learned) for summary in summaries]
+    return outcomes, Counted.of(client)
+
+
+def _worker_config(config: SyncConfig) -> SyncConfig:
+    """What the workers need: no FHIR server credentials, no state location."""
+    return replace(config, fhir_url=None, fhir_user=None, fhir_password=None, fhir_token=None, out=None)
+
+
+def connect(config: SyncConfig) -> tuple[Any, Any]:
+    """(a dask.distributed Client, the LocalCluster it owns or None)."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise ConfigError("--executor dask needs Dask: pip install 'qido-crawler[dask]'") from None
+    if config.scheduler:
+        try:
+            return Client(config.scheduler, timeout=30, set_as_default=False), None
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {config.scheduler}: {exc}") from None
+    cluster = LocalCluster(
+        n_workers=config.workers, threads_per_worker=config.worker_threads, processes=True,
+        dashboard_address=None, silence_logs=logging.ERROR,
+    )
+    return Client(cluster, set_as_default=False), cluster
+
+
+class Coordinator:
+    """Feeds windows and changed studies to the cluster and hands what comes back to the run."""
+
+    def __init__(self, run: _Run, report: ListingReport) -> None:
+        self.run = run
+        self.report = report
+        self.key = uuid.uuid4().hex
+        self.config = _worker_config(run.config)
+        self.budget = task_size(run.config)
+        self.undated = _Undated()
+        self.completed: list[tuple[Window, int]] = []
+        """Windows listed complete while no cap was known, with their totals: re-listed in parts
+        when a later silent-cap check finds a cap they reached."""
+        self.waiting: deque[tuple[StudySummary, bool]] = deque()
+        self.windows: deque[tuple[Window, bool]] = deque()
+        self.listed_any = False
+        self.answered = False
+        self.unreachable: str | None = None
+        self.refused: str | None = None
+
+    def list_and_crawl(self, windows: list[Window]) -> None:
+        client, cluster = connect(self.run.config)
+        try:
+            if windows == [Window()]:
+                self.windows.append((Window(), True))
+                self.windows.extend((w, False) for w in Window().split())
+            else:
+                self.windows.extend((w, False) for w in windows)
+            self._pump(client)
+            self.undated.close(self.report)
+            if not self.unreachable:
+                for item in self.run._changed_items():
+                    self._consider(item)
+                self._pump(client)
+        finally:
+            try:
+                client.run(_forget, self.key)
+            except Exception:  # noqa: BLE001 - workers may be gone, and their clients with them
+                pass
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        if self.refused or (self.unreachable and not self.listed_any):
+            raise SourceUnreachable(self.refused or self.unreachable or "")
+
+    def _pump(self, client: Any) -> None:
+        """Keep the cluster busy until every window is listed and every changed study crawled;
+        listing waits while enough studies wait to be crawled, so memory stays bounded."""
+        from dask.distributed import as_completed
+
+        threads = max(sum(client.nthreads().values()), 1)
+        running = as_completed(loop=client.loop)
+        jobs: dict[Any, tuple[str, Any]] = {}
+        listing = crawling = 0
+
+        def submit() -> None:
+            nonlocal listing, crawling
+            while self.waiting and crawling < 2 * threads:
+                batch = [self.waiting.popleft() for _ in range(min(BATCH, len(self.waiting)))]
+                future = client.submit(crawl_task, self.key, self.config, self.run.options, [s for s, _ in batch], pure=False)
+                jobs[future] = ("crawl", batch)
+                running.add(future)
+                crawling += 1
+            while self.windows and listing < threads and len(self.waiting) < 4 * BATCH * threads and not self.unreachable:
+                window, undated_only = self.windows.popleft()
+                verify = self.report.cap is None and not self.report.verified
+                future = client.submit(
+                    list_task, self.key, self.config, window, self.report.cap, self.report.verified, verify,
+                    None if undated_only else self.budget, undated_only, pure=False,
+                )
+                jobs[future] = ("list", (window, undated_only))
+                running.add(future)
+                listing += 1
+                self.report.windows_listed += 1
+
+        submit()
+        for future in running:
+            kind, payload = jobs.pop(future)
+            if kind == "list":
+                listing -= 1
+                self._listed(future, *payload)
+            else:
+                crawling -= 1
+                self._crawled(future, payload)
+            future.release()
+            submit()
+
+    def _count(self, counted: Counted) -> None:
+        counts = self.run.client.counts
+        with counts._lock:
+            counts.by_kind.update(counted.requests)
+            counts.retries += counted.retries
+        self.answered = self.answered or counted.answered
+
+    def _consider(self, item: dict[str, Any]) -> None:
+        chosen = self.run._consider(item)
+        if chosen is not None:
+            self.waiting.append(chosen)
+
+    def _listed(self, future: Any, window: Window, undated_only: bool) -> None:
+        report = self.report
+        try:
+            listed: Listed = future.result()
+        except Exception as exc:  # noqa: BLE001 - a task that failed for good (e.g. its workers kept dying)
+            report.incomplete.append(f"{window}: the listing task failed: {type(exc).__name__}: {exc}")
+            return
+        self._count(listed.counted)
+        if listed.max_limit and not self.run.client.max_limit:
+            self.run.client.max_limit = listed.max_limit
+        for item in listed.items:
+            self._consider(item)
+        if listed.error is not None:
+            if listed.status in (401, 403):
+                self.refused = self.unreachable = f"{listed.error}: check --user/--password or --token"
+            elif listed.unreachable and not self.answered:
+                self.unreachable = listed.error
+            report.incomplete.append(f"{window}: {listed.error}")
+            log.error("listing of %s stopped: %s", window, listed.error)
+            return
+        self.listed_any = True
+        state = listed.state
+        if listed.cap is not None and (report.cap is None or listed.cap < report.cap):
+            report.cap = listed.cap
+            self._relist_capped()
+        report.verified = max(report.verified, listed.verified)
+        if state.capped is None and report.cap is not None and state.total >= report.cap and state.window.splittable:
+            state.capped = f"{state.total} results, at the server's cap"
+        if undated_only:
+            if state.undated and not state.window.unfiltered:
+                self.undated.elsewhere = True
+            if state.capped is None:
+                report.windows_complete += 1
+            elif state.undated:
+                self.undated.at_risk = f"{window}: {state.capped}; studies without StudyDate past the cap cannot be listed"
+            return
+        children = follow_up(state, report, self.undated, self.run.client.page_size(report.page_size))
+        if state.capped is None and report.cap is None:
+            self.completed.append((window, state.total))
+        self.windows.extendleft((w, False) for w in reversed(children))
+
+    def _relist_capped(self) -> None:
+        """A cap found now: windows listed complete before may have reached it silently."""
+        cap = self.report.cap
+        assert cap is not None
+        for window, total in self.completed:
+            if total >= cap and window.splittable:
+                log.info("%s returned %d studies, the cap found since: listing it in parts", window, total)
+                self.report.windows_complete -= 1
+                self.report.windows_split += 1
+                self.windows.extend((w, False) for w in window.split())
+        self.completed.clear()
+
+    def _crawled(self, future: Any, batch: list[tuple[StudySummary, bool]]) -> None:
+        from .sync import Outcome
+
+        try:
+            outcomes, counted = future.result()
+        except Exception as exc:  # noqa: BLE001 - the batch is reported failed, not lost
+            outcomes = [Outcome(s, status="failed", error=f"study {s.uid}: the crawl task failed: {type(exc).__name__}") for s, _ in batch]
+        else:
+            self._count(counted)
+        for outcome, (_, known) in zip(outcomes, batch):
+            self.run._take(outcome, known)

@@ -1,0 +1,91 @@
+"""--executor dask against the fake PACS of fixtures/fakepacs.py (a fake, named as such): caps of
+every kind, paging quirks and transient faults, a listing that stops, an inconsistent study. The
+rule is the thread pool's: every study found exactly once, or the run names the windows it could
+not finish and exits 1.
+
+One local cluster of two worker processes serves the whole module (workers reach the fake PACS
+over loopback like any server).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("dask.distributed")
+
+from crawler.errors import SourceUnreachable  # noqa: E402
+from fixtures.fakepacs import FakePacs  # noqa: E402
+
+from test_crawl_faults import assert_complete, run as run_threads, written_study_uids  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def run(pacs: FakePacs, tmp_path, scheduler: str, **overrides):
+    return run_threads(pacs, tmp_path, executor="dask", scheduler=scheduler, **overrides)
+
+
+@pytest.mark.parametrize("cap_mode", ["warning", "warning2013", "silent", "413"])
+def test_capped_windows_are_split_and_fed_back(cap_mode, tmp_path, scheduler):
+    with FakePacs(n_studies=150, seed=1, max_results=25, cap_mode=cap_mode) as pacs:
+        result, rows = run(pacs, tmp_path, scheduler, page_size=50)
+        assert_complete(pacs, result, rows)
+        assert result.figures.windows_split > 0
+
+
+def test_windows_over_a_tasks_share_are_split_into_tasks(tmp_path, scheduler):
+    with FakePacs(n_studies=1500, seed=11, date_from="20200101", date_to="20231231") as pacs:
+        result, rows = run(pacs, tmp_path, scheduler, page_size=100)
+        assert_complete(pacs, result, rows)
+        # a task lists at most 1,000 studies of a multi-day window: 1,500 need at least 2 windows
+        assert result.figures.windows_split >= 1
+        assert result.requests["instances"] == pacs.counts()["instances"] == 1500
+        assert result.requests["studies"] == pacs.counts()["studies"]
+        assert "series" not in result.requests
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        {"ignore_offset": True},
+        {"duplicate_across_pages": True},
+        {"fail_every": 4, "fail_status": 429, "retry_after": "0"},
+        {"reset_every": 6},
+    ],
+    ids=lambda b: ",".join(f"{k}={v}" for k, v in b.items()),
+)
+def test_paging_quirks_and_transient_faults_lose_nothing(behaviour, tmp_path, scheduler):
+    with FakePacs(n_studies=90, seed=3, **behaviour) as pacs:
+        result, rows = run(pacs, tmp_path, scheduler, timeout=(2.0, 1.0), retries=10)
+        assert_complete(pacs, result, rows)
+
+
+def test_a_listing_that_stops_midway_exits_1_and_names_the_window(tmp_path, scheduler):
+    with FakePacs(n_studies=60, seed=6, fail_listing_from_offset=40, fail_status=500) as pacs:
+        result, rows = run(pacs, tmp_path, scheduler, retries=1)
+        assert result.exit_code == 1
+        assert result.figures.windows_incomplete >= 1
+        assert all("HTTP 500" in e and "offset=40" in e for e in result.errors if "not listed" in e)
+        assert set(rows.values()) == {"synced"}
+        assert set(written_study_uids(result)) == set(rows)
+
+
+def test_inconsistent_study_is_not_recorded_as_synced(tmp_path, scheduler):
+    with FakePacs(n_studies=40, seed=5, inconsistent={3: 2}, malformed={7}) as pacs:
+        result, rows = run(pacs, tmp_path, scheduler)
+        assert result.exit_code == 1
+        assert result.figures.studies_inconsistent == 1 and result.figures.studies_failed == 1
+        assert rows[pacs.study_uid(3)] == "inconsistent" and rows[pacs.study_uid(7)] == "failed"
+        assert set(written_study_uids(result)) == set(pacs.study_uids()) - {pacs.study_uid(3), pacs.study_uid(7)}
+
+
+def test_a_server_that_always_fails_is_unreachable(tmp_path, scheduler):
+    with FakePacs(n_studies=10, seed=7, fail_every=1, fail_status=503) as pacs:
+        with pytest.raises(SourceUnreachable):
+            run(pacs, tmp_path, scheduler, retries=1)
