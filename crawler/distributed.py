@@ -185,6 +185,10 @@ class Coordinator:
     def list_and_crawl(self, windows: list[Window]) -> None:
         client, cluster = connect(self.run.config)
         try:
+            if self.config.max_rps:
+                # each worker process paces its own requests: share the limit out among them
+                processes = max(len(client.nthreads()), 1)
+                self.config = replace(self.config, max_rps=self.config.max_rps / processes)
             if windows == [Window()]:
                 self.windows.append((Window(), True))
                 self.windows.extend((w, False) for w in Window().split())

@@ -83,7 +83,7 @@ def test_a_worker_killed_mid_run_loses_nothing(pacs, corpus_study_uids, threads_
 
         config = SyncConfig(
             url=pacs.dicomweb, state=tmp_path / "state.db", out=tmp_path / "out", executor="dask",
-            scheduler=cluster.scheduler_address, max_rps=4.0, zone=zone("Europe/Berlin"),
+            scheduler=cluster.scheduler_address, max_rps=8.0, zone=zone("Europe/Berlin"),
         )
         result = sync(config, progress=kill_a_busy_worker)
     assert killed, "no worker was busy when the first studies came back"
