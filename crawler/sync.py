@@ -11,6 +11,7 @@ study is written twice into one run's output.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import logging
@@ -128,15 +129,23 @@ def _crawl_one(client: QidoClient, summary: StudySummary, config: SyncConfig, op
                 path=fetched.path,
             )
         mapped = map_resources(fetched.data, options)
-        resources = [convert(r, config.fhir_version) for r in (endpoint(options.wado_base or options.source), *mapped.resources())]
+        resources = [convert(r, config.fhir_version) for r in mapped.resources()]
         if config.validate:
-            for resource in resources:
+            for resource in (convert(endpoint(options.wado_base or options.source), config.fhir_version), *resources):
                 validate(resource, config.fhir_version, summary.uid)
-        return Outcome(summary, tuple((r["resourceType"], r["id"], orjson.dumps(r)) for r in resources), path=fetched.path)
+        serialised = tuple((r["resourceType"], r["id"], orjson.dumps(r)) for r in resources)
+        return Outcome(summary, (_endpoint(options.wado_base or options.source, config.fhir_version), *serialised), path=fetched.path)
     except MappingError as exc:
         return Outcome(summary, status="failed", error=str(exc))
     except QidoError as exc:
         return Outcome(summary, status="failed", error=f"study {summary.uid}: {exc}")
+
+
+@functools.lru_cache(maxsize=8)
+def _endpoint(base: str, version: str) -> Resource:
+    """The Endpoint every study of a run references, built and serialised once."""
+    resource = convert(endpoint(base), version)
+    return resource["resourceType"], resource["id"], orjson.dumps(resource)
 
 
 def _result(entry: tuple[Future[Outcome], bool]) -> tuple[Outcome, bool]:
@@ -252,6 +261,7 @@ class _Run:
         self.pending: set[str] = set()
         """UIDs listed in this run that the state does not hold yet (until the next checkpoint)."""
         self.learned = Learned()
+        self.stored: dict[tuple[str, str], str | None] = {}
 
     def run(self, started_clock: float) -> SyncResult:
         config, state = self.config, self.state
@@ -427,11 +437,20 @@ class _Run:
             )
             self.pending.discard(outcome.summary.uid)
             return
-        send = [r for r in outcome.resources if self.state.resource_hash(r[0], r[1]) != digest(r[2])]
+        send = [r for r in outcome.resources if self._stored_hash(r[0], r[1]) != digest(r[2])]
         if send:
             for sink in self.sinks:
                 sink.add(outcome.summary.uid, send)
         self.held.append(_Held(outcome, known, send))
+
+    def _stored_hash(self, resource_type: str, resource_id: str) -> str | None:
+        """The state's hash of a resource; the Endpoint's (the same in every study) kept in memory."""
+        if resource_type != "Endpoint":
+            return self.state.resource_hash(resource_type, resource_id)
+        key = (resource_type, resource_id)
+        if key not in self.stored:
+            self.stored[key] = self.state.resource_hash(resource_type, resource_id)
+        return self.stored[key]
 
     def _checkpoint(self) -> None:
         """Flush every sink, record what they took, commit."""
@@ -457,6 +476,8 @@ class _Run:
                 if (resource_type, resource_id, body_digest) not in recorded:
                     recorded.add((resource_type, resource_id, body_digest))
                     state.put_resource(resource_type, resource_id, body_digest, body)
+                    if (resource_type, resource_id) in self.stored:
+                        self.stored[resource_type, resource_id] = body_digest
                     figures.resources_written += 1
             _, study_resource_id, study_body = held.outcome.study
             state.record_study(
