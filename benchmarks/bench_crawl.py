@@ -32,8 +32,9 @@ What it does:
    Orthanc's CPU seconds (utime + stime from ``/proc/<pid>/stat``), the CPU the host's other
    processes used meanwhile (``/proc/stat``; contention), naive wall / our wall, naive server
    CPU / our server CPU (the work ratio, which contention hardly changes), and client CPU /
-   server CPU. Our requests are seen through a response hook on the session of the client that
-   ``crawler.sync`` builds (observation only).
+   server CPU. Our requests are seen by timing ``QidoClient.fetch``, which every GET of the
+   crawler goes through (observation only); the naive crawl's through a response hook on its
+   session.
 4. **Checks**: every variant must find the corpus's studies, and naive and ours the same studies
    with the same instances per study (from ``ImagingStudy.ndjson``); the steady-state runs must
    find every listed study unchanged (``steady-full``: all of them) and write nothing. A failed
@@ -83,6 +84,7 @@ import corpus  # noqa: E402  (benchmarks/corpus.py)
 from fixtures import orthanc  # noqa: E402
 
 import importlib  # noqa: E402
+from crawler import qido  # noqa: E402
 from crawler.config import SyncConfig  # noqa: E402
 from crawler.crawl import CrawlOptions, MetadataMode  # noqa: E402
 
@@ -239,10 +241,13 @@ class Recorder:
     fallback: dict[str, int] | None = None  # the crawler's own counts, if the hook saw nothing
 
     def hook(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
-        kind = shape(response.url)
+        self.add(response.url, response.elapsed.total_seconds())
+
+    def add(self, url: str, seconds: float) -> None:
+        kind = shape(url)
         with self.lock:
             self.counts[kind] += 1
-            self.seconds[kind] += response.elapsed.total_seconds()
+            self.seconds[kind] += seconds
 
     def attach(self, session: requests.Session) -> requests.Session:
         session.hooks["response"].append(self.hook)
@@ -265,20 +270,22 @@ class Recorder:
 
 @contextmanager
 def recording(recorder: Recorder) -> Iterator[None]:
-    """Make crawler.sync build its QidoClient with the recorder's hook on the session (observation
-    only: same session settings, same requests)."""
-    original = crawler_sync.QidoClient
+    """Time every GET of the crawler's QidoClient (``QidoClient.fetch``, whichever way it sends),
+    for the requests by URL shape (observation only: the same requests, the same answers)."""
+    original = qido.QidoClient.fetch
 
-    class Recorded(original):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            recorder.attach(self.session)
+    def fetch(self: qido.QidoClient, url: str) -> qido.Answer:
+        started = time.perf_counter()
+        try:
+            return original(self, url)
+        finally:
+            recorder.add(url, time.perf_counter() - started)
 
-    crawler_sync.QidoClient = Recorded
+    qido.QidoClient.fetch = fetch  # type: ignore[method-assign]
     try:
         yield
     finally:
-        crawler_sync.QidoClient = original
+        qido.QidoClient.fetch = original  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------- the variants
@@ -357,7 +364,7 @@ def ours(
         with recording(recorder):
             result = crawler_sync.sync(config)
         if not recorder.counts:
-            log("  (requests not seen by the hook: crawler.sync no longer builds its client as expected; using its own counts)")
+            log("  (requests not seen: crawler.sync no longer sends through QidoClient.fetch; using its own counts)")
             recorder.fallback = result.requests
         found: dict[str, int] = {}
         if result.run_dir:

@@ -5,10 +5,12 @@
 
 This is a **simulator**, not a PACS: a QIDO-RS/WADO-RS server on 127.0.0.1 that generates
 deterministic studies on demand from ``--seed`` (nothing is stored; a study is a function of the
-seed and its index), with a fixed per-request latency (``--latency`` seconds, slept in the
-server's connection thread, so concurrent requests overlap as on a real server) and optional
-caps: ``--max-results`` with ``--cap-mode`` (``warning``, ``warning2013``, ``silent`` like
-Orthanc's ``LimitFindResults``, ``413``), and ``--max-limit`` (the largest page it answers).
+seed and its index), with a fixed per-request latency (``--latency`` seconds from a request's
+arrival to its answer, waited in the server's connection thread, so concurrent requests overlap
+as on a real server; the answer is built during that wait, so the simulator's own work does not
+add to the latency as long as it takes less) and optional caps: ``--max-results`` with
+``--cap-mode`` (``warning``, ``warning2013``, ``silent`` like Orthanc's ``LimitFindResults``,
+``413``), and ``--max-limit`` (the largest page it answers).
 See ``fixtures/fakepacs.py`` for the data and the options.
 
 It runs in its own process because a ``requests`` client in the same process as the simulator
@@ -58,22 +60,46 @@ from fixtures.fakepacs import CAP_MODES, FakePacs  # noqa: E402
 
 
 class CountingPacs(FakePacs):
-    """FakePacs that counts requests by kind instead of recording each one (flat memory)."""
+    """FakePacs that counts requests by kind instead of recording each one (flat memory), and
+    answers each request ``latency`` seconds after it arrived (FakePacs waits the latency first and
+    then builds the answer, so every answer comes late by the time it took to build)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, latency: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.latency = latency
+        self._arrival = threading.local()
         self._kinds: Counter[str] = Counter()
         self._first: dict[str, float] = {}
         self._last: dict[str, float] = {}
+        self._fields: dict[tuple[frozenset[str], tuple[tuple[str, str], ...]], frozenset[str] | None] = {}
 
     def _record(self, kind: str, query: str, path: str = "") -> int:
         now = time.monotonic()
+        self._arrival.at = now
         with self._lock:
             self._number += 1
             self._kinds[kind] += 1
             self._first.setdefault(kind, now)
             self._last[kind] = now
             return self._number
+
+    def _send(self, h: Any, status: int, headers: list[tuple[str, str]], body: bytes, truncate: bool = False) -> None:
+        arrived = getattr(self._arrival, "at", None)
+        self._arrival.at = None
+        if arrived is not None and self.latency:
+            remaining = arrived + self.latency - time.monotonic()
+            if remaining > 0 and self._stopping.wait(remaining):
+                return
+        super()._send(h, status, headers, body, truncate)
+
+    def _keys(self, default: frozenset[str], params: list[tuple[str, str]]) -> frozenset[str] | None:
+        """The fields to answer, kept per query (the crawler asks every study the same)."""
+        key = (default, tuple(params))
+        if key not in self._fields:
+            if len(self._fields) > 1000:
+                self._fields.clear()
+            self._fields[key] = super()._keys(default, params)
+        return self._fields[key]
 
     def spans(self) -> dict[str, float]:
         """Seconds between the first and the last request of each kind (since the last reset)."""
@@ -113,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run a simulated PACS (FakePacs) in this process; print its URL, serve until stdin closes.")
     p.add_argument("--studies", type=int, required=True, help="number of studies")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data (default 0)")
-    p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="sleep this long in every request (default 0)")
+    p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="answer every request this long after it arrived (default 0)")
     p.add_argument("--max-results", type=int, metavar="N", help="cap on the results of one query")
     p.add_argument("--cap-mode", choices=CAP_MODES, default="warning", help="how the cap shows (default warning)")
     p.add_argument("--max-limit", type=int, metavar="N", help="largest page (limit) answered; larger limits are clamped")

@@ -3,11 +3,17 @@
 The client streams: pages are yielded as they arrive and never gathered into one list. Query
 strings are built by a pure function, sorted, with values sent raw where the standard allows it
 (``,`` ``*`` ``-``), because some servers (Orthanc 1.10) do not percent-decode query values.
+
+Requests are configured on a ``requests.Session`` (auth, headers, TLS, the environment's proxies
+and CA bundle) but sent, where nothing needs requests' own handling, straight through the
+session adapter's urllib3 pool (``LeanAdapter``): the same bytes on the wire for a fraction of
+the CPU.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import random
 import threading
 import time
@@ -20,6 +26,9 @@ from urllib.parse import quote, urlsplit
 import orjson
 import requests
 import tenacity
+import urllib3
+from requests.adapters import HTTPAdapter
+from requests.models import REDIRECT_STATI
 
 from .errors import ConfigError, FatalQidoError, QidoError, RetriableQidoError, SourceUnreachable
 
@@ -27,9 +36,14 @@ RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _SAFE = ",*-.:/_~^="
 
 
+@functools.lru_cache(maxsize=4096)
+def _quoted(text: str) -> str:
+    return quote(text, safe=_SAFE)
+
+
 def build_query(params: Sequence[tuple[str, str | int]]) -> str:
     """``key=value&...`` sorted by key then value; only characters that break a URL are encoded."""
-    return "&".join(f"{quote(str(k), safe=_SAFE)}={quote(str(v), safe=_SAFE)}" for k, v in sorted(params, key=lambda p: (p[0], str(p[1]))))
+    return "&".join(f"{_quoted(k)}={_quoted(v)}" for k, v in sorted([(str(k), str(v)) for k, v in params]))
 
 
 def check_base_url(url: str) -> str:
@@ -168,8 +182,142 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    authorization: str | None
+    """The Authorization header the request carried (to tell a stale token after a 401)."""
+
+
+def requests_error(exc: urllib3.exceptions.HTTPError | OSError) -> Exception:
+    """The exception requests' ``HTTPAdapter.send`` raises for what urllib3 raised while sending."""
+    rq = requests.exceptions
+    if isinstance(exc, urllib3.exceptions.MaxRetryError):
+        reason = exc.reason
+        if isinstance(reason, urllib3.exceptions.ConnectTimeoutError) and not isinstance(reason, urllib3.exceptions.NewConnectionError):
+            return rq.ConnectTimeout(exc)
+        if isinstance(reason, urllib3.exceptions.ResponseError):
+            return rq.RetryError(exc)
+        if isinstance(reason, urllib3.exceptions.ProxyError):
+            return rq.ProxyError(exc)
+        if isinstance(reason, urllib3.exceptions.SSLError):
+            return rq.SSLError(exc)
+        return rq.ConnectionError(exc)
+    if isinstance(exc, (urllib3.exceptions.ProtocolError, OSError, urllib3.exceptions.ClosedPoolError)):
+        return rq.ConnectionError(exc)
+    if isinstance(exc, urllib3.exceptions.ProxyError):
+        return rq.ProxyError(exc)
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return rq.SSLError(exc)
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return rq.ReadTimeout(exc)
+    if isinstance(exc, urllib3.exceptions.InvalidHeader):
+        return rq.InvalidHeader(exc)
+    return exc
+
+
+def requests_body_error(exc: urllib3.exceptions.HTTPError) -> Exception:
+    """The exception requests raises for what urllib3 raised while reading a body."""
+    rq = requests.exceptions
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        return rq.ChunkedEncodingError(exc)
+    if isinstance(exc, urllib3.exceptions.DecodeError):
+        return rq.ContentDecodingError(exc)
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return rq.ConnectionError(exc)
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return rq.SSLError(exc)
+    return exc
+
+
+class LeanAdapter(HTTPAdapter):
+    """requests' adapter with a plain GET beside ``send``: straight to the urllib3 pool, the body
+    read and decoded in one piece, no Request or Response objects, and the same exceptions as
+    ``send``. requests' own work per request (merging settings, reading the environment,
+    preparing, building the Response) costs the crawler more CPU than parsing most answers."""
+
+    def pool(self, origin: Origin) -> urllib3.HTTPConnectionPool:
+        """The origin's pool, kept until the pool manager closes it."""
+        pool = origin.pools[0] if origin.pools else None
+        if pool is None or pool.pool is None:
+            pool = self.get_connection_with_tls_context(origin.request, origin.verify, proxies=None, cert=origin.cert)
+            self.cert_verify(pool, origin.prefix, origin.verify, origin.cert)
+            origin.pools[:] = [pool]
+        return pool
+
+    def get(self, origin: Origin, target: str, headers: Mapping[str, str], timeout: urllib3.Timeout) -> tuple[urllib3.BaseHTTPResponse, bytes]:
+        try:
+            response = self.pool(origin).urlopen(
+                "GET", target, headers=headers, redirect=False, assert_same_host=False, preload_content=False,
+                decode_content=True, retries=self.max_retries, timeout=timeout,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise requests_error(exc) from exc
+        except ValueError as exc:
+            raise requests.exceptions.InvalidHeader(exc) from exc
+        try:
+            body = response.read(decode_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise requests_body_error(exc) from exc
+        finally:
+            response.release_conn()
+        return response, body
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a GET to the base URL's scheme://host:port needs to go through ``LeanAdapter.get``,
+    resolved once from the session and the environment, as requests does for every request."""
+
+    prefix: str
+    adapter: LeanAdapter
+    request: requests.PreparedRequest
+    verify: bool | str
+    cert: Any
+    authorization: str | None
+    """From the session's user and password, the URL's or .netrc, as requests adds it to every
+    request; None when the Authorization header (if any) is the session's own."""
+    pools: list[urllib3.HTTPConnectionPool] = field(default_factory=list, compare=False)
+
+
+def resolve_origin(session: requests.Session, base_url: str) -> Origin | None:
+    """None when requests to ``base_url`` need requests itself: a proxy, another adapter, an auth
+    object other than user and password, session-wide query parameters or response hooks."""
+    adapter = session.get_adapter(base_url)
+    if not isinstance(adapter, LeanAdapter) or not hasattr(adapter, "get_connection_with_tls_context"):
+        return None
+    auth = session.auth
+    if (auth is not None and not (isinstance(auth, tuple) and len(auth) == 2)) or session.params or any(session.hooks.values()):
+        return None
+    settings = session.merge_environment_settings(base_url, {}, None, None, None)
+    if requests.utils.select_proxy(base_url, settings["proxies"]):
+        return None
+    prepared = session.prepare_request(requests.Request("GET", base_url))
+    authorization = prepared.headers.get("Authorization")
+    if authorization == session.headers.get("Authorization"):
+        authorization = None
+    parts = urlsplit(base_url)
+    return Origin(f"{parts.scheme}://{parts.netloc}", adapter, prepared, settings["verify"], settings["cert"], authorization)
+
+
+def urllib3_timeout(timeout: float | tuple[float, float] | urllib3.Timeout | None) -> urllib3.Timeout:
+    if isinstance(timeout, urllib3.Timeout):
+        return timeout
+    if isinstance(timeout, tuple):
+        connect, read = timeout
+        return urllib3.Timeout(connect=connect, read=read)
+    return urllib3.Timeout(connect=timeout, read=timeout)
+
+
 class QidoClient:
-    """A QIDO-RS (and WADO-RS metadata) client for one DICOMweb base URL."""
+    """A QIDO-RS (and WADO-RS metadata) client for one DICOMweb base URL.
+
+    GETs to the base URL's host go straight through urllib3 (``LeanAdapter.get``) unless something
+    needs requests' own handling: a proxy, cookies the server has set, a redirect; those go
+    through the session.
+    """
 
     def __init__(
         self,
@@ -189,7 +337,7 @@ class QidoClient:
     ) -> None:
         self.base_url = check_base_url(base_url)
         self.session = session or requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1), max_retries=0)
+        adapter = LeanAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1), max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.verify = verify
@@ -207,9 +355,20 @@ class QidoClient:
         self.timeout = timeout
         self.retry = retry
         self.counts = RequestCounts()
-        self._sleep = sleep
         self.answered = False
         self.max_limit: int | None = None
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(RetriableQidoError),
+            stop=_give_up,
+            wait=_wait,
+            sleep=sleep,
+            before_sleep=_count_retry,
+            reraise=True,
+        )
+        self._origin: Origin | None = None
+        self._origin_lock = threading.Lock()
+        self._resolved = False
+        self._timeout: tuple[Any, urllib3.Timeout] = (timeout, urllib3_timeout(timeout))
 
     def close(self) -> None:
         self.session.close()
@@ -218,22 +377,11 @@ class QidoClient:
         query = build_query(params)
         return f"{self.base_url}/{path.lstrip('/')}" + (f"?{query}" if query else "")
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        return retry_wait(self.retry, state)
-
     def get(self, kind: str, path: str, params: Sequence[tuple[str, str | int]] = ()) -> Page:
         """One GET with retries; returns the parsed page. Raises QidoError subclasses."""
         url = self.url(path, params)
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(RetriableQidoError),
-            stop=tenacity.stop_after_attempt(self.retry.attempts) | tenacity.stop_after_delay(self.retry.max_seconds),
-            wait=self._wait,
-            sleep=self._sleep,
-            before_sleep=lambda _: self.counts.add_retry(),
-            reraise=True,
-        )
         try:
-            return retrying(self._get_once, kind, url)
+            return self._retrying(QidoClient._get_once, self, kind, url)
         except RetriableQidoError as exc:
             if not self.answered and exc.status is None:
                 raise SourceUnreachable(str(exc), url=exc.url) from None
@@ -249,40 +397,14 @@ class QidoClient:
         return True
 
     def _get_once(self, kind: str, url: str) -> Page:
-        shown = redact(url)
         try:
-            response = self._send(kind, url)
-            if response.status_code == 401 and self._refresh_token(response.request.headers.get("Authorization")):
-                response = self._send(kind, url)
-            body = response.content
-        except requests.exceptions.SSLError as exc:
-            raise FatalQidoError(f"TLS error for {shown}: {_reason(exc)}", url=shown) from None
-        except requests.exceptions.ConnectionError as exc:
-            raise RetriableQidoError(f"cannot connect to {shown}: {_reason(exc)}", url=shown) from None
-        except requests.exceptions.Timeout:
-            raise RetriableQidoError(f"timed out: {shown}", url=shown) from None
-        except requests.exceptions.RequestException as exc:
-            raise RetriableQidoError(f"request failed: {shown}: {_reason(exc)}", url=shown) from None
+            answer = self._send(kind, url)
+            if answer.status == 401 and self._refresh_token(answer.authorization):
+                answer = self._send(kind, url)
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise transport_failure(exc, redact(url)) from None
         self.answered = True
-        status = response.status_code
-        if status == 204:
-            return Page([], status, response.headers.get("Warning"))
-        if status in RETRIABLE_STATUS:
-            error = RetriableQidoError(f"HTTP {status} from {shown}", url=shown, status=status)
-            error.retry_after = retry_after_seconds(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
-            raise error
-        if status >= 400:
-            hint = {401: " (authentication required or refused)", 403: " (forbidden)", 404: " (not found)", 413: " (query matches too much)"}
-            raise FatalQidoError(f"HTTP {status}{hint.get(status, '')} from {shown}", url=shown, status=status)
-        if not body.strip():
-            return Page([], status, response.headers.get("Warning"))
-        try:
-            items = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise FatalQidoError(f"malformed JSON from {shown} ({len(body)} bytes)", url=shown, status=status) from None
-        if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
-            raise FatalQidoError(f"answer from {shown} is not a JSON array of objects", url=shown, status=status)
-        return Page(items, status, response.headers.get("Warning"))
+        return page_of(answer, url)
 
     def page_size(self, wanted: int) -> int:
         return min(wanted, self.max_limit) if self.max_limit else wanted
@@ -295,11 +417,46 @@ class QidoClient:
         self.max_limit = page_size // 2
         return True
 
-    def _send(self, kind: str, url: str) -> requests.Response:
+    def _send(self, kind: str, url: str) -> Answer:
         if self._rate:
             self._rate.wait()
         self.counts.add(kind)
-        return self.session.get(url, timeout=self.timeout)
+        return self.fetch(url)
+
+    def fetch(self, url: str) -> Answer:
+        """One GET, no retries; raises requests' exceptions."""
+        origin = self._direct_origin()
+        session = self.session
+        if origin is None or not url.startswith(origin.prefix + "/") or session.cookies:
+            return self._fetch_by_session(url)
+        headers = session.headers.copy()
+        if origin.authorization:
+            headers["Authorization"] = origin.authorization
+        if None in headers.values():
+            headers = requests.structures.CaseInsensitiveDict((k, v) for k, v in headers.items() if v is not None)
+        response, body = origin.adapter.get(origin, url[len(origin.prefix):], headers, self._urllib3_timeout())
+        if response.status in REDIRECT_STATI and "location" in response.headers:
+            return self._fetch_by_session(url)
+        if "set-cookie" in response.headers:
+            requests.cookies.extract_cookies_to_jar(session.cookies, requests.Request("GET", url, headers=headers).prepare(), response)
+        return Answer(response.status, response.headers, body, headers.get("Authorization"))
+
+    def _fetch_by_session(self, url: str) -> Answer:
+        response = self.session.get(url, timeout=self.timeout)
+        return Answer(response.status_code, response.headers, response.content, response.request.headers.get("Authorization"))
+
+    def _urllib3_timeout(self) -> urllib3.Timeout:
+        if self._timeout[0] is not self.timeout:
+            self._timeout = (self.timeout, urllib3_timeout(self.timeout))
+        return self._timeout[1]
+
+    def _direct_origin(self) -> Origin | None:
+        if not self._resolved:
+            with self._origin_lock:
+                if not self._resolved:
+                    self._origin = resolve_origin(self.session, self.base_url)
+                    self._resolved = True
+        return self._origin
 
     def iter_pages(
         self, kind: str, path: str, params: Sequence[tuple[str, str | int]], page_size: int, max_pages: int = 100_000
@@ -328,6 +485,60 @@ class QidoClient:
             previous = page.items
             offset += len(page.items)
         raise FatalQidoError(f"{redact(self.url(path))}: more than {max_pages} pages", url=redact(self.url(path)))
+
+
+def transport_failure(exc: Exception, shown: str) -> QidoError:
+    if isinstance(exc, requests.exceptions.SSLError):
+        return FatalQidoError(f"TLS error for {shown}: {_reason(exc)}", url=shown)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return RetriableQidoError(f"cannot connect to {shown}: {_reason(exc)}", url=shown)
+    if isinstance(exc, requests.exceptions.Timeout):
+        return RetriableQidoError(f"timed out: {shown}", url=shown)
+    return RetriableQidoError(f"request failed: {shown}: {_reason(exc)}", url=shown)
+
+
+def page_of(answer: Answer, url: str) -> Page:
+    """The answer's items; raises QidoError for error statuses and bodies that are no array of objects."""
+    status, body = answer.status, answer.body
+    if status == 204:
+        return Page([], status, answer.headers.get("Warning"))
+    if status in RETRIABLE_STATUS:
+        shown = redact(url)
+        error = RetriableQidoError(f"HTTP {status} from {shown}", url=shown, status=status)
+        error.retry_after = retry_after_seconds(answer.headers.get("Retry-After"))  # type: ignore[attr-defined]
+        raise error
+    if status >= 400:
+        shown = redact(url)
+        hint = {401: " (authentication required or refused)", 403: " (forbidden)", 404: " (not found)", 413: " (query matches too much)"}
+        raise FatalQidoError(f"HTTP {status}{hint.get(status, '')} from {shown}", url=shown, status=status)
+    if not body.strip():
+        return Page([], status, answer.headers.get("Warning"))
+    try:
+        items = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        shown = redact(url)
+        raise FatalQidoError(f"malformed JSON from {shown} ({len(body)} bytes)", url=shown, status=status) from None
+    if type(items) is not list or not all(type(item) is dict for item in items):
+        shown = redact(url)
+        raise FatalQidoError(f"answer from {shown} is not a JSON array of objects", url=shown, status=status)
+    return Page(items, status, answer.headers.get("Warning"))
+
+
+# A client's Retrying is built once and shared by its copies (distributed.py gives each task a
+# copy that counts on its own): these read the client an attempt was made with from its arguments.
+
+
+def _give_up(state: tenacity.RetryCallState) -> bool:
+    policy: RetryPolicy = state.args[0].retry
+    return (tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.max_seconds))(state)
+
+
+def _wait(state: tenacity.RetryCallState) -> float:
+    return retry_wait(state.args[0].retry, state)
+
+
+def _count_retry(state: tenacity.RetryCallState) -> None:
+    state.args[0].counts.add_retry()
 
 
 def _reason(exc: Exception) -> str:

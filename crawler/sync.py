@@ -172,7 +172,9 @@ class _Held:
 
     outcome: Outcome
     known: bool
-    send: list[Resource]
+    send: list[tuple[Resource, str]]
+    """The resources the sinks were given, each with its digest."""
+    study_digest: str
 
 
 def choose_windows(config: SyncConfig, state: State, source: str, today: str) -> tuple[list[Window], str, bool]:
@@ -437,11 +439,12 @@ class _Run:
             )
             self.pending.discard(outcome.summary.uid)
             return
-        send = [r for r in outcome.resources if self._stored_hash(r[0], r[1]) != digest(r[2])]
+        digests = [digest(r[2]) for r in outcome.resources]
+        send = [(r, d) for r, d in zip(outcome.resources, digests) if self._stored_hash(r[0], r[1]) != d]
         if send:
             for sink in self.sinks:
-                sink.add(outcome.summary.uid, send)
-        self.held.append(_Held(outcome, known, send))
+                sink.add(outcome.summary.uid, [r for r, _ in send])
+        self.held.append(_Held(outcome, known, send, digests[-1]))
 
     def _stored_hash(self, resource_type: str, resource_id: str) -> str | None:
         """The state's hash of a resource; the Endpoint's (the same in every study) kept in memory."""
@@ -471,19 +474,18 @@ class _Run:
                 figures.studies_changed += 1
             else:
                 figures.studies_new += 1
-            for resource_type, resource_id, body in held.send:
-                body_digest = digest(body)
+            for (resource_type, resource_id, body), body_digest in held.send:
                 if (resource_type, resource_id, body_digest) not in recorded:
                     recorded.add((resource_type, resource_id, body_digest))
                     state.put_resource(resource_type, resource_id, body_digest, body)
                     if (resource_type, resource_id) in self.stored:
                         self.stored[resource_type, resource_id] = body_digest
                     figures.resources_written += 1
-            _, study_resource_id, study_body = held.outcome.study
+            _, study_resource_id, _ = held.outcome.study
             state.record_study(
                 self.source, summary.uid, run_id=self.run_id, status="synced", resource_id=study_resource_id,
                 n_series=summary.n_series, n_instances=summary.n_instances, study_hash=study_hash(dict(summary.attributes)),
-                resource_hash=digest(study_body), study_date=_study_date(summary),
+                resource_hash=held.study_digest, study_date=_study_date(summary),
             )
         self.pending.difference_update(held.outcome.summary.uid for held in self.held)
         self.held.clear()

@@ -1,0 +1,209 @@
+"""QidoClient's direct GET (LeanAdapter) against the session's own path: same requests on the
+wire, same answers, same errors; and the cases that must go through requests (proxies, cookies,
+redirects)."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from crawler.errors import RetriableQidoError
+from crawler.qido import QidoClient, RequestCounts, RetryPolicy, resolve_origin
+from fixtures.fakepacs import FakePacs
+
+Handler = Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, str], bytes]]
+
+
+@contextmanager
+def server(answer: Handler) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A one-route HTTP/1.1 server; yields its DICOMweb base URL and the headers of each request seen."""
+    seen: list[dict[str, str]] = []
+
+    class Handle(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+            status, headers, body = answer(self)
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handle)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/dicom-web", seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_direct_and_session_paths_send_the_same_requests_and_read_the_same_answers(monkeypatch):
+    no_proxy(monkeypatch)
+    params = [("PatientName", "DOE^J*"), ("StudyDate", "20200101-20201231"), ("ModalitiesInStudy", "CT,MR"),
+              ("AccessionNumber", "a b&c"), ("includefield", "00081030"), ("limit", 7)]
+    with FakePacs(n_studies=20, seed=3) as pacs:
+        direct = QidoClient(pacs.url)
+        assert direct._direct_origin() is not None
+        fast = direct.get("studies", "studies", params)
+        by_session = QidoClient(pacs.url)
+        by_session._resolved = True
+        slow = by_session.get("studies", "studies", params)
+        first, second = pacs.requests[-2:]
+    assert fast.items == slow.items and fast.status == slow.status
+    assert first == second
+
+
+def test_both_paths_send_the_same_request_line_and_headers(monkeypatch):
+    no_proxy(monkeypatch)
+    with server(lambda h: (200, {"Content-Type": "application/dicom+json"}, b"[]")) as (url, seen):
+        for direct in (True, False):
+            client = QidoClient(url, auth=("ann", "s3cret"), headers={"X-Site": "north"})
+            client._resolved = not direct
+            client.get("studies", "studies", [("PatientName", "DOE^J*"), ("limit", 3)])
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert seen[0]["path"] == "/dicom-web/studies?PatientName=DOE%5EJ*&limit=3"
+    assert seen[0]["authorization"].startswith("Basic ") and seen[0]["x-site"] == "north"
+
+
+def test_user_and_password_go_with_the_direct_path(monkeypatch):
+    no_proxy(monkeypatch)
+    with FakePacs(n_studies=3, seed=1, auth=("ann", "s3cret")) as pacs:
+        client = QidoClient(pacs.url, auth=("ann", "s3cret"))
+        assert client._direct_origin().authorization.startswith("Basic ")
+        assert len(client.get("studies", "studies").items) == 3
+
+
+def test_credentials_in_the_url_go_with_the_direct_path(monkeypatch):
+    no_proxy(monkeypatch)
+    with FakePacs(n_studies=2, seed=1, auth=("ann", "s3cret")) as pacs:
+        client = QidoClient(pacs.url.replace("http://", "http://ann:s3cret@"))
+        assert client._direct_origin().authorization.startswith("Basic ")
+        assert len(client.get("studies", "studies").items) == 2
+
+
+def test_a_bearer_token_stays_the_session_header_and_can_be_refreshed(monkeypatch):
+    no_proxy(monkeypatch)
+    with FakePacs(n_studies=2, seed=1, token="fresh") as pacs:
+        client = QidoClient(pacs.url, token="stale", token_provider=lambda: "fresh")
+        assert client._direct_origin().authorization is None
+        assert len(client.get("studies", "studies").items) == 2
+        assert [r.kind for r in pacs.requests] == ["studies", "studies"]
+
+
+def test_gzip_answers_are_decoded(monkeypatch):
+    no_proxy(monkeypatch)
+    body = b'[{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}]'
+    with server(lambda h: (200, {"Content-Type": "application/dicom+json", "Content-Encoding": "gzip"}, gzip.compress(body))) as (url, seen):
+        page = QidoClient(url).get("studies", "studies")
+    assert page.items == [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}]
+    assert "gzip" in seen[0]["accept-encoding"] and seen[0]["accept"] == "application/dicom+json"
+
+
+def test_cookies_the_server_sets_are_sent_back(monkeypatch):
+    no_proxy(monkeypatch)
+
+    def answer(h: BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+        return 200, {"Set-Cookie": "route=node2; Path=/"}, b"[]"
+
+    with server(answer) as (url, seen):
+        client = QidoClient(url)
+        client.get("studies", "studies")
+        client.get("studies", "studies")
+    assert "cookie" not in seen[0]
+    assert seen[1]["cookie"] == "route=node2"
+
+
+def test_redirects_are_followed(monkeypatch):
+    no_proxy(monkeypatch)
+
+    def answer(h: BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+        if h.path.startswith("/dicom-web/"):
+            return 308, {"Location": h.path.replace("/dicom-web/", "/moved/", 1)}, b""
+        return 200, {"Content-Type": "application/dicom+json"}, b'[{"00080050": {"vr": "SH"}}]'
+
+    with server(answer) as (url, seen):
+        page = QidoClient(url).get("studies", "studies", [("limit", 5)])
+    assert page.items == [{"00080050": {"vr": "SH"}}]
+    assert seen[-1]["path"] == "/moved/studies?limit=5"
+
+
+def test_a_proxy_in_the_environment_sends_requests_through_the_session(monkeypatch):
+    no_proxy(monkeypatch)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert resolve_origin(QidoClient("http://pacs.example.org/dicom-web").session, "http://pacs.example.org/dicom-web") is not None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example.org:3128")
+    assert resolve_origin(QidoClient("http://pacs.example.org/dicom-web").session, "http://pacs.example.org/dicom-web") is None
+    monkeypatch.setenv("NO_PROXY", "pacs.example.org")
+    assert resolve_origin(QidoClient("http://pacs.example.org/dicom-web").session, "http://pacs.example.org/dicom-web") is not None
+
+
+def test_another_adapter_auth_object_or_hooks_send_requests_through_the_session():
+    session = requests.Session()
+    session.auth = requests.auth.HTTPDigestAuth("u", "p")
+    assert resolve_origin(QidoClient("http://pacs.example.org/dicom-web", session=session).session, "http://pacs.example.org/dicom-web") is None
+    session = requests.Session()
+    client = QidoClient("http://pacs.example.org/dicom-web", session=session)
+    session.mount("http://", requests.adapters.HTTPAdapter())
+    assert resolve_origin(client.session, client.base_url) is None
+    client = QidoClient("http://pacs.example.org/dicom-web")
+    client.session.hooks["response"].append(lambda response, **_: None)
+    assert resolve_origin(client.session, client.base_url) is None
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "message"),
+    [
+        ({"truncate_every": 1}, "request failed"),
+        ({"reset_every": 1}, "cannot connect"),
+        ({"stall_seconds": 2.0}, "timed out"),
+    ],
+)
+def test_transport_failures_are_retriable_with_the_same_messages_on_both_paths(monkeypatch, behaviour, message):
+    no_proxy(monkeypatch)
+    with FakePacs(n_studies=2, seed=4, **behaviour) as pacs:
+        for direct in (True, False):
+            client = QidoClient(pacs.url, timeout=(2.0, 0.3), retry=RetryPolicy(attempts=1))
+            client.answered = True
+            client._resolved = not direct
+            with pytest.raises(RetriableQidoError, match=message):
+                client.get("studies", "studies")
+
+
+def test_a_refused_connection_names_the_reason(monkeypatch):
+    no_proxy(monkeypatch)
+    client = QidoClient("http://127.0.0.1:9/dicom-web", retry=RetryPolicy(attempts=1))
+    client.answered = True
+    with pytest.raises(RetriableQidoError, match="cannot connect to .*connection refused"):
+        client.get("studies", "studies")
+
+
+def test_copies_of_a_client_count_their_own_requests_and_retries(monkeypatch):
+    no_proxy(monkeypatch)
+    with FakePacs(n_studies=2, seed=4, fail_requests={1: 503}) as pacs:
+        client = QidoClient(pacs.url, retry=RetryPolicy(attempts=3), sleep=lambda _: None)
+        view = copy.copy(client)
+        view.counts = RequestCounts()
+        assert len(view.get("studies", "studies").items) == 2
+    assert client.counts.as_dict() == {"total": 0, "retries": 0}
+    assert view.counts.as_dict() == {"total": 2, "studies": 2, "retries": 1}
