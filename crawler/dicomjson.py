@@ -229,9 +229,9 @@ def person_name(ds: Dataset, tag: str) -> str | None:
 
 def readable_name(pn: str) -> str:
     """``Family^Given^Middle^Prefix^Suffix`` -> ``Prefix Given Middle Family, Suffix``."""
-    parts = [part.strip() for part in pn.split("=")[0].split("^")] + [""] * 5
-    family, given, middle, prefix, suffix = parts[:5]
-    name = " ".join(part for part in (prefix, given, middle, family) if part)
+    family, given, middle, prefix, suffix = (pn.partition("=")[0] + "^^^^").split("^")[:5]
+    name = " ".join(filter(None, (prefix.strip(), given.strip(), middle.strip(), family.strip())))
+    suffix = suffix.strip()
     if suffix:
         name = f"{name}, {suffix}" if name else suffix
     return name

@@ -383,6 +383,7 @@ BODY_PART: dict[str, tuple[str, str]] = {
 """Body Part Examined (0018,0015) defined term → (SNOMED CT code, Annex L Code Meaning)."""
 
 
+@lru_cache(maxsize=1024)
 def body_part(value: str) -> tuple[str, str] | None:
     """The SNOMED CT code and meaning for a Body Part Examined value, or ``None`` if Annex L has none."""
     return BODY_PART.get(value.strip().upper())
@@ -467,6 +468,7 @@ Schemes listed without a UID (BARI, BI, ...) have no system to give and fall to 
 _SCHEME_SYSTEMS_FOLDED = {key.upper(): value for key, value in SCHEME_SYSTEMS.items()}
 
 
+@lru_cache(maxsize=1024)
 def scheme_system(designator: str, version: str | None = None) -> str:
     """The FHIR code system URI for a DICOM Coding Scheme Designator.
 
@@ -538,6 +540,7 @@ def _modality_displays() -> dict[str, str]:
     return {**fallback, **preferred}
 
 
+@lru_cache(maxsize=1024)
 def modality_display(code: str) -> str | None:
     """The DICOM code meaning of a modality (e.g. CT → "Computed Tomography"), if pydicom knows one."""
     return _modality_displays().get(code.strip().upper())

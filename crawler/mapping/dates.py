@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone, tzinfo
+from functools import lru_cache
 
 from ..dicomjson import parse_date, parse_offset, parse_time
+
+_LAST_DAY = {
+    "01": "31", "02": "29", "03": "31", "04": "30", "05": "31", "06": "30",
+    "07": "31", "08": "31", "09": "30", "10": "31", "11": "30", "12": "31",
+}  # fmt: skip
 
 
 def fhir_datetime(date: str | None, time: str | None, offset: str | None, zone: tzinfo | None) -> str | None:
@@ -16,6 +22,10 @@ def fhir_datetime(date: str | None, time: str | None, offset: str | None, zone: 
     """
     if not date:
         return None
+    if offset or not time:
+        found = _plain_datetime(date, time, offset)
+        if found is not None:
+            return found
     year, month, day = parse_date(date)
     if month is None:
         return f"{year:04d}"
@@ -42,7 +52,50 @@ def fhir_datetime(date: str | None, time: str | None, offset: str | None, zone: 
     return f"{day_text}T{hour:02d}:{minute:02d}:{second:02d}{fraction_text}{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
+def _plain_datetime(date: str, time: str | None, offset: str | None) -> str | None:
+    """The result for the usual forms (``YYYYMMDD``, ``HHMMSS[.F]``, ``+HHMM``) by slicing, or
+    None for anything else (including invalid values), which the general parser then handles.
+    Two-digit fields are compared as text: for ASCII digits that orders them as numbers."""
+    if len(date) != 8 or not (date.isascii() and date.isdigit()):
+        return None
+    year, month, day = date[:4], date[4:6], date[6:]
+    last_day = _LAST_DAY.get(month)
+    if last_day is None or year == "0000" or not "01" <= day <= last_day:
+        return None
+    if month == "02" and day == "29" and not _leap(int(year)):
+        return None
+    day_text = f"{year}-{month}-{day}"
+    if not time:
+        return day_text
+    size = len(time)
+    if size < 6 or size > 13 or size == 7 or not (time.isascii() and time[:6].isdigit()):
+        return None
+    if size > 6 and (time[6] != "." or not time[7:].isdigit()):
+        return None
+    hour, minute, second = time[:2], time[2:4], time[4:6]
+    if hour > "23" or minute > "59" or second > "60":
+        return None
+    suffix = _offset_suffix(offset) if offset else None
+    if suffix is None:
+        return None
+    return f"{day_text}T{hour}:{minute}:{'59' if second == '60' else second}{time[6:]}{suffix}"
+
+
+def _leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+@lru_cache(maxsize=256)
+def _offset_suffix(offset: str) -> str | None:
+    """``+01:00`` for ``+0100``; None when ``offset`` is not a valid Timezone Offset From UTC."""
+    try:
+        minutes = parse_offset(offset)
+    except ValueError:
+        return None
+    sign = "-" if minutes < 0 else "+"
+    minutes = abs(minutes)
+    return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-

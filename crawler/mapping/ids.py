@@ -6,7 +6,14 @@ import uuid
 from functools import lru_cache
 from urllib.parse import urlsplit, urlunsplit
 
+try:
+    from _sha1 import sha1 as _sha1
+except ImportError:  # pragma: no cover - interpreters without the builtin module
+    from hashlib import sha1 as _sha1
+
 NAMESPACE = uuid.UUID("6d1c4f8e-2f0a-5b7e-9a43-7c1f0e5d2b91")
+_NAMESPACE_BYTES = NAMESPACE.bytes
+_VARIANT = "89ab"
 
 
 @lru_cache(maxsize=64)
@@ -20,7 +27,15 @@ def normalise_base(url: str) -> str:
 
 
 def resource_id(kind: str, *parts: str) -> str:
-    return str(uuid.uuid5(NAMESPACE, "|".join((kind, *parts))))
+    return _uuid5("|".join((kind, *parts)))
+
+
+def _uuid5(name: str) -> str:
+    """``str(uuid.uuid5(NAMESPACE, name))``, from the SHA-1 digest directly: one id per study,
+    and the uuid module's objects cost more than the hash."""
+    digest = _sha1(_NAMESPACE_BYTES + name.encode()).digest()
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[(digest[8] >> 4) & 3]}{h[17:20]}-{h[20:32]}"
 
 
 @lru_cache(maxsize=64)
@@ -29,4 +44,4 @@ def endpoint_id(wado_base: str) -> str:
 
 
 def study_id(source: str, study_uid: str) -> str:
-    return resource_id("ImagingStudy", normalise_base(source), study_uid)
+    return _uuid5(f"ImagingStudy|{normalise_base(source)}|{study_uid}")
