@@ -64,9 +64,8 @@ def _plain_datetime(date: str, time: str | None, offset: str | None) -> str | No
         return None
     if month == "02" and day == "29" and not _leap(int(year)):
         return None
-    day_text = f"{year}-{month}-{day}"
     if not time:
-        return day_text
+        return f"{year}-{month}-{day}"
     size = len(time)
     if size < 6 or size > 13 or size == 7 or not (time.isascii() and time[:6].isdigit()):
         return None
@@ -78,7 +77,7 @@ def _plain_datetime(date: str, time: str | None, offset: str | None) -> str | No
     suffix = _offset_suffix(offset) if offset else None
     if suffix is None:
         return None
-    return f"{day_text}T{hour}:{minute}:{'59' if second == '60' else second}{time[6:]}{suffix}"
+    return f"{year}-{month}-{day}T{hour}:{minute}:{'59' if second == '60' else second}{time[6:]}{suffix}"
 
 
 def _leap(year: int) -> bool:

@@ -339,9 +339,8 @@ def _first_object(items: Iterable[Any]) -> Dataset:
 
 
 def _all_objects(items: Iterable[Any]) -> bool:
-    """Whether every item is a JSON object; looks at the set of their types, which C builds."""
-    for kind in set(map(type, items)):
-        if kind is not dict and not issubclass(kind, Mapping):
+    for item in items:
+        if type(item) is not dict and not isinstance(item, Mapping):
             return False
     return True
 
@@ -798,33 +797,37 @@ class _Group:
         self.numbered = True
 
 
+class _Titles:
+    """The last Image Type value seen and its title (None: not plain text): the instances of a
+    series mostly share it, and comparing lists is cheaper than joining and checking them."""
+
+    __slots__ = ("value", "title")
+
+    def __init__(self) -> None:
+        self.value: list[Any] | None = None
+        self.title: str | None = None
+
+
 def _group(instances: Iterable[Dataset], uid: str) -> dict[str, _Group]:
     """Instance results by series, each looked at once. Only the series UID is read carefully
-    here; the rest of the careful reading (and raising) happens later, in the order it always had."""
+    here; the rest of the careful reading (and raising) happens later, in the order it always had.
+    A Series Instance UID that is already a key was checked when it became one."""
     grouped: dict[str, _Group] = {}
-    checked: set[str] = set()
-    titles: dict[tuple[Any, ...], str | None] = {}
+    titles = _Titles()
     for instance in instances:
-        series_uid = None
+        group = None
         element = instance.get(_SERIES_INSTANCE_UID)
         if type(element) is dict:
             value = element.get("Value")
-            if type(value) is list and value:
-                series_uid = value[0]
-                if type(series_uid) is not str:
-                    series_uid = None
-                elif series_uid not in checked:
-                    if _FAST_UID(series_uid):
-                        checked.add(series_uid)
-                    else:
-                        series_uid = None
-        if series_uid is None:
-            series_uid = _careful(dj.uid, instance, _SERIES_INSTANCE_UID, uid)
+            if type(value) is list and value and type(value[0]) is str:
+                group = grouped.get(value[0])
+        if group is None:
+            series_uid = _uid(instance, _SERIES_INSTANCE_UID, uid)
             if not series_uid:
                 raise MappingError(uid, dj.keyword(_SERIES_INSTANCE_UID), "missing in an instance result")
-        group = grouped.get(series_uid)
-        if group is None:
-            group = grouped[series_uid] = _Group(instance)
+            group = grouped.get(series_uid)
+            if group is None:
+                group = grouped[series_uid] = _Group(instance)
         group.count += 1
         mapped = _fast_instance(instance, titles)
         if mapped is None or group.rest:
@@ -838,10 +841,9 @@ def _group(instances: Iterable[Dataset], uid: str) -> dict[str, _Group]:
     return grouped
 
 
-def _fast_instance(ds: Dataset, titles: dict[tuple[Any, ...], str | None]) -> Resource | None:
-    """An instance from well-formed attributes, or None to take the careful path. ``titles``
-    holds the Image Type values of the study already joined (None: not plain text). A first
-    value that passes is what the careful readers would return, whatever follows it."""
+def _fast_instance(ds: Dataset, titles: _Titles) -> Resource | None:
+    """An instance from well-formed attributes, or None to take the careful path. A first value
+    that passes is what the careful readers would return, whatever follows it."""
     element = ds.get(_SOP_INSTANCE_UID)
     if type(element) is not dict:
         return None
@@ -888,11 +890,12 @@ def _fast_instance(ds: Dataset, titles: dict[tuple[Any, ...], str | None]) -> Re
         if value:
             if type(value) is not list:
                 return None
-            key = tuple(value)
-            title = titles.get(key, False)
-            if title is False:
+            if value == titles.value:
+                title = titles.title
+            else:
                 title = "\\".join(value) if _plain_texts(value) else None
-                titles[key] = title
+                titles.value = value
+                titles.title = title
             if title is None:
                 return None
             out["title"] = title
