@@ -34,7 +34,8 @@ What it does:
    size; the 10,000-instance study mapped and serialised in under 100 ms.
 
 ``--json`` prints one JSON object (environment, sizes with their figures, check results,
-targets) on stdout instead of the table.
+targets) on stdout instead of the table. The environment includes the load average at the
+start: on a shared machine, figures taken under load are not comparable.
 
 Run from the repository root with the package installed (``pip install -e '.[test]'``).
 """
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -304,6 +306,7 @@ def environment() -> dict[str, str]:
         "orjson": orjson.__version__,
         "pydantic": pydantic.VERSION,
         "fhir.resources": fhir.resources.__version__,
+        "load average": " ".join(f"{load:.2f}" for load in os.getloadavg()),
     }
 
 

@@ -55,17 +55,10 @@ def fhir_datetime(date: str | None, time: str | None, offset: str | None, zone: 
 def _plain_datetime(date: str, time: str | None, offset: str | None) -> str | None:
     """The result for the usual forms (``YYYYMMDD``, ``HHMMSS[.F]``, ``+HHMM``) by slicing, or
     None for anything else (including invalid values), which the general parser then handles.
-    Two-digit fields are compared as text: for ASCII digits that orders them as numbers."""
-    if len(date) != 8 or not (date.isascii() and date.isdigit()):
-        return None
-    year, month, day = date[:4], date[4:6], date[6:]
-    last_day = _LAST_DAY.get(month)
-    if last_day is None or year == "0000" or not "01" <= day <= last_day:
-        return None
-    if month == "02" and day == "29" and not _leap(int(year)):
-        return None
-    if not time:
-        return f"{year}-{month}-{day}"
+    Fields are compared as text: for ASCII digits of the same length that orders them as numbers."""
+    day = _plain_date(date)
+    if day is None or not time:
+        return day
     size = len(time)
     if size < 6 or size > 13 or size == 7 or not (time.isascii() and time[:6].isdigit()):
         return None
@@ -77,7 +70,21 @@ def _plain_datetime(date: str, time: str | None, offset: str | None) -> str | No
     suffix = _offset_suffix(offset) if offset else None
     if suffix is None:
         return None
-    return f"{year}-{month}-{day}T{hour}:{minute}:{'59' if second == '60' else second}{time[6:]}{suffix}"
+    return f"{day}T{hour}:{minute}:{'59' if second == '60' else second}{time[6:]}{suffix}"
+
+
+@lru_cache(maxsize=1024)
+def _plain_date(date: str) -> str | None:
+    """``YYYY-MM-DD`` for a valid ``YYYYMMDD``, else None. The studies of a crawl share dates."""
+    if len(date) != 8 or not (date.isascii() and date.isdigit()):
+        return None
+    year, month, day = date[:4], date[4:6], date[6:]
+    last_day = _LAST_DAY.get(month)
+    if last_day is None or year == "0000" or not "01" <= day <= last_day:
+        return None
+    if month == "02" and day == "29" and not _leap(int(year)):
+        return None
+    return f"{year}-{month}-{day}"
 
 
 def _leap(year: int) -> bool:

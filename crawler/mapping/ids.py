@@ -13,7 +13,8 @@ except ImportError:  # pragma: no cover - interpreters without the builtin modul
 
 NAMESPACE = uuid.UUID("6d1c4f8e-2f0a-5b7e-9a43-7c1f0e5d2b91")
 _NAMESPACE_BYTES = NAMESPACE.bytes
-_VARIANT = "89ab"
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+"""The first hex digit of a UUID's clock_seq_hi_and_reserved for the digest's: variant 10xx."""
 
 
 @lru_cache(maxsize=64)
@@ -33,9 +34,8 @@ def resource_id(kind: str, *parts: str) -> str:
 def _uuid5(name: str) -> str:
     """``str(uuid.uuid5(NAMESPACE, name))``, from the SHA-1 digest directly: one id per study,
     and the uuid module's objects cost more than the hash."""
-    digest = _sha1(_NAMESPACE_BYTES + name.encode()).digest()
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[(digest[8] >> 4) & 3]}{h[17:20]}-{h[20:32]}"
+    h = _sha1(_NAMESPACE_BYTES + name.encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 @lru_cache(maxsize=64)

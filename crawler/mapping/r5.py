@@ -3,9 +3,13 @@
 Attributes are read by small readers (``_string``, ``_count``, ``_items`` ...) that take the
 well-formed shapes of DICOM JSON directly and hand anything else to the readers of
 :mod:`crawler.dicomjson` through ``_careful``, which turns their ValueErrors into MappingErrors
-naming the study and the attribute. Both ways give the same values: the direct one only saves
-the fixed cost every study pays, whatever its size. ``uid`` is the Study Instance UID the
-errors name (None until it is known).
+naming the study and the attribute. Both ways give the same values; the direct one saves the
+fixed cost every study pays, whatever its size. ``uid`` is the Study Instance UID the errors
+name (None until it is known).
+
+Elements that depend only on a code (sopClass, modality, body site, laterality, performer
+function, identifier types, endpoint references) are built once and shared by every resource
+that has them: they must not be changed in place.
 """
 
 from __future__ import annotations
@@ -593,15 +597,11 @@ def _people(ds: Dataset, name_tag: str, id_tag: str, uid: str) -> list[Resource]
     """Practitioner references from a PN attribute and its identification sequence, pairwise."""
     names = _names(ds, name_tag, uid)
     items = _items(ds, id_tag, uid)
-    n_names = len(names)
-    n_items = len(items)
     out = []
-    index = 0
-    while index < n_names or index < n_items:
-        person = _practitioner(names[index] if index < n_names else None, items[index] if index < n_items else None, uid)
+    for index in range(max(len(names), len(items))):
+        person = _practitioner(names[index] if index < len(names) else None, items[index] if index < len(items) else None, uid)
         if person:
             out.append(person)
-        index += 1
     return out
 
 
