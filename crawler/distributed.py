@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .config import SyncConfig
 from .crawl import Learned, StudySummary
 from .errors import ConfigError, QidoError, SourceUnreachable
-from .listing import ListingReport, _Undated, _Window, _date, _list_window, follow_up, verify_cap
+from .listing import ListingReport, UndatedRisk, WindowListing, follow_up, list_window, study_date, verify_cap
 from .mapping import MappingOptions
 from .planner import Window
 from .qido import QidoClient, RequestCounts, client_from
@@ -99,7 +99,7 @@ class Listed:
 
     window: Window
     items: list[dict[str, Any]]
-    state: _Window
+    state: WindowListing
     cap: int | None
     verified: int
     max_limit: int | None
@@ -110,18 +110,21 @@ class Listed:
 
 
 def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, verified: int, verify: bool,
-              budget: int | None, undated_only: bool) -> Listed:
-    """List one window (runs on a worker)."""
+              budget: int | None, undated_only: bool, max_limit: int | None = None) -> Listed:
+    """List one window (runs on a worker); ``max_limit`` is the largest page size the server
+    accepted in any task so far, so a task does not learn it again with a refused request."""
     client, _ = _task_client(key, config)
+    if max_limit and (not client.max_limit or max_limit < client.max_limit):
+        client.max_limit = max_limit
     report = ListingReport(cap=cap, verified=verified, page_size=config.page_size)
-    state = _Window(window, budget=budget)
+    state = WindowListing(window, budget=budget)
     if verify and cap is None:
         state.dates = array("L")
     items: list[dict[str, Any]] = []
     error, status, unreachable = None, None, False
     try:
-        for item in _list_window(client, state, report, config.max_offset):
-            if not undated_only or _date(item) is None:
+        for item in list_window(client, state, report, config.max_offset):
+            if not undated_only or study_date(item) is None:
                 items.append(item)
         verify_cap(client, state, report)
     except QidoError as exc:
@@ -171,7 +174,7 @@ class Coordinator:
         self.key = uuid.uuid4().hex
         self.config = _worker_config(run.config)
         self.budget = task_size(run.config)
-        self.undated = _Undated()
+        self.undated = UndatedRisk()
         self.completed: list[tuple[Window, int]] = []
         """Windows listed complete while no cap was known, with their totals: re-listed in parts
         when a later silent-cap check finds a cap they reached."""
@@ -234,7 +237,7 @@ class Coordinator:
                 verify = self.report.cap is None and not self.report.verified
                 future = client.submit(
                     list_task, self.key, self.config, window, self.report.cap, self.report.verified, verify,
-                    None if undated_only else self.budget, undated_only, pure=False,
+                    None if undated_only else self.budget, undated_only, self.run.client.max_limit, pure=False,
                 )
                 jobs[future] = ("list", (window, undated_only))
                 running.add(future)
@@ -273,7 +276,7 @@ class Coordinator:
             report.incomplete.append(f"{window}: the listing task failed: {type(exc).__name__}: {exc}")
             return
         self._count(listed.counted)
-        if listed.max_limit and not self.run.client.max_limit:
+        if listed.max_limit and (not self.run.client.max_limit or listed.max_limit < self.run.client.max_limit):
             self.run.client.max_limit = listed.max_limit
         for item in listed.items:
             self._consider(item)
@@ -293,15 +296,9 @@ class Coordinator:
         report.verified = max(report.verified, listed.verified)
         if state.capped is None and report.cap is not None and state.total >= report.cap and state.window.splittable:
             state.capped = f"{state.total} results, at the server's cap"
+        children = follow_up(state, report, self.undated, self.run.client.page_size(report.page_size), parts_listed=undated_only)
         if undated_only:
-            if state.undated and not state.window.unfiltered:
-                self.undated.elsewhere = True
-            if state.capped is None:
-                report.windows_complete += 1
-            elif state.undated:
-                self.undated.at_risk = f"{window}: {state.capped}; studies without StudyDate past the cap cannot be listed"
             return
-        children = follow_up(state, report, self.undated, self.run.client.page_size(report.page_size))
         if state.capped is None and report.cap is None:
             self.completed.append((window, state.total))
         self.windows.extendleft((w, False) for w in reversed(children))

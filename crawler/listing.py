@@ -47,7 +47,9 @@ class ListingReport:
 
 
 @dataclass
-class _Window:
+class WindowListing:
+    """One window's listing as it goes: how many studies, whether and why it stopped at a cap."""
+
     window: Window
     total: int = 0
     capped: str | None = None
@@ -62,7 +64,8 @@ class _Window:
     is split like a capped one, unless it is a single day or cannot be split."""
 
 
-def _date(item: dict[str, Any]) -> str | None:
+def study_date(item: dict[str, Any]) -> str | None:
+    """The result's StudyDate when it is a plain YYYYMMDD date, else None."""
     try:
         value = dj.string(item, Tag.StudyDate)
     except ValueError:
@@ -70,7 +73,9 @@ def _date(item: dict[str, Any]) -> str | None:
     return value if value and len(value) == 8 and value.isdigit() else None
 
 
-def _list_window(client: QidoClient, state: _Window, report: ListingReport, max_offset: int) -> Iterator[dict[str, Any]]:
+def list_window(client: QidoClient, state: WindowListing, report: ListingReport, max_offset: int) -> Iterator[dict[str, Any]]:
+    """The study-level results of ``state.window``, page by page, until the window ends or hits
+    a cap (then ``state.capped`` says which)."""
     window = state.window
     cap = report.cap
     offset = 0
@@ -100,7 +105,7 @@ def _list_window(client: QidoClient, state: _Window, report: ListingReport, max_
             state.capped = "the server ignores offset"
             return
         for item in page.items:
-            day = _date(item)
+            day = study_date(item)
             if day is None:
                 state.undated += 1
             elif Tag.StudyTime not in item or not item[Tag.StudyTime].get("Value"):
@@ -153,7 +158,7 @@ def _probe(client: QidoClient, window: Window, dates: array, uid_hashes: array, 
 
 
 @dataclass
-class _Undated:
+class UndatedRisk:
     """Whether studies without a StudyDate may have been lost past a cap of the unfiltered window."""
 
     at_risk: str | None = None
@@ -164,7 +169,7 @@ class _Undated:
             report.incomplete.append(self.at_risk)
 
 
-def verify_cap(client: QidoClient, state: _Window, report: ListingReport) -> None:
+def verify_cap(client: QidoClient, state: WindowListing, report: ListingReport) -> None:
     """The silent-cap check of a window listed with ``state.dates`` kept (see the module docstring)."""
     if state.capped is None and state.dates and state.total > max(report.verified, 1) and state.window.splittable:
         if _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size)):
@@ -174,13 +179,19 @@ def verify_cap(client: QidoClient, state: _Window, report: ListingReport) -> Non
             report.verified = max(report.verified, state.total)
 
 
-def follow_up(state: _Window, report: ListingReport, undated: _Undated, page_size: int) -> list[Window]:
+def follow_up(state: WindowListing, report: ListingReport, undated: UndatedRisk, page_size: int, *, parts_listed: bool = False) -> list[Window]:
     """After a window was listed: the windows that must be listed instead (its parts when it was
-    capped), with what cannot be listed recorded in ``report``."""
+    capped), with what cannot be listed recorded in ``report``. With ``parts_listed`` the parts
+    are listed anyway (the undated sweep of a full listing, beside the dated windows), so a cap
+    only puts the studies without a StudyDate at risk."""
     if state.undated and not state.window.unfiltered:
         undated.elsewhere = True
     if state.capped is None:
         report.windows_complete += 1
+        return []
+    if parts_listed:
+        if state.undated:
+            undated.at_risk = f"{state.window}: {state.capped}; studies without StudyDate past the cap cannot be listed"
         return []
     if state.capped == "the server ignores offset":
         report.cap = min(report.cap or page_size, page_size)
@@ -209,14 +220,14 @@ def iter_studies(
     (a capped window's studies are listed again by its parts), so callers merge by UID."""
     queue = deque(windows)
     first = True
-    undated = _Undated()
+    undated = UndatedRisk()
     while queue:
-        state = _Window(queue.popleft())
+        state = WindowListing(queue.popleft())
         if first and verify and report.cap is None:
             state.dates = array("L")
         report.windows_listed += 1
         try:
-            yield from _list_window(client, state, report, max_offset)
+            yield from list_window(client, state, report, max_offset)
         except SourceUnreachable:
             raise
         except QidoError as exc:

@@ -115,21 +115,32 @@ def _careful(read: Callable[[Dataset, str], T], ds: Dataset, tag: str, uid: str 
         raise MappingError(uid, dj.keyword(tag), str(exc)) from None
 
 
-def _string(ds: Dataset, tag: str, uid: str | None) -> str | None:
-    """``dj.string``."""
+def _values(ds: Dataset, tag: str) -> list[Any] | None:
+    """The attribute's Value list as it came; ``[]`` when the attribute or its Value is
+    missing; None for any other shape, which the fast readers leave to the careful ones."""
     element = ds.get(tag)
     if element is None:
-        return None
+        return []
     if type(element) is dict:
         value = element.get("Value")
         if value is None:
-            return None
-        if type(value) is list and value:
-            text = value[0]
-            if type(text) is str:
-                text = text.strip()
-                if text:
-                    return text
+            return []
+        if type(value) is list:
+            return value
+    return None
+
+
+def _string(ds: Dataset, tag: str, uid: str | None) -> str | None:
+    """``dj.string``."""
+    values = _values(ds, tag)
+    if values == []:
+        return None
+    if values is not None:
+        text = values[0]
+        if type(text) is str:
+            text = text.strip()
+            if text:
+                return text
     return _careful(dj.string, ds, tag, uid)
 
 
@@ -143,82 +154,60 @@ def _code(ds: Dataset, tag: str, uid: str | None) -> str | None:
 
 def _codes(ds: Dataset, tag: str, uid: str | None) -> list[str]:
     """``dj.codes``."""
-    element = ds.get(tag)
-    if element is None:
-        return []
-    if type(element) is dict:
-        value = element.get("Value")
-        if value is None:
-            return []
-        if type(value) is list:
-            out = []
-            for item in value:
-                if type(item) is not str:
-                    break
-                code = item if item.isalnum() else " ".join(item.split())
-                if code:
-                    out.append(code)
-            else:
-                return out
+    values = _values(ds, tag)
+    if values is not None:
+        out = []
+        for item in values:
+            if type(item) is not str:
+                break
+            code = item if item.isalnum() else " ".join(item.split())
+            if code:
+                out.append(code)
+        else:
+            return out
     return _careful(dj.codes, ds, tag, uid)
 
 
 def _count(ds: Dataset, tag: str, uid: str | None) -> int | None:
     """``dj.count``."""
-    element = ds.get(tag)
-    if element is None:
+    values = _values(ds, tag)
+    if values == []:
         return None
-    if type(element) is dict:
-        value = element.get("Value")
-        if value is None:
-            return None
-        if type(value) is list and value:
-            number = value[0]
-            if type(number) is int and 0 <= number <= _UNSIGNED_INT_MAX:
-                return number
+    if values is not None:
+        number = values[0]
+        if type(number) is int and 0 <= number <= _UNSIGNED_INT_MAX:
+            return number
     return _careful(dj.count, ds, tag, uid)
 
 
 def _items(ds: Dataset, tag: str, uid: str | None) -> Sequence[Dataset]:
     """``dj.sequence``."""
-    element = ds.get(tag)
-    if element is None:
-        return ()
-    if type(element) is dict:
-        value = element.get("Value")
-        if value is None:
-            return ()
-        if type(value) is list:
-            for item in value:
-                if type(item) is not dict:
-                    break
-            else:
-                return value
+    values = _values(ds, tag)
+    if values is not None:
+        for item in values:
+            if type(item) is not dict:
+                break
+        else:
+            return values
     return _careful(dj.sequence, ds, tag, uid)
 
 
 def _names(ds: Dataset, tag: str, uid: str | None) -> list[str]:
     """``dj.person_names``."""
-    element = ds.get(tag)
-    if element is None:
-        return []
-    if type(element) is dict:
-        value = element.get("Value")
-        if value is None:
-            return []
-        if type(value) is list:
-            names = []
-            for item in value:
-                if type(item) is not dict:
-                    break
-                raw = item.get("Alphabetic")
-                if type(raw) is not str or not raw:
-                    break
-                name = dj.readable_name(raw)
-                if name:
-                    names.append(name)
-            else:
-                return names
+    values = _values(ds, tag)
+    if values is not None:
+        names = []
+        for item in values:
+            if type(item) is not dict:
+                break
+            raw = item.get("Alphabetic")
+            if type(raw) is not str or not raw:
+                break
+            name = dj.readable_name(raw)
+            if name:
+                names.append(name)
+        else:
+            return names
     return _careful(dj.person_names, ds, tag, uid)
 
 
