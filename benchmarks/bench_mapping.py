@@ -17,7 +17,13 @@ What it does:
    pydicom's dictionaries behind the modality and SOP Class names: half a second to a few
    seconds, once per process). Its figures are printed apart.
 3. **Paths**, for each size in the same run, each timed with ``time.perf_counter`` and reported
-   as the best of ``--repeat`` runs (``gc.collect()`` before each run; gc stays enabled):
+   as the best of ``--repeat`` runs (``gc.collect()`` before each run; gc stays enabled). As
+   ``timeit`` does, a run calls the path enough times in a row to last at least ``--min-run``
+   seconds (default 0.2; found by doubling from one call), and the time per call is reported:
+   a single call of a fraction of a millisecond is at the mercy of the timer, a cold cache or
+   another process taking the core, which made the one-instance ratio swing between 7x and 14x
+   from run to run. Both paths are measured the same way, and a crawl maps studies back to back
+   too. Calls per run are printed (``calls``).
 
    ``ours``            ``orjson.dumps(map_study(data, options))``: DICOM JSON to bytes.
    ``fhir.resources``  ``ImagingStudy.model_validate(resource).model_dump_json()`` on the
@@ -181,8 +187,22 @@ def build_study(n_instances: int) -> StudyInput:
 # --------------------------------------------------------------------------------------------
 
 
-def best_of(run: Callable[[], Any], repeat: int, budget: float | None = None) -> tuple[float, int, Any]:
-    """(best seconds, runs, last result); stops early once ``budget`` seconds are spent."""
+def calls_per_run(run: Callable[[], Any], min_run: float) -> int:
+    """How many calls in a row last at least ``min_run`` seconds: 1, 2, 4 ... (as timeit's
+    autorange), so that short calls are timed over many and long ones once."""
+    number = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(number):
+            run()
+        if time.perf_counter() - start >= min_run or number >= 1 << 20:
+            return number
+        number *= 2
+
+
+def best_of(run: Callable[[], Any], repeat: int, budget: float | None = None, number: int = 1) -> tuple[float, int, Any]:
+    """(best seconds per call, runs, last result) over ``repeat`` runs of ``number`` calls each;
+    stops early once ``budget`` seconds are spent."""
     best = float("inf")
     spent = 0.0
     result = None
@@ -190,9 +210,10 @@ def best_of(run: Callable[[], Any], repeat: int, budget: float | None = None) ->
     for _ in range(repeat):
         gc.collect()
         start = time.perf_counter()
-        result = run()
+        for _ in range(number):
+            result = run()
         elapsed = time.perf_counter() - start
-        best = min(best, elapsed)
+        best = min(best, elapsed / number)
         spent += elapsed
         runs += 1
         if budget is not None and spent >= budget:
@@ -234,14 +255,22 @@ def differences(a: Any, b: Any, path: str = "$", limit: int = 5) -> list[str]:
     return out[:limit]
 
 
-def measure(n_instances: int, repeat: int, budget: float, imaging_study: Any) -> dict[str, Any]:
+def measure(n_instances: int, repeat: int, budget: float, imaging_study: Any, min_run: float = 0.2) -> dict[str, Any]:
     data = build_study(n_instances)
     options = OPTIONS
-    ours_s, ours_runs, ours_bytes = best_of(lambda: orjson.dumps(map_study(data, options)), repeat)
+
+    def ours() -> bytes:
+        return orjson.dumps(map_study(data, options))
+
     resource = map_study(data, options)
-    models_s, models_runs, models_json = best_of(
-        lambda: imaging_study.model_validate(resource).model_dump_json(), repeat, budget
-    )
+
+    def models() -> Any:
+        return imaging_study.model_validate(resource).model_dump_json()
+
+    ours_calls = calls_per_run(ours, min_run)
+    models_calls = calls_per_run(models, min_run)
+    ours_s, ours_runs, ours_bytes = best_of(ours, repeat, number=ours_calls)
+    models_s, models_runs, models_json = best_of(models, repeat, budget, number=models_calls)
     ours_content = pruned(json.loads(ours_bytes))
     models_content = pruned(json.loads(models_json))
     diff = differences(ours_content, models_content)
@@ -250,6 +279,8 @@ def measure(n_instances: int, repeat: int, budget: float, imaging_study: Any) ->
         "series": len(resource.get("series", [])),
         "ours_ms": ours_s * 1000,
         "ours_runs": ours_runs,
+        "ours_calls": ours_calls,
+        "models_calls": models_calls,
         "models_ms": models_s * 1000,
         "models_runs": models_runs,
         "ratio": models_s / ours_s,
@@ -313,17 +344,18 @@ def environment() -> dict[str, str]:
 def print_table(results: list[dict[str, Any]], goals: list[dict[str, Any]], env: dict[str, str], warmup: dict[str, float]) -> None:
     print("Mapping benchmark: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print()
-    header = f"{'instances':>9}  {'series':>6}  {'ours ms':>9}  {'fhir.resources ms':>17}  {'ratio':>7}  {'same content':>12}"
+    header = f"{'instances':>9}  {'series':>6}  {'ours ms':>9}  {'fhir.resources ms':>17}  {'ratio':>7}  {'calls':>11}  {'same content':>12}"
     print(header)
     print("-" * len(header))
     for r in results:
         models = f"{r['models_ms']:.2f}" + (f" ({r['models_runs']} run{'s' if r['models_runs'] > 1 else ''})" if r["models_runs"] != r["ours_runs"] else "")
         print(
-            f"{r['instances']:>9,}  {r['series']:>6}  {r['ours_ms']:>9.2f}  {models:>17}  {r['ratio']:>6.1f}x  {'yes' if r['same_content'] else 'NO':>12}"
+            f"{r['instances']:>9,}  {r['series']:>6}  {r['ours_ms']:>9.2f}  {models:>17}  {r['ratio']:>6.1f}x  {str(r['ours_calls']) + ' / ' + str(r['models_calls']):>11}  {'yes' if r['same_content'] else 'NO':>12}"
         )
     print()
     print("ours: map_study + orjson.dumps; fhir.resources: ImagingStudy.model_validate + model_dump_json")
-    print(f"best of {results[0]['ours_runs'] if results else 0} runs (fhir.resources: fewer if a size's runs exceed the time budget)")
+    print(f"time per call, best of {results[0]['ours_runs'] if results else 0} runs (fhir.resources: fewer if a size's runs exceed the time budget)")
+    print("calls: calls per run, ours / fhir.resources (each run lasts at least --min-run seconds)")
     print(f"first calls (warm-up, not in the table): ours {warmup['ours_ms']:.0f} ms, fhir.resources {warmup['models_ms']:.0f} ms")
     print()
     print("Targets (from the issue):")
@@ -342,10 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs per path and size; the best is reported (default 5)")
     parser.add_argument("--sizes", default="1,100,10000", help="instances per study, comma-separated (default 1,100,10000)")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds after which the models path stops repeating a size (default 10)")
+    parser.add_argument("--min-run", type=float, default=0.2, help="seconds each timed run lasts at least; short calls are repeated within a run (default 0.2)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object instead of the table")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.min_run < 0:
+        parser.error("--min-run must not be negative")
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -361,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment()
     warmup = warm_up(ImagingStudy)
-    results = [measure(n, args.repeat, args.budget, ImagingStudy) for n in sizes]
+    results = [measure(n, args.repeat, args.budget, ImagingStudy, args.min_run) for n in sizes]
     goals = targets(results)
     if args.json:
         print(json.dumps({"environment": env, "repeat": args.repeat, "warmup": warmup, "results": results, "targets": goals}, indent=2))
