@@ -154,3 +154,42 @@ def test_modality_display():
     assert codes.modality_display("SEG") == "Segmentation"
     assert codes.modality_display("CAD") is None
     assert codes.modality_display("NOPE") is None
+
+
+def test_the_shipped_tables_are_what_pydicom_gives():
+    """dictionary.py is generated from pydicom; with the version it was made from the tables must
+    be exactly what the generator gives, and with another nearly so (the standard adds and
+    retires SOP Classes between releases; rerun tools/make_dictionary.py then)."""
+    import pydicom
+
+    from crawler.mapping import dictionary
+    from tools.make_dictionary import modality_displays, sop_class_names
+
+    names, displays = sop_class_names(), modality_displays(codes.MODALITIES)
+    if dictionary.GENERATED_FROM == f"pydicom {pydicom.__version__}":
+        assert dictionary.SOP_CLASS_NAMES == names
+        assert dictionary.MODALITY_DISPLAYS == displays
+    else:
+        same = sum(dictionary.SOP_CLASS_NAMES.get(uid) == name for uid, name in names.items())
+        assert same >= 0.95 * len(names), f"{len(names) - same} SOP Class names differ from pydicom {pydicom.__version__}"
+        assert sum(dictionary.MODALITY_DISPLAYS.get(k) == v for k, v in displays.items()) >= 0.95 * len(displays)
+    assert len(dictionary.SOP_CLASS_NAMES) > 250 and len(dictionary.MODALITY_DISPLAYS) > 80
+
+
+def test_the_mapping_does_not_import_pydicom():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from crawler import cli, sync\n"
+        "from crawler.mapping import MappingOptions, StudyInput, map_study\n"
+        "study = {'0020000D': {'vr': 'UI', 'Value': ['1.2.3']}, '00080061': {'vr': 'CS', 'Value': ['CT']}}\n"
+        "instance = {'0020000E': {'vr': 'UI', 'Value': ['1.2.3.1']}, '00080060': {'vr': 'CS', 'Value': ['CT']},\n"
+        "            '00080016': {'vr': 'UI', 'Value': ['1.2.840.10008.5.1.4.1.1.2']}, '00080018': {'vr': 'UI', 'Value': ['1.2.3.1.1']}}\n"
+        "resource = map_study(StudyInput(study, [instance]), MappingOptions(source='http://pacs', wado_base='http://pacs'))\n"
+        "assert resource['series'][0]['instance'][0]['sopClass']['display'] == 'CT Image Storage', resource\n"
+        "assert resource['modality'][0]['coding'][0]['display'] == 'Computed Tomography', resource\n"
+        "print('pydicom' in sys.modules)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

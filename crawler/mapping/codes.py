@@ -1,6 +1,7 @@
 """Code systems and code tables the DICOM → FHIR mapping needs.
 
-Pure data and small pure functions; the only lookups go to dictionaries shipped with pydicom.
+Pure data and small pure functions; the SOP Class names and modality meanings are tables taken
+from pydicom's dictionaries (``dictionary.py``, written by tools/make_dictionary.py).
 
 Sources:
 
@@ -17,12 +18,14 @@ Sources:
   a canonical URI for the scheme, that is used; otherwise the scheme's UID as ``urn:oid:``.
 * Laterality: CID 244 "Laterality".
 * Modality: PS3.3 C.7.3.1.1.1 Defined Terms and Retired Defined Terms; display from CID 29/32/33.
-* SOP Class names: PS3.6 Annex A, through pydicom's UID dictionary.
+* SOP Class names: PS3.6 Annex A, from pydicom's UID dictionary.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+
+from .dictionary import MODALITY_DISPLAYS, SOP_CLASS_NAMES
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 SNOMED = "http://snomed.info/sct"
@@ -485,20 +488,9 @@ def scheme_system(designator: str, version: str | None = None) -> str:
     return found if found is not None else UNKNOWN_SCHEME_PREFIX + key
 
 
-@lru_cache(maxsize=1024)
 def sop_class_name(uid: str) -> str | None:
     """The PS3.6 name of a SOP Class UID (e.g. "CT Image Storage"), or ``None`` if not one."""
-    try:
-        from pydicom._uid_dict import UID_dictionary
-    except ImportError:
-        return None
-    entry = UID_dictionary.get(uid.strip())
-    if entry is None or not entry[1].endswith("SOP Class"):
-        return None
-    name, retired = entry[0], entry[3]
-    if retired and "(Retired)" not in name:
-        return f"{name} (Retired)"
-    return name
+    return SOP_CLASS_NAMES.get(uid.strip())
 
 
 RETIRED_MODALITIES: frozenset[str] = frozenset(
@@ -519,28 +511,6 @@ MODALITIES: frozenset[str] = RETIRED_MODALITIES | frozenset(
 )  # fmt: skip
 """Modality (0008,0060) Defined Terms of PS3.3 C.7.3.1.1.1, the retired ones included."""
 
-_MODALITY_CIDS = frozenset({29, 32, 33})
-
-
-@lru_cache(maxsize=1)
-def _modality_displays() -> dict[str, str]:
-    """Modality → DCM code meaning, preferring the meaning a modality context group gives."""
-    try:
-        from pydicom.sr._concepts_dict import concepts
-    except ImportError:
-        return {}
-    preferred: dict[str, str] = {}
-    fallback: dict[str, str] = {}
-    for entries in concepts.get("DCM", {}).values():
-        for code, (meaning, cids) in entries.items():
-            if code not in MODALITIES:
-                continue
-            target = preferred if _MODALITY_CIDS.intersection(cids) else fallback
-            target.setdefault(code, meaning)
-    return {**fallback, **preferred}
-
-
-@lru_cache(maxsize=1024)
 def modality_display(code: str) -> str | None:
-    """The DICOM code meaning of a modality (e.g. CT → "Computed Tomography"), if pydicom knows one."""
-    return _modality_displays().get(code.strip().upper())
+    """The DICOM code meaning of a modality (e.g. CT → "Computed Tomography"), if one is known."""
+    return MODALITY_DISPLAYS.get(code.strip().upper())
