@@ -11,6 +11,8 @@ from typing import Any
 from . import dicomjson as dj
 from .dicomjson import Dataset, Tag
 from .mapping import StudyInput
+from .leanjson import Selection
+from .mapping.tags import INSTANCE_TAGS, READ_TAGS
 from .qido import Page, QidoClient
 
 STUDY_FIELDS = (
@@ -36,6 +38,8 @@ SERIES_FIELDS = (
     Tag.SeriesInstanceUID, Tag.SeriesNumber, Tag.Laterality, Tag.NumberOfSeriesRelatedInstances,
 )
 VOLATILE = frozenset({Tag.RetrieveURL, Tag.InstanceAvailability, Tag.RetrieveAETitle})
+METADATA = Selection(READ_TAGS, Tag.SeriesInstanceUID, INSTANCE_TAGS)
+"""What the crawler keeps of WADO-RS metadata (see leanjson and mapping.tags)."""
 
 
 def includefields(tags: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -154,7 +158,8 @@ def fetch_instances(client: QidoClient, study_uid: str, page_size: int) -> list[
 
 
 def fetch_study_metadata(client: QidoClient, study_uid: str) -> list[dict[str, Any]]:
-    return client.get("metadata", f"studies/{study_uid}/metadata").items
+    """The study's instances with the attributes the mapping reads (of the whole metadata)."""
+    return client.get("metadata", f"studies/{study_uid}/metadata", keep=METADATA).items
 
 
 def fetch_series_metadata(client: QidoClient, study_uid: str, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,12 +172,22 @@ def fetch_series_metadata(client: QidoClient, study_uid: str, instances: list[di
             chosen.setdefault(series_uid, instance_uid)
     out = []
     for series_uid, instance_uid in chosen.items():
-        out.extend(client.get("metadata", f"studies/{study_uid}/series/{series_uid}/instances/{instance_uid}/metadata").items[:1])
+        out.extend(client.get("metadata", f"studies/{study_uid}/series/{series_uid}/instances/{instance_uid}/metadata", keep=METADATA).items[:1])
     return out
 
 
 def _count(instances: list[dict[str, Any]]) -> int:
-    return len({uid for item in instances if (uid := dj.string(item, Tag.SOPInstanceUID))})
+    """Distinct SOP Instance UIDs (read by ``dj.string`` unless the first value is a plain string)."""
+    uids = set()
+    for item in instances:
+        element = item.get(Tag.SOPInstanceUID)
+        value = element.get("Value") if type(element) is dict else None
+        first = value[0] if type(value) is list and value else None
+        if type(first) is str and first and first == first.strip():
+            uids.add(first)
+        elif uid := dj.string(item, Tag.SOPInstanceUID):
+            uids.add(uid)
+    return len(uids)
 
 
 def _fetch_once(client: QidoClient, summary: StudySummary, options: CrawlOptions, learned: Learned) -> tuple[StudyInput, int, str]:

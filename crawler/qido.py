@@ -17,6 +17,7 @@ import functools
 import random
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.models import REDIRECT_STATI
 
+from . import leanjson
 from .errors import ConfigError, FatalQidoError, QidoError, RetriableQidoError, SourceUnreachable
 
 RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -258,12 +260,45 @@ class LeanAdapter(HTTPAdapter):
         except ValueError as exc:
             raise requests.exceptions.InvalidHeader(exc) from exc
         try:
-            body = response.read(decode_content=True)
+            if response.headers.get("content-encoding", "").strip().lower() == "gzip":
+                body = gunzip(response.read(decode_content=False))
+            else:
+                body = response.read(decode_content=True)
         except urllib3.exceptions.HTTPError as exc:
             raise requests_body_error(exc) from exc
         finally:
             response.release_conn()
         return response, body
+
+
+MAX_BODY = 4 << 30
+"""The most a compressed answer may expand to (a guard against decompression bombs)."""
+
+
+def gunzip(data: bytes) -> bytes:
+    """A gzip body in one piece, every member of it, as urllib3 decodes it but in one zlib call
+    per member (urllib3 works in pieces and copies them: 3-4 times the CPU on a study's metadata).
+    Raises urllib3's DecodeError for a body that is not gzip or expands past MAX_BODY."""
+    out = []
+    size = 0
+    while data:
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            piece = decoder.decompress(data, MAX_BODY - size + 1)
+        except zlib.error as exc:
+            if out:  # trailing garbage after a whole member, which urllib3 also ignores
+                break
+            raise urllib3.exceptions.DecodeError("Received response with content-encoding: gzip, but failed to decode it.", exc) from exc
+        size += len(piece)
+        if size > MAX_BODY or decoder.unconsumed_tail:
+            raise urllib3.exceptions.DecodeError(f"gzip answer expands past {MAX_BODY} bytes")
+        if not decoder.eof:
+            if out:
+                break
+            raise urllib3.exceptions.DecodeError("Received response with content-encoding: gzip, but the gzip stream is truncated.")
+        out.append(piece)
+        data = decoder.unused_data
+    return out[0] if len(out) == 1 else b"".join(out)
 
 
 @dataclass(frozen=True)
@@ -377,11 +412,12 @@ class QidoClient:
         query = build_query(params)
         return f"{self.base_url}/{path.lstrip('/')}" + (f"?{query}" if query else "")
 
-    def get(self, kind: str, path: str, params: Sequence[tuple[str, str | int]] = ()) -> Page:
-        """One GET with retries; returns the parsed page. Raises QidoError subclasses."""
+    def get(self, kind: str, path: str, params: Sequence[tuple[str, str | int]] = (), keep: leanjson.Selection | None = None) -> Page:
+        """One GET with retries; returns the parsed page, its datasets reduced to the attributes
+        in ``keep`` when given (see leanjson). Raises QidoError subclasses."""
         url = self.url(path, params)
         try:
-            return self._retrying(QidoClient._get_once, self, kind, url)
+            return self._retrying(QidoClient._get_once, self, kind, url, keep)
         except RetriableQidoError as exc:
             if not self.answered and exc.status is None:
                 raise SourceUnreachable(str(exc), url=exc.url) from None
@@ -396,7 +432,7 @@ class QidoClient:
                 self.session.headers["Authorization"] = f"Bearer {self._token_provider()}"
         return True
 
-    def _get_once(self, kind: str, url: str) -> Page:
+    def _get_once(self, kind: str, url: str, keep: leanjson.Selection | None = None) -> Page:
         try:
             answer = self._send(kind, url)
             if answer.status == 401 and self._refresh_token(answer.authorization):
@@ -404,7 +440,7 @@ class QidoClient:
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise transport_failure(exc, redact(url)) from None
         self.answered = True
-        return page_of(answer, url)
+        return page_of(answer, url, keep)
 
     def page_size(self, wanted: int) -> int:
         return min(wanted, self.max_limit) if self.max_limit else wanted
@@ -497,8 +533,9 @@ def transport_failure(exc: Exception, shown: str) -> QidoError:
     return RetriableQidoError(f"request failed: {shown}: {_reason(exc)}", url=shown)
 
 
-def page_of(answer: Answer, url: str) -> Page:
-    """The answer's items; raises QidoError for error statuses and bodies that are no array of objects."""
+def page_of(answer: Answer, url: str, keep: leanjson.Selection | None = None) -> Page:
+    """The answer's items (with only the attributes ``keep`` selects when given); raises QidoError for
+    error statuses and bodies that are no array of objects."""
     status, body = answer.status, answer.body
     if status == 204:
         return Page([], status, answer.headers.get("Warning"))
@@ -514,10 +551,12 @@ def page_of(answer: Answer, url: str) -> Page:
     if not body.strip():
         return Page([], status, answer.headers.get("Warning"))
     try:
-        items = orjson.loads(body)
+        items = orjson.loads(body) if keep is None else leanjson.datasets(body, keep)
     except orjson.JSONDecodeError:
         shown = redact(url)
         raise FatalQidoError(f"malformed JSON from {shown} ({len(body)} bytes)", url=shown, status=status) from None
+    except leanjson.NotDatasets:
+        items = None
     if type(items) is not list or not all(type(item) is dict for item in items):
         shown = redact(url)
         raise FatalQidoError(f"answer from {shown} is not a JSON array of objects", url=shown, status=status)
@@ -546,6 +585,8 @@ def _reason(exc: Exception) -> str:
     for marker in ("Connection refused", "Name or service not known", "No route to host", "timed out", "Connection reset"):
         if marker in text:
             return marker.lower()
+    if isinstance(exc, requests.exceptions.ContentDecodingError):
+        return "the compressed answer " + ("expands past the size limit" if "expands past" in text else "does not decode")
     return type(exc).__name__
 
 

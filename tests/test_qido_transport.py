@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from crawler.errors import RetriableQidoError
+from crawler import qido
+from crawler.errors import QidoError, RetriableQidoError
 from crawler.qido import QidoClient, RequestCounts, RetryPolicy, resolve_origin
 from fixtures.fakepacs import FakePacs
 
@@ -117,6 +118,39 @@ def test_gzip_answers_are_decoded(monkeypatch):
         page = QidoClient(url).get("studies", "studies")
     assert page.items == [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}]
     assert "gzip" in seen[0]["accept-encoding"] and seen[0]["accept"] == "application/dicom+json"
+
+
+def test_gunzip_decodes_as_urllib3_does():
+    from urllib3.response import GzipDecoder
+
+    body = b'[{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}]' * 50
+    for data in (gzip.compress(body), gzip.compress(body[:40]) + gzip.compress(body[40:]), gzip.compress(body) + b"\0garbage", b""):
+        decoder = GzipDecoder()
+        assert qido.gunzip(data) == decoder.decompress(data) + decoder.flush()
+
+
+@pytest.mark.parametrize("data", [b"not gzip at all", gzip.compress(b"[]" * 1000)[:-30]], ids=["not-gzip", "truncated"])
+def test_a_gzip_answer_that_does_not_decode_is_retried_then_reported(monkeypatch, data):
+    no_proxy(monkeypatch)
+    def answer(h: BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+        return 200, {"Content-Encoding": "gzip"}, gzip.compress(b"[]") if h.path.endswith("/studies") else data
+
+    with server(answer) as (url, seen):
+        client = QidoClient(url, retry=RetryPolicy(attempts=2, base_delay=0, max_delay=0), sleep=lambda s: None)
+        assert client.get("studies", "studies").items == []
+        with pytest.raises(RetriableQidoError, match="request failed: .*: the compressed answer does not decode"):
+            client.get("metadata", "studies/1.2.3/metadata")
+    assert len(seen) == 3
+
+
+def test_a_gzip_answer_may_not_expand_without_bound(monkeypatch):
+    no_proxy(monkeypatch)
+    monkeypatch.setattr(qido, "MAX_BODY", 10_000)
+    with server(lambda h: (200, {"Content-Encoding": "gzip"}, gzip.compress(b" " * 10_001))) as (url, _):
+        with pytest.raises(QidoError, match="the compressed answer expands past the size limit"):
+            QidoClient(url, retry=RetryPolicy(attempts=1), sleep=lambda s: None).get("studies", "studies")
+    with server(lambda h: (200, {"Content-Encoding": "gzip"}, gzip.compress(b"[]" + b" " * 9_998))) as (url, _):
+        assert QidoClient(url).get("studies", "studies").items == []
 
 
 def test_cookies_the_server_sets_are_sent_back(monkeypatch):
