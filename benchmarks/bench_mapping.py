@@ -13,9 +13,8 @@ What it does:
    ImageType, RetrieveURL). 1 series for 1 instance, 3 for 100, 10 for 10,000. Each result
    goes through ``orjson.dumps``/``orjson.loads`` once, so the mapper reads freshly parsed JSON
    (separate objects per instance, as from the wire).
-2. **Warm-up**: each path once on a one-instance study, not counted (the first call loads
-   pydicom's dictionaries behind the modality and SOP Class names: half a second to a few
-   seconds, once per process). Its figures are printed apart.
+2. **Warm-up**: each path once on a one-instance study, not counted (a first call pays for lazy
+   set-up once per process, e.g. pydantic's validators). Its figures are printed apart.
 3. **Paths**, for each size in the same run, each timed with ``time.perf_counter`` and reported
    as the best of ``--repeat`` runs (``gc.collect()`` before each run; gc stays enabled). As
    ``timeit`` does, a run calls the path enough times in a row to last at least ``--min-run``
@@ -293,8 +292,8 @@ def measure(n_instances: int, repeat: int, budget: float, imaging_study: Any, mi
 
 def warm_up(imaging_study: Any) -> dict[str, float]:
     """One untimed-in-the-results call of each path on a one-instance study: the first call pays
-    for lazy set-up (pydicom's dictionaries behind the modality and SOP Class names, pydantic's
-    validators), which is not what a crawl of many studies pays per study."""
+    for lazy set-up (caches, pydantic's validators), which is not what a crawl of many studies
+    pays per study."""
     data = build_study(1)
     start = time.perf_counter()
     resource = map_study(data, OPTIONS)
