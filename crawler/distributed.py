@@ -123,9 +123,8 @@ def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, ver
     items: list[dict[str, Any]] = []
     error, status, unreachable = None, None, False
     try:
-        for item in list_window(client, state, report, config.max_offset):
-            if not undated_only or study_date(item) is None:
-                items.append(item)
+        for page in list_window(client, state, report, config.max_offset):
+            items.extend(page if not undated_only else (item for item in page if study_date(item) is None))
         verify_cap(client, state, report)
     except QidoError as exc:
         error, status, unreachable = str(exc), exc.status, isinstance(exc, SourceUnreachable)

@@ -73,9 +73,9 @@ def study_date(item: dict[str, Any]) -> str | None:
     return value if value and len(value) == 8 and value.isdigit() else None
 
 
-def list_window(client: QidoClient, state: WindowListing, report: ListingReport, max_offset: int) -> Iterator[dict[str, Any]]:
-    """The study-level results of ``state.window``, page by page, until the window ends or hits
-    a cap (then ``state.capped`` says which)."""
+def list_window(client: QidoClient, state: WindowListing, report: ListingReport, max_offset: int) -> Iterator[list[dict[str, Any]]]:
+    """The study-level results of ``state.window``, a page at a time, until the window ends or
+    hits a cap (then ``state.capped`` says which)."""
     window = state.window
     cap = report.cap
     offset = 0
@@ -119,7 +119,7 @@ def list_window(client: QidoClient, state: WindowListing, report: ListingReport,
                 if len(state.dates) > VERIFY_MAX:
                     state.dates = None
                     state.uids = array("q")
-            yield item
+        yield page.items
         state.total += len(page.items)
         if page.warning and TRUNCATION.search(page.warning):
             state.capped = "the server says its results were truncated (Warning header)"
@@ -218,6 +218,19 @@ def iter_studies(
 ) -> Iterator[dict[str, Any]]:
     """Every study-level result in ``windows``, splitting capped windows; may yield a study twice
     (a capped window's studies are listed again by its parts), so callers merge by UID."""
+    for page in iter_study_pages(client, windows, report, max_offset=max_offset, verify=verify):
+        yield from page
+
+
+def iter_study_pages(
+    client: QidoClient,
+    windows: Sequence[Window],
+    report: ListingReport,
+    *,
+    max_offset: int = 1_000_000,
+    verify: bool = True,
+) -> Iterator[list[dict[str, Any]]]:
+    """``iter_studies`` a page of results at a time."""
     queue = deque(windows)
     first = True
     undated = UndatedRisk()
