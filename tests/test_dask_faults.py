@@ -89,3 +89,24 @@ def test_a_server_that_always_fails_is_unreachable(tmp_path, scheduler):
     with FakePacs(n_studies=10, seed=7, fail_every=1, fail_status=503) as pacs:
         with pytest.raises(SourceUnreachable):
             run(pacs, tmp_path, scheduler, retries=1)
+
+
+def test_a_local_cluster_forks_its_workers_with_the_crawler_imported():
+    import multiprocessing
+    import sys
+
+    import dask
+
+    from crawler import distributed
+    from crawler.config import SyncConfig
+
+    if "forkserver" not in multiprocessing.get_all_start_methods() or dask.config.get("distributed.worker.multiprocessing-method") not in ("spawn", "forkserver"):
+        pytest.fail("this test expects a platform with forkserver and Dask's default start method")
+    client, cluster = distributed.connect(SyncConfig(url="http://127.0.0.1:9/dicom-web", executor="dask", workers=2, worker_threads=1))
+    try:
+        preloaded = client.run(lambda: all(name in sys.modules for name in distributed.PRELOAD))
+        assert list(preloaded.values()) == [True, True]
+        assert dask.config.get("distributed.worker.multiprocessing-method") == "forkserver"
+    finally:
+        client.close()
+        cluster.close()
