@@ -160,7 +160,7 @@ def connect(config: SyncConfig) -> tuple[Any, Any]:
     _fork_workers()
     cluster = LocalCluster(
         n_workers=config.workers, threads_per_worker=config.worker_threads, processes=True,
-        dashboard_address=None, silence_logs=logging.ERROR,
+        dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,  # no fixed port (8787) to collide on
     )
     return Client(cluster, set_as_default=False), cluster
 

@@ -68,7 +68,7 @@ def test_a_worker_killed_mid_run_loses_nothing(pacs, corpus_study_uids, threads_
     expected = exported(capsys, threads_export, tmp_path / "threads-export")
     killed: list[int] = []
     taken: list[object] = []
-    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         pids = client.run(os.getpid)
 
         def kill_a_busy_worker(figures) -> None:
