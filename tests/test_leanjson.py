@@ -89,6 +89,13 @@ def test_drops_what_is_not_kept_and_parses_repeated_text_once():
     assert first[Tag.SeriesDescription] is second[Tag.SeriesDescription]
 
 
+def test_kept_attributes_stay_in_the_order_they_came():
+    tags = [Tag.StudyDate, Tag.SOPInstanceUID, Tag.PatientName, Tag.Modality, Tag.SeriesInstanceUID]
+    for order in (tags, tags[::-1], tags[2:] + tags[:2]):
+        item = {tag: {"vr": "CS", "Value": ["X"]} for tag in order}
+        assert list(leanjson.datasets(orjson.dumps([item]), FILTER)[0]) == order
+
+
 def test_later_instances_of_a_series_keep_their_own_attributes_only():
     def instance(series: str, number: int) -> dict:
         return {
@@ -144,7 +151,9 @@ def test_same_as_a_full_parse_selected_by_group(items):
         (b'{"00080018": {}}', "not a JSON array of objects"),
         (b"[1, 2]", "not a JSON array of objects"),
         (b'[{"00080018": {}}, []]', "not a JSON array of objects"),
+        (b'[{"7FE00010": ' + b"[" * 5000 + b"]" * 5000 + b"}]", "malformed JSON"),
     ],
+    ids=["truncated", "trailing-comma", "bad-utf8", "object", "numbers", "not-all-objects", "deep"],
 )
 def test_bad_answers_fail_as_with_a_full_parse(body, message):
     url = "http://pacs/dicom-web/studies/1.2.3/metadata"
