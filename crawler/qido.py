@@ -271,14 +271,20 @@ class LeanAdapter(HTTPAdapter):
         return response, body
 
 
-MAX_BODY = 4 << 30
-"""The most a compressed answer may expand to (a guard against decompression bombs)."""
+MAX_BODY = 512 << 20
+"""The most a compressed answer may expand to: a guard against decompression bombs (a study's
+WADO-RS metadata runs to tens of MB on cloud archives, a large QIDO page to about 60 MB)."""
+
+
+class BodyTooLarge(urllib3.exceptions.DecodeError):
+    """A compressed answer that expands past MAX_BODY."""
 
 
 def gunzip(data: bytes) -> bytes:
-    """A gzip body in one piece, every member of it, as urllib3 decodes it but in one zlib call
-    per member (urllib3 works in pieces and copies them: 3-4 times the CPU on a study's metadata).
-    Raises urllib3's DecodeError for a body that is not gzip or expands past MAX_BODY."""
+    """A gzip body in one piece, as urllib3 decodes it (every member; a stream cut short gives
+    what it holds, trailing garbage after a member is ignored) but in one zlib call per member:
+    urllib3 works in pieces and copies them, 3-4 times the CPU on a study's metadata. Raises
+    urllib3's DecodeError for a body that is not gzip, BodyTooLarge past MAX_BODY."""
     out = []
     size = 0
     while data:
@@ -291,12 +297,11 @@ def gunzip(data: bytes) -> bytes:
             raise urllib3.exceptions.DecodeError("Received response with content-encoding: gzip, but failed to decode it.", exc) from exc
         size += len(piece)
         if size > MAX_BODY or decoder.unconsumed_tail:
-            raise urllib3.exceptions.DecodeError(f"gzip answer expands past {MAX_BODY} bytes")
-        if not decoder.eof:
-            if out:
-                break
-            raise urllib3.exceptions.DecodeError("Received response with content-encoding: gzip, but the gzip stream is truncated.")
+            raise BodyTooLarge(f"gzip answer expands past {MAX_BODY} bytes")
         out.append(piece)
+        if not decoder.eof:
+            out.append(decoder.flush())
+            break
         data = decoder.unused_data
     return out[0] if len(out) == 1 else b"".join(out)
 
@@ -371,6 +376,7 @@ class QidoClient:
         max_rps: float | None = None,
     ) -> None:
         self.base_url = check_base_url(base_url)
+        self._closed = threading.Event()
         self.session = session or requests.Session()
         adapter = LeanAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1), max_retries=0)
         self.session.mount("http://", adapter)
@@ -406,6 +412,9 @@ class QidoClient:
         self._timeout: tuple[Any, urllib3.Timeout] = (timeout, urllib3_timeout(timeout))
 
     def close(self) -> None:
+        """Close the connections; any later request (from a thread still running, such as the
+        listing read ahead of a run that stopped) fails at once instead of opening new ones."""
+        self._closed.set()
         self.session.close()
 
     def url(self, path: str, params: Sequence[tuple[str, str | int]] = ()) -> str:
@@ -433,6 +442,8 @@ class QidoClient:
         return True
 
     def _get_once(self, kind: str, url: str, keep: leanjson.Selection | None = None) -> Page:
+        if self._closed.is_set():
+            raise FatalQidoError(f"the client was closed: {redact(url)} not asked", url=redact(url))
         try:
             answer = self._send(kind, url)
             if answer.status == 401 and self._refresh_token(answer.authorization):
@@ -524,6 +535,8 @@ class QidoClient:
 
 
 def transport_failure(exc: Exception, shown: str) -> QidoError:
+    if isinstance(exc, requests.exceptions.ContentDecodingError) and any(isinstance(arg, BodyTooLarge) for arg in exc.args):
+        return FatalQidoError(f"answer from {shown} refused: the compressed answer expands past {MAX_BODY >> 20} MB", url=shown)
     if isinstance(exc, requests.exceptions.SSLError):
         return FatalQidoError(f"TLS error for {shown}: {_reason(exc)}", url=shown)
     if isinstance(exc, requests.exceptions.ConnectionError):
@@ -586,7 +599,7 @@ def _reason(exc: Exception) -> str:
         if marker in text:
             return marker.lower()
     if isinstance(exc, requests.exceptions.ContentDecodingError):
-        return "the compressed answer " + ("expands past the size limit" if "expands past" in text else "does not decode")
+        return "the compressed answer does not decode"
     return type(exc).__name__
 
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from crawler import qido
-from crawler.errors import QidoError, RetriableQidoError
+from crawler.errors import FatalQidoError, QidoError, RetriableQidoError
 from crawler.qido import QidoClient, RequestCounts, RetryPolicy, resolve_origin
 from fixtures.fakepacs import FakePacs
 
@@ -124,14 +124,27 @@ def test_gunzip_decodes_as_urllib3_does():
     from urllib3.response import GzipDecoder
 
     body = b'[{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}]' * 50
-    for data in (gzip.compress(body), gzip.compress(body[:40]) + gzip.compress(body[40:]), gzip.compress(body) + b"\0garbage", b""):
+    whole = gzip.compress(body)
+    for data in (
+        whole, gzip.compress(body[:40]) + gzip.compress(body[40:]), whole + b"\0garbage", b"",
+        whole[:-1], whole[:-8], whole[: len(whole) // 2], whole + gzip.compress(body)[:20],
+    ):  # fmt: skip
         decoder = GzipDecoder()
         assert qido.gunzip(data) == decoder.decompress(data) + decoder.flush()
 
 
-@pytest.mark.parametrize("data", [b"not gzip at all", gzip.compress(b"[]" * 1000)[:-30]], ids=["not-gzip", "truncated"])
-def test_a_gzip_answer_that_does_not_decode_is_retried_then_reported(monkeypatch, data):
+def test_a_gzip_answer_cut_short_is_malformed_json(monkeypatch):
     no_proxy(monkeypatch)
+    data = gzip.compress(b"[" + b'{"00080018": {"vr": "UI", "Value": ["1.2.3"]}},' * 100 + b"{}]")
+    with server(lambda h: (200, {"Content-Encoding": "gzip"}, data[: len(data) // 2])) as (url, seen):
+        with pytest.raises(FatalQidoError, match="malformed JSON"):
+            QidoClient(url, sleep=lambda s: None).get("studies", "studies")
+    assert len(seen) == 1
+
+
+def test_a_gzip_answer_that_does_not_decode_is_retried_then_reported(monkeypatch):
+    no_proxy(monkeypatch)
+    data = b"not gzip at all"
     def answer(h: BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
         return 200, {"Content-Encoding": "gzip"}, gzip.compress(b"[]") if h.path.endswith("/studies") else data
 
@@ -146,9 +159,10 @@ def test_a_gzip_answer_that_does_not_decode_is_retried_then_reported(monkeypatch
 def test_a_gzip_answer_may_not_expand_without_bound(monkeypatch):
     no_proxy(monkeypatch)
     monkeypatch.setattr(qido, "MAX_BODY", 10_000)
-    with server(lambda h: (200, {"Content-Encoding": "gzip"}, gzip.compress(b" " * 10_001))) as (url, _):
-        with pytest.raises(QidoError, match="the compressed answer expands past the size limit"):
-            QidoClient(url, retry=RetryPolicy(attempts=1), sleep=lambda s: None).get("studies", "studies")
+    with server(lambda h: (200, {"Content-Encoding": "gzip"}, gzip.compress(b" " * 10_001))) as (url, seen):
+        with pytest.raises(FatalQidoError, match="the compressed answer expands past 0 MB"):
+            QidoClient(url, sleep=lambda s: None).get("studies", "studies")
+    assert len(seen) == 1, "a bomb is not inflated again"
     with server(lambda h: (200, {"Content-Encoding": "gzip"}, gzip.compress(b"[]" + b" " * 9_998))) as (url, _):
         assert QidoClient(url).get("studies", "studies").items == []
 
@@ -241,3 +255,16 @@ def test_copies_of_a_client_count_their_own_requests_and_retries(monkeypatch):
         assert len(view.get("studies", "studies").items) == 2
     assert client.counts.as_dict() == {"total": 0, "retries": 0}
     assert view.counts.as_dict() == {"total": 2, "studies": 2, "retries": 1}
+
+
+def test_a_closed_client_sends_nothing_more(monkeypatch):
+    no_proxy(monkeypatch)
+    with server(lambda h: (200, {}, b"[]")) as (url, seen):
+        client = QidoClient(url)
+        view = copy.copy(client)
+        client.get("studies", "studies")
+        client.close()
+        for c in (client, view):
+            with pytest.raises(FatalQidoError, match="the client was closed"):
+                c.get("studies", "studies")
+    assert len(seen) == 1
