@@ -10,9 +10,9 @@ while the crawl still has work queued.
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -25,38 +25,51 @@ class _End(Generic[T]):
         self.error = error
 
 
-def read_ahead(items: Iterator[T], size: int, name: str = "read-ahead") -> Iterator[T]:
-    """The items of ``items``, produced by a daemon thread at most ``size`` items ahead. An
-    exception the iterator raises is raised here after the items it produced before it. When
-    the consumer stops early (closes this generator, or raises), the producer stops at its next
-    item."""
-    ahead: queue.Queue[T | _End[T]] = queue.Queue(maxsize=max(size, 1))
+def read_ahead(items: Iterator[T], size: int, name: str = "read-ahead", weight: Callable[[T], int] = lambda item: 1) -> Iterator[T]:
+    """The items of ``items``, produced by a daemon thread while fewer than ``size`` (counted by
+    ``weight``: a page of studies weighs its length) wait for the consumer. An exception the
+    iterator raises is raised here after the items it produced before it. When the consumer
+    stops early (closes this generator, or raises), the producer stops at its next item; one
+    busy in a request ends with it (the run closes its client, whose requests then fail at
+    once), and is waited for a moment here."""
+    ahead: deque[T | _End[T]] = deque()
+    waiting = 0
+    ready = threading.Condition()
     stop = threading.Event()
 
-    def put(entry: T | _End[T]) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def put(entry: T | _End[T], load: int) -> bool:
+        nonlocal waiting
+        with ready:
+            while waiting >= size and not stop.is_set():
+                ready.wait(0.1)
+            if stop.is_set():
+                return False
+            ahead.append(entry)
+            waiting += load
+            ready.notify_all()
+            return True
 
     def produce() -> None:
         try:
             for item in items:
-                if not put(item):
+                if not put(item, weight(item)):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            put(_End(exc))
+            put(_End(exc), 0)
         else:
-            put(_End(None))
+            put(_End(None), 0)
 
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
         while True:
-            entry = ahead.get()
+            with ready:
+                while not ahead:
+                    ready.wait()
+                entry = ahead.popleft()
+                if not isinstance(entry, _End):
+                    waiting -= weight(entry)
+                ready.notify_all()
             if isinstance(entry, _End):
                 if entry.error is not None:
                     raise entry.error
@@ -64,3 +77,6 @@ def read_ahead(items: Iterator[T], size: int, name: str = "read-ahead") -> Itera
             yield entry
     finally:
         stop.set()
+        with ready:
+            ready.notify_all()
+        thread.join(1.0)

@@ -48,8 +48,8 @@ log = logging.getLogger("crawler")
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 Resource = tuple[str, str, bytes]
 LISTING_AHEAD = 1000
-"""Listed studies held at most ahead of the crawl (a few MB): enough for the crawl threads to
-stay busy while the listing pauses (see readahead)."""
+"""Listed studies held ahead of the crawl, at most this many plus one page (a few MB): enough
+for the crawl threads to stay busy while the listing pauses (see readahead)."""
 
 
 def digest(body: bytes) -> str:
@@ -412,7 +412,7 @@ class _Run:
         then (with --changes orthanc) those the change feed names. Pages, not studies, pass
         between the threads: a hand-over per study cost more CPU than the listing saved."""
         pages = iter_study_pages(self.client, windows, report, max_offset=self.config.max_offset)
-        for page in read_ahead(pages, max(LISTING_AHEAD // self.config.page_size, 2), "listing"):
+        for page in read_ahead(pages, LISTING_AHEAD, "listing", weight=len):
             yield from page
         yield from self._changed_items()
 

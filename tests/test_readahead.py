@@ -63,3 +63,35 @@ def test_the_producer_stops_when_the_consumer_does():
     consumer.close()
     assert finished.wait(2), "the producer did not stop"
     assert len(produced) < 10
+
+
+def test_pages_are_counted_by_their_items():
+    produced = []
+
+    def pages() -> Iterator[list[int]]:
+        for n in range(50):
+            produced.append(n)
+            yield list(range(10))
+
+    consumer = read_ahead(pages(), 25, weight=len)
+    assert next(consumer) == list(range(10))
+    time.sleep(0.3)
+    # one page taken; fewer than 25 items waiting admit one more page: at most 3 pages waiting, one more in hand
+    assert len(produced) <= 1 + 3 + 1
+    assert sum(len(page) for page in consumer) == 490
+
+
+def test_a_producer_busy_in_a_request_is_waited_for_a_moment_only():
+    release = threading.Event()
+
+    def items() -> Iterator[int]:
+        yield 1
+        release.wait(10)  # a request that takes long
+        yield 2
+
+    consumer = read_ahead(items(), 5)
+    assert next(consumer) == 1
+    started = time.monotonic()
+    consumer.close()
+    assert time.monotonic() - started < 3
+    release.set()
