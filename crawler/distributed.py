@@ -21,12 +21,14 @@ keep one client (pooled connections) per run, dropped when the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
 import uuid
 from array import array
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -157,23 +159,26 @@ def connect(config: SyncConfig) -> tuple[Any, Any]:
             return Client(config.scheduler, timeout=30, set_as_default=False), None
         except (OSError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {config.scheduler}: {exc}") from None
-    _fork_workers()
-    cluster = LocalCluster(
-        n_workers=config.workers, threads_per_worker=config.worker_threads, processes=True,
-        dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,  # no fixed port (8787) to collide on
-    )
+    with _forked_workers():
+        cluster = LocalCluster(
+            n_workers=config.workers, threads_per_worker=config.worker_threads, processes=True,
+            # the scheduler's HTTP server on a free loopback port (not 8787, to collide on), no dashboard
+            dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
+        )
     return Client(cluster, set_as_default=False), cluster
 
 
 PRELOAD = ["distributed", "crawler.distributed", "crawler.sync"]
 
 
-def _fork_workers() -> None:
-    """A local cluster's worker processes forked from a server process that imported Dask and
-    the crawler once (multiprocessing's forkserver), rather than each started afresh and
-    importing both (spawn, Dask's default): on 2 cores, 4 workers are up and ready in about
-    1.5 s instead of 3, which a short sync feels. Left as it is where forkserver does not exist
-    or Dask is configured for another method than its default."""
+@contextlib.contextmanager
+def _forked_workers() -> Iterator[None]:
+    """While a local cluster starts: worker processes forked from a server process that
+    imported Dask and the crawler once (multiprocessing's forkserver), rather than each started
+    afresh and importing both (spawn, Dask's default): on 2 cores, 4 workers are up and ready in
+    about 1.5 s instead of 3, which a short sync feels. Dask's setting is changed for the start
+    only (a worker restarted later is spawned), and only where forkserver exists and the setting
+    is spawn."""
     import multiprocessing
 
     import dask
@@ -181,9 +186,11 @@ def _fork_workers() -> None:
 
     key = "distributed.worker.multiprocessing-method"
     if dask.config.get(key) != "spawn" or "forkserver" not in multiprocessing.get_all_start_methods():
+        yield
         return
-    dask.config.set({key: "forkserver"})
-    get_mp_context().set_forkserver_preload(PRELOAD)
+    with dask.config.set({key: "forkserver"}):
+        get_mp_context().set_forkserver_preload(PRELOAD)
+        yield
 
 
 class Coordinator:
