@@ -176,6 +176,12 @@ def test_the_shipped_tables_are_what_pydicom_gives():
     assert len(dictionary.SOP_CLASS_NAMES) > 250 and len(dictionary.MODALITY_DISPLAYS) > 80
 
 
+def test_the_table_generator_reads_the_modalities_without_importing_them():
+    from tools.make_dictionary import modalities
+
+    assert modalities() == codes.MODALITIES
+
+
 def test_the_mapping_does_not_import_pydicom():
     import subprocess
     import sys

@@ -9,8 +9,8 @@ Importing pydicom's dictionaries at run time cost every crawl about half a secon
 
 from __future__ import annotations
 
+import ast
 import json
-import sys
 from pathlib import Path
 
 TARGET = Path(__file__).resolve().parent.parent / "crawler" / "mapping" / "dictionary.py"
@@ -45,11 +45,22 @@ def modality_displays(modalities: frozenset[str]) -> dict[str, str]:
     return dict(sorted({**fallback, **preferred}.items()))
 
 
+def modalities() -> frozenset[str]:
+    """codes.MODALITIES, read from the source: importing codes needs the file this writes."""
+    tree = ast.parse((TARGET.parent / "codes.py").read_text())
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in ("MODALITIES", "RETIRED_MODALITIES"):
+            found |= {n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    if len(found) < 50:
+        raise SystemExit(f"found only {len(found)} modalities in codes.py: has MODALITIES changed shape?")
+    return frozenset(found)
+
+
 def render() -> str:
     import pydicom
 
-    sys.path.insert(0, str(TARGET.parent.parent.parent))
-    from crawler.mapping.codes import MODALITIES
+    MODALITIES = modalities()  # noqa: N806
 
     lines = [
         '"""SOP Class names (PS3.6 Annex A) and modality code meanings (DCM, CID 29/32/33), as pydicom',
