@@ -149,7 +149,8 @@ def _worker_config(config: SyncConfig) -> SyncConfig:
 
 
 def connect(config: SyncConfig) -> tuple[Any, Any]:
-    """(a dask.distributed Client, the LocalCluster it owns or None)."""
+    """(a dask.distributed Client, the LocalCluster it owns or None). A local cluster returns
+    as soon as its first worker is up; the others join while it works (see ``capacity``)."""
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
@@ -159,26 +160,35 @@ def connect(config: SyncConfig) -> tuple[Any, Any]:
             return Client(config.scheduler, timeout=30, set_as_default=False), None
         except (OSError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {config.scheduler}: {exc}") from None
-    with _forked_workers():
-        cluster = LocalCluster(
-            n_workers=config.workers, threads_per_worker=config.worker_threads, processes=True,
-            # the scheduler's HTTP server on a free loopback port (not 8787, to collide on), no dashboard
-            dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
-        )
+    cluster = LocalCluster(
+        n_workers=1, threads_per_worker=config.worker_threads, processes=True,
+        # the scheduler's HTTP server on a free loopback port (not 8787, to collide on), no dashboard
+        dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR,
+    )
+    if config.workers > 1:
+        cluster.scale(config.workers)
     return Client(cluster, set_as_default=False), cluster
+
+
+def capacity(config: SyncConfig, client: Any) -> tuple[int, int]:
+    """(worker processes, threads) the run can count on: a local cluster's as configured (its
+    workers may still be starting), an existing cluster's as its scheduler knows them now."""
+    if not config.scheduler:
+        return config.workers, config.workers * config.worker_threads
+    nthreads = client.nthreads()
+    return max(len(nthreads), 1), max(sum(nthreads.values()), 1)
 
 
 PRELOAD = ["distributed", "crawler.distributed", "crawler.sync"]
 
 
 @contextlib.contextmanager
-def _forked_workers() -> Iterator[None]:
-    """While a local cluster starts: worker processes forked from a server process that
-    imported Dask and the crawler once (multiprocessing's forkserver), rather than each started
-    afresh and importing both (spawn, Dask's default): on 2 cores, 4 workers are up and ready in
-    about 1.5 s instead of 3, which a short sync feels. Dask's setting is changed for the start
-    only (a worker restarted later is spawned), and only where forkserver exists and the setting
-    is spawn."""
+def forked_workers() -> Iterator[None]:
+    """While a local cluster lives: worker processes forked from a server process that imported
+    Dask and the crawler once (multiprocessing's forkserver), rather than each started afresh
+    and importing both (spawn, Dask's default): on 2 cores, 4 workers are up and ready in about
+    1.5 s instead of 3, which a short sync feels. Dask's setting is changed for that time only,
+    and only where forkserver exists and the setting is spawn."""
     import multiprocessing
 
     import dask
@@ -191,6 +201,25 @@ def _forked_workers() -> Iterator[None]:
     with dask.config.set({key: "forkserver"}):
         get_mp_context().set_forkserver_preload(PRELOAD)
         yield
+
+
+def spread(windows: list[Window], parts: int) -> list[Window]:
+    """``windows`` with those spanning several (bounded) days split in halves, round by round,
+    until there are ``parts`` windows or none can be split so: the cluster lists them in
+    parallel from the start, rather than one task listing a task's share of studies before the
+    first parts come back. Single days and open-ended windows are left whole."""
+    out = list(windows)
+    while len(out) < parts:
+        result: list[Window] = []
+        for i, window in enumerate(out):
+            room = parts - (len(result) + len(out) - i)
+            multi_day = window.since is not None and window.until is not None and window.since != window.until and window.time_from is None
+            halves = window.split() if room > 0 and multi_day else []
+            result.extend(halves or [window])
+        if len(result) == len(out):
+            break
+        out = result
+    return out
 
 
 class Coordinator:
@@ -212,19 +241,25 @@ class Coordinator:
         self.answered = False
         self.unreachable: str | None = None
         self.refused: str | None = None
+        self.threads = 1
 
     def list_and_crawl(self, windows: list[Window]) -> None:
+        with contextlib.nullcontext() if self.run.config.scheduler else forked_workers():
+            self._list_and_crawl(windows)
+
+    def _list_and_crawl(self, windows: list[Window]) -> None:
         client, cluster = connect(self.run.config)
         try:
+            processes, threads = capacity(self.run.config, client)
+            self.threads = threads
             if self.config.max_rps:
                 # each worker process paces its own requests: share the limit out among them
-                processes = max(len(client.nthreads()), 1)
                 self.config = replace(self.config, max_rps=self.config.max_rps / processes)
             if windows == [Window()]:
                 self.windows.append((Window(), True))
-                self.windows.extend((w, False) for w in Window().split())
+                self.windows.extend((w, False) for w in spread(Window().split(), threads))
             else:
-                self.windows.extend((w, False) for w in windows)
+                self.windows.extend((w, False) for w in spread(windows, threads))
             self._pump(client)
             self.undated.close(self.report)
             if not self.unreachable:
@@ -247,7 +282,7 @@ class Coordinator:
         listing waits while enough studies wait to be crawled, so memory stays bounded."""
         from dask.distributed import as_completed
 
-        threads = max(sum(client.nthreads().values()), 1)
+        threads = self.threads
         running = as_completed(loop=client.loop)
         jobs: dict[Any, tuple[str, Any]] = {}
         listing = crawling = 0

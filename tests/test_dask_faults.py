@@ -103,11 +103,41 @@ def test_a_local_cluster_forks_its_workers_with_the_crawler_imported():
     key = "distributed.worker.multiprocessing-method"
     if "forkserver" not in multiprocessing.get_all_start_methods() or dask.config.get(key) != "spawn":
         pytest.fail("this test expects a platform with forkserver and Dask's default start method")
-    client, cluster = distributed.connect(SyncConfig(url="http://127.0.0.1:9/dicom-web", executor="dask", workers=2, worker_threads=1))
-    try:
-        preloaded = client.run(lambda: all(name in sys.modules for name in distributed.PRELOAD))
-        assert list(preloaded.values()) == [True, True]
-        assert dask.config.get(key) == "spawn", "Dask's setting is changed only while the cluster starts"
-    finally:
-        client.close()
-        cluster.close()
+    config = SyncConfig(url="http://127.0.0.1:9/dicom-web", executor="dask", workers=2, worker_threads=1)
+    with distributed.forked_workers():
+        client, cluster = distributed.connect(config)
+        try:
+            assert distributed.capacity(config, client) == (2, 2)
+            client.wait_for_workers(2, timeout=60)
+            preloaded = client.run(lambda: all(name in sys.modules for name in distributed.PRELOAD))
+            assert list(preloaded.values()) == [True, True]
+        finally:
+            client.close()
+            cluster.close()
+    assert dask.config.get(key) == "spawn", "Dask's setting is changed only while the cluster lives"
+
+
+def test_the_first_windows_are_spread_over_the_cluster():
+    from datetime import date, timedelta
+
+    from crawler.distributed import spread
+    from crawler.planner import Window
+
+    def days(windows: list[Window]) -> list[str]:
+        out = []
+        for w in windows:
+            day, last = date.fromisoformat(f"{w.since[:4]}-{w.since[4:6]}-{w.since[6:]}"), date.fromisoformat(f"{w.until[:4]}-{w.until[4:6]}-{w.until[6:]}")
+            while day <= last:
+                out.append(day.strftime("%Y%m%d"))
+                day += timedelta(days=1)
+        return out
+
+    year = [Window("20240101", "20241231")]
+    for parts in (1, 2, 3, 4, 7, 16):
+        windows = spread(year, parts)
+        assert len(windows) == parts
+        assert days(windows) == days(year), "every day once, in order"
+    assert spread([Window("20240101", "20240101")], 8) == [Window("20240101", "20240101")]
+    assert len(spread([Window("20240101", "20240103")], 8)) == 3
+    full = spread(Window().split(), 16)
+    assert len(full) == 16 and full[0].since is None and full[-1].until is None
