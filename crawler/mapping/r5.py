@@ -804,12 +804,8 @@ def _group(instances: Iterable[Dataset], uid: str) -> dict[str, _Group]:
     grouped: dict[str, _Group] = {}
     titles = _Titles()
     for instance in instances:
-        group = None
-        element = instance.get(_SERIES_INSTANCE_UID)
-        if type(element) is dict:
-            value = element.get("Value")
-            if type(value) is list and value and type(value[0]) is str:
-                group = grouped.get(value[0])
+        values = _values(instance, _SERIES_INSTANCE_UID)
+        group = grouped.get(values[0]) if values and type(values[0]) is str else None
         if group is None:
             series_uid = _uid(instance, _SERIES_INSTANCE_UID, uid)
             if not series_uid:
@@ -833,14 +829,8 @@ def _group(instances: Iterable[Dataset], uid: str) -> dict[str, _Group]:
 def _fast_instance(ds: Dataset, titles: _Titles) -> Resource | None:
     """An instance from well-formed attributes, or None to take the careful path. A first value
     that passes is what the careful readers would return, whatever follows it."""
-    element = ds.get(_SOP_INSTANCE_UID)
-    if type(element) is not dict:
-        return None
-    value = element.get("Value")
-    if type(value) is not list or not value:
-        return None
-    instance_uid = value[0]
-    if type(instance_uid) is not str or not _FAST_UID(instance_uid):
+    instance_uid = _fast_uid(ds, _SOP_INSTANCE_UID)
+    if instance_uid is None:
         return None
     element = ds.get(_SOP_CLASS_UID)
     if type(element) is not dict:
