@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from fixtures import corpus, orthanc
+
+if TYPE_CHECKING:
+    from fixtures.medplum import MedplumServer
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +37,27 @@ def corpus_study_uids(corpus_files: list[Path]) -> set[str]:
     import pydicom
 
     return {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in corpus_files}
+
+
+@pytest.fixture(scope="session")
+def medplum(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., MedplumServer]]:
+    """Starts FHIR R4 servers built from Medplum's packages (fixtures/medplum.py), each empty:
+    ``medplum()`` in the default mode, ``medplum("--transactions-as-batches", "--minimal")`` in
+    others; all are stopped at the end of the session."""
+    from fixtures import medplum as harness
+
+    started: list[MedplumServer] = []
+
+    def start(*flags: str) -> MedplumServer:
+        server = harness.start(tmp_path_factory.mktemp("medplum"), *flags)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
