@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import sqlite3
+import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigError, StateError
+from .files import FILE_MODE, make_folder, make_private
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -107,6 +109,29 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             pid INTEGER,
             host TEXT,
             since TEXT
+        );
+        """,
+    ),
+    (
+        6,
+        "this state's identity, which names its run folders",
+        """
+        CREATE TABLE state_info (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        """,
+    ),
+    # 7 is reserved for other work; migrations are applied by number, a gap is allowed
+    (
+        8,
+        "per-source fallbacks",
+        """
+        CREATE TABLE source_fallbacks (
+            source TEXT NOT NULL,
+            name TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            PRIMARY KEY (source, name)
         );
         """,
     ),
@@ -193,11 +218,18 @@ class _Sqlite:
         self.path = path
         self.shown = str(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(path.parent)
         except OSError as exc:
             raise StateError(f"cannot create the folder of state {path}: {exc.strerror}") from None
 
     def connect(self) -> sqlite3.Connection:
+        # SQLite gives its -wal and -shm files the database file's mode: create it 0600 first
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+        except OSError:
+            pass  # a read-only state; sqlite3 says what is wrong
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            make_private(self.path.with_name(self.path.name + suffix))
         db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -231,7 +263,7 @@ class _Sqlite:
     def lock(self) -> int:
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as exc:
             raise StateError(f"cannot open lock {lock_path}: {exc.strerror}") from None
         try:
@@ -591,6 +623,29 @@ class State:
         row = self._q("SELECT mark FROM runs WHERE source = ? AND mark IS NOT NULL ORDER BY id DESC LIMIT 1", (source,)).fetchone()
         return row[0] if row else None
 
+    def identity(self) -> str:
+        """A random id made once per state (a copy of the state file has the same one): with the
+        source, it makes run folder names that no other state's runs use."""
+        row = self._q("SELECT value FROM state_info WHERE key = 'id'").fetchone()
+        if row is None:
+            self._q("INSERT INTO state_info (key, value) VALUES ('id', ?) ON CONFLICT (key) DO NOTHING", (uuid.uuid4().hex,))
+            row = self._q("SELECT value FROM state_info WHERE key = 'id'").fetchone()
+        return row[0]
+
+    def set_run_folder(self, run_id: int, folder: str) -> None:
+        """Record the folder a run will write into before it makes it (outside the run's
+        transaction), so that only this state ever recovers or removes it."""
+        self._q("UPDATE runs SET folder = ? WHERE id = ?", (folder, run_id))
+
+    def unfinished_folders(self, run_id: int) -> list[str]:
+        """The folders recorded by this state's earlier runs that did not end well (interrupted,
+        failed): the only folders a run may complete or remove."""
+        rows = self._q(
+            "SELECT folder FROM runs WHERE folder IS NOT NULL AND id != ? AND (outcome IS NULL OR outcome NOT IN ('ok', 'partial')) ORDER BY id",
+            (run_id,),
+        ).fetchall()
+        return [row[0] for row in rows]
+
     def close_interrupted_runs(self, run_id: int) -> int:
         cursor = self._q("UPDATE runs SET outcome = 'interrupted', ended = started WHERE ended IS NULL AND id != ?", (run_id,))
         return cursor.rowcount
@@ -616,6 +671,16 @@ class State:
             "INSERT INTO sources (source, changes_seq) VALUES (?, ?) ON CONFLICT (source) DO UPDATE SET changes_seq = excluded.changes_seq",
             (source, position),
         )
+
+    def fallbacks(self, source: str) -> dict[str, str]:
+        """The fallbacks the source needed (name -> reason; see crawl.FALLBACKS)."""
+        return dict(self._q("SELECT name, reason FROM source_fallbacks WHERE source = ?", (source,)).fetchall())
+
+    def set_fallbacks(self, source: str, fallbacks: dict[str, str]) -> None:
+        """Replace what the state remembers of the source's fallbacks."""
+        self._q("DELETE FROM source_fallbacks WHERE source = ?", (source,))
+        for name, reason in sorted(fallbacks.items()):
+            self._q("INSERT INTO source_fallbacks (source, name, reason) VALUES (?, ?, ?)", (source, name, reason))
 
     def resource_hash(self, resource_type: str, resource_id: str) -> str | None:
         row = self._q("SELECT hash FROM resources WHERE type = ? AND id = ?", (resource_type, resource_id)).fetchone()

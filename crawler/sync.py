@@ -196,6 +196,14 @@ def choose_windows(config: SyncConfig, state: State, source: str, today: str) ->
     return plan(since, None), f"since {since} (mark {mark} - {config.lookback} days)", True
 
 
+def run_folder_name(started: datetime, run_id: int, state_identity: str, source: str) -> str:
+    """``<UTC time>-run<N>-<tag>``: the tag (8 hex digits of a hash of the state's identity and the
+    source) keeps the runs of two jobs that share an output folder apart, even in the same second
+    with the same run number."""
+    tag = hashlib.sha256(f"{state_identity}\n{source}".encode()).hexdigest()[:8]
+    return f"{started.strftime('%Y%m%dT%H%M%SZ')}-run{run_id}-{tag}"
+
+
 def _today(config: SyncConfig, started: datetime) -> str:
     return started.astimezone(config.zone).strftime("%Y%m%d") if config.zone else started.astimezone().strftime("%Y%m%d")
 
@@ -277,16 +285,19 @@ class _Run:
             log.info("an earlier run was interrupted; its state stands at its last checkpoint")
         windows, scope, moves_mark = choose_windows(config, state, self.source, _today(config, started))
         self.full_listing = windows == [Window()]
+        completed, removed = recover(state.unfinished_folders(run_id))
+        for folder in completed:
+            log.warning("completed interrupted run folder %s at its last checkpoint", folder)
+        for folder in removed:
+            log.info("removed interrupted run folder %s (it had reached no checkpoint)", folder)
         if config.out is not None:
-            completed, removed = recover(config.out)
-            for folder in completed:
-                log.warning("completed interrupted run folder %s at its last checkpoint", folder)
-            for folder in removed:
-                log.info("removed interrupted run folder %s (it had reached no checkpoint)", folder)
+            folder = config.out / run_folder_name(started, run_id, state.identity(), self.source)
+            state.set_run_folder(run_id, str(folder.absolute()))
             self.ndjson = NdjsonFolder(
-                config.out / f"{started.strftime('%Y%m%dT%H%M%SZ')}-run{run_id}",
+                folder,
                 transaction_time=started.isoformat().replace("+00:00", "Z"),
                 request=f"{redact(self.client.base_url)}/studies",
+                fresh=True,
             )
             self.sinks.insert(0, self.ndjson)
         state.begin()
@@ -315,7 +326,8 @@ class _Run:
             state.rollback()
             outcome = "unreachable" if isinstance(exc, SourceUnreachable) else "failed"
             error = str(exc) if isinstance(exc, CrawlerError) else type(exc).__name__
-            state.finish_run(run_id, _now(), outcome, None, {**vars(self.figures), "error": error})
+            kept = str(self.ndjson.folder.absolute()) if self.ndjson and self.ndjson.folder.is_dir() else None
+            state.finish_run(run_id, _now(), outcome, kept, {**vars(self.figures), "error": error})
             raise
 
     listing_errors = 0

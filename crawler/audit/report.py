@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SinkError
+from ..files import make_folder, open_private
 from .findings import CHECKS, SEVERITY_ORDER, Evaluation, Finding, StudyFacts, by_modality, by_month, mask
 
 REPORT_VERSION = 1
@@ -339,7 +340,7 @@ def render_html(
 
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+    with open_private(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -353,7 +354,7 @@ def write_report(
 ) -> list[str]:
     """Write report.html, findings.json and studies.csv into ``folder`` (created if needed)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         _write(folder / "findings.json", render_json(
             source=source, generated=generated, scope=scope, evaluation=evaluation, totals=totals, windows=windows, compared=compared,
         ))

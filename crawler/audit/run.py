@@ -26,6 +26,7 @@ from urllib.parse import quote
 from ..crawl import includefields, summarise
 from ..dicomjson import Tag
 from ..errors import ConfigError, QidoError, SourceUnreachable
+from ..files import make_folder
 from ..listing import ListingReport, iter_studies
 from ..mapping.ids import normalise_base
 from ..planner import Window, plan
@@ -167,7 +168,7 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
     if config.report.exists() and not config.report.is_dir():
         raise ConfigError(f"--report {config.report} is a file, not a folder")
     try:
-        config.report.mkdir(parents=True, exist_ok=True)
+        make_folder(config.report)
     except OSError as exc:
         raise ConfigError(f"--report: cannot create {config.report}: {exc.strerror or exc}") from None
     state_rows: dict[str, CopyRow] | None = None

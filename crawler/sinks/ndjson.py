@@ -14,21 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
 import orjson
 
 from ..errors import SinkError
+from ..files import make_folder, make_new_folder, open_private
 from .base import Resource
 
 ERROR_TYPE = "OperationOutcome"
 DELETED = "deleted"
 CHECKPOINT = "checkpoint.json"
-RUN_FOLDER = re.compile(r"^\d{8}T\d{6}Z-run\d+$")
 
 
 def _deletion(resource_type: str, resource_id: str) -> bytes:
@@ -47,16 +45,22 @@ def write_manifest(folder: Path, counts: dict[str, int], transaction_time: str, 
         "error": [{"type": ERROR_TYPE, "url": f"{ERROR_TYPE}.ndjson", "count": counts[ERROR_TYPE]}] if counts.get(ERROR_TYPE) else [],
     }
     part = folder / "manifest.json.part"
-    part.write_text(json.dumps(manifest, indent=2) + "\n")
+    with open_private(part, "w") as handle:
+        handle.write(json.dumps(manifest, indent=2) + "\n")
     os.replace(part, folder / "manifest.json")
 
 
 class NdjsonFolder:
-    def __init__(self, folder: Path, *, transaction_time: str, request: str, always: bool = False) -> None:
+    """``fresh``: the folder must not exist yet (a run folder: a run writes only into a folder it
+    made); otherwise it may exist, empty (``export``)."""
+
+    def __init__(self, folder: Path, *, transaction_time: str, request: str, always: bool = False, fresh: bool = False) -> None:
         self.folder = Path(folder)
         self.transaction_time = transaction_time
         self.request = request
         self.always = always
+        self.fresh = fresh
+        self._made = False
         self._files: dict[str, IO[bytes]] = {}
         self._counts: dict[str, int] = {}
         self._shared: dict[tuple[str, str], bytes] = {}
@@ -64,14 +68,30 @@ class NdjsonFolder:
     def _file(self, name: str) -> IO[bytes]:
         handle = self._files.get(name)
         if handle is None:
+            self._make()
             try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                handle = open(self.folder / f"{name}.ndjson.part", "wb")
+                handle = open_private(self.folder / f"{name}.ndjson.part", "wb")
             except OSError as exc:
                 raise SinkError(f"cannot write to {self.folder}: {exc.strerror}") from None
             self._files[name] = handle
             self._counts[name] = 0
         return handle
+
+    def _make(self) -> None:
+        if self._made:
+            return
+        try:
+            if self.fresh:
+                make_new_folder(self.folder)
+            else:
+                make_folder(self.folder)
+        except FileExistsError:
+            raise SinkError(
+                f"run folder {self.folder} exists already: is a copy of this state used by another job? Nothing was written into it"
+            ) from None
+        except OSError as exc:
+            raise SinkError(f"cannot write to {self.folder}: {exc.strerror}") from None
+        self._made = True
 
     def _line(self, name: str, body: bytes) -> None:
         try:
@@ -117,7 +137,7 @@ class NdjsonFolder:
                 os.fsync(handle.fileno())
                 sizes[name] = [handle.tell(), self._counts[name]]
             part = self.folder / f"{CHECKPOINT}.part"
-            with open(part, "w") as out:
+            with open_private(part, "w") as out:
                 json.dump({"transactionTime": self.transaction_time, "request": self.request, "files": sizes}, out)
                 out.flush()
                 os.fsync(out.fileno())
@@ -129,8 +149,8 @@ class NdjsonFolder:
     def finish(self) -> str | None:
         if not self._files and not self.always:
             return None
+        self._make()
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
             for name, handle in self._files.items():
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -148,18 +168,29 @@ class NdjsonFolder:
         for handle in self._files.values():
             handle.close()
         self._files.clear()
-        if self.folder.exists() and not (self.folder / "manifest.json").exists():
+        if self._made and not (self.folder / "manifest.json").exists():
             complete(self.folder)
 
 
+def _ours(name: str) -> bool:
+    return name.endswith(".ndjson.part") or name in (f"{CHECKPOINT}.part", "manifest.json.part")
+
+
 def complete(folder: Path) -> bool:
-    """Finish an interrupted folder at its last checkpoint; remove it when it has none.
+    """Finish an interrupted folder at its last checkpoint; remove it when it has none (only the
+    files a run writes, then the folder if nothing else is in it).
 
     Returns True when the folder was completed (it then has its manifest), False if removed.
     """
     checkpoint = folder / CHECKPOINT
     if not checkpoint.exists():
-        shutil.rmtree(folder, ignore_errors=True)
+        for path in folder.iterdir():
+            if _ours(path.name):
+                path.unlink()
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
         return False
     saved = json.loads(checkpoint.read_text())
     counts = {}
@@ -172,23 +203,25 @@ def complete(folder: Path) -> bool:
         os.replace(part, folder / f"{name}.ndjson")
         counts[name] = count
     for stray in folder.glob("*.part"):
-        stray.unlink()
+        if _ours(stray.name):
+            stray.unlink()
     write_manifest(folder, counts, saved["transactionTime"], saved["request"])
     checkpoint.unlink()
     return True
 
 
-def recover(out: Path) -> tuple[list[Path], list[Path]]:
-    """Complete or remove the run folders under ``out`` that an interrupted run left.
+def recover(folders: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
+    """Complete or remove the run folders that interrupted runs of this state left: only those
+    ``folders`` (what the state recorded before making them), never others that merely look like
+    run folders (another job's, being written, or anyone's).
 
     A folder with a checkpoint is cut back to it and given its manifest (everything up to the
     checkpoint is what the state recorded as sent); one without is removed. Returns
     (completed, removed).
     """
     completed, removed = [], []
-    if not out.is_dir():
-        return completed, removed
-    for folder in sorted(out.iterdir()):
-        if folder.is_dir() and RUN_FOLDER.match(folder.name) and not (folder / "manifest.json").exists():
+    for name in folders:
+        folder = Path(name)
+        if folder.is_dir() and not (folder / "manifest.json").exists():
             (completed if complete(folder) else removed).append(folder)
     return completed, removed
