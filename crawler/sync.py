@@ -31,7 +31,7 @@ from .config import SyncConfig
 from .changes import orthanc_base, orthanc_changes
 from .crawl import STUDY_FIELDS, VOLATILE, Learned, StudySummary, fetch_study, includefields, summarise
 from .dicomjson import Tag
-from .errors import CrawlerError, MappingError, QidoError, SinkError, SourceUnreachable
+from .errors import ConfigError, CrawlerError, MappingError, QidoError, SinkError, SourceUnreachable
 from .listing import ListingReport, iter_study_pages
 from .mapping import MappingOptions, endpoint, map_resources
 from .mapping.ids import normalise_base
@@ -196,6 +196,11 @@ def choose_windows(config: SyncConfig, state: State, source: str, today: str) ->
     return plan(since, None), f"since {since} (mark {mark} - {config.lookback} days)", True
 
 
+def _check_out(out: Path | None) -> None:
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"the output folder {out} is a file")
+
+
 def run_folder_name(started: datetime, run_id: int, state_identity: str, source: str) -> str:
     """``<UTC time>-run<N>-<tag>``: the tag (8 hex digits of a hash of the state's identity and the
     source) keeps the runs of two jobs that share an output folder apart, even in the same second
@@ -215,6 +220,7 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
     ``sinks`` adds sinks besides the NDJSON folder of ``config.out`` (e.g. a FHIR server).
     """
     started_clock = time.monotonic()
+    _check_out(config.out)
     if config.validate:
         check_available(config.fhir_version)
     client = client_from(config)
@@ -548,6 +554,7 @@ def export(state_path: Path, out: Path) -> dict[str, int]:
     """Write every resource the state holds into ``out`` in the run-folder layout."""
     from .state import open_existing
 
+    _check_out(out)
     state = open_existing(state_path)
     try:
         if out.exists() and any(out.iterdir()):

@@ -196,3 +196,22 @@ def test_audit_reports_are_private_whatever_the_umask(two_pacs, tmp_path):
     files = list(report.iterdir())
     assert {p.name for p in files} == {"findings.json", "report.html", "studies.csv"}
     assert {p.name: _mode(p) for p in files} == {p.name: 0o600 for p in files}
+
+
+def test_export_into_a_file_is_a_usage_error(two_pacs, tmp_path, capsys):
+    assert main(["sync", two_pacs[0].url, "--state", str(tmp_path / "state.db"), "--metadata", "never", "-q"]) == 0
+    target = tmp_path / "not-a-folder"
+    target.write_text("x")
+    capsys.readouterr()
+    assert main(["export", "--state", str(tmp_path / "state.db"), "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0] and "Traceback" not in err[0]
+    assert target.read_text() == "x"
+
+
+def test_sync_into_a_file_is_a_usage_error(two_pacs, tmp_path, capsys):
+    target = tmp_path / "not-a-folder"
+    target.write_text("x")
+    assert main(["sync", two_pacs[0].url, "--state", str(tmp_path / "state.db"), "--out", str(target), "--metadata", "never"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
