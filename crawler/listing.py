@@ -73,6 +73,15 @@ def study_date(item: dict[str, Any]) -> str | None:
     return value if value and len(value) == 8 and value.isdigit() else None
 
 
+def _text(item: dict[str, Any], tag: str) -> str | None:
+    """The attribute's first value as text; None when absent or wrongly typed (the crawl of the
+    study reports what is wrong with it)."""
+    try:
+        return dj.string(item, tag)
+    except ValueError:
+        return None
+
+
 def list_window(client: QidoClient, state: WindowListing, report: ListingReport, max_offset: int) -> Iterator[list[dict[str, Any]]]:
     """The study-level results of ``state.window``, a page at a time, until the window ends or
     hits a cap (then ``state.capped`` says which)."""
@@ -108,13 +117,13 @@ def list_window(client: QidoClient, state: WindowListing, report: ListingReport,
             day = study_date(item)
             if day is None:
                 state.undated += 1
-            elif Tag.StudyTime not in item or not item[Tag.StudyTime].get("Value"):
+            elif not _text(item, Tag.StudyTime):
                 state.untimed += 1
             if state.dates is not None:
                 if day is not None:
                     state.dates.append(int(day))
-                uid = item.get(Tag.StudyInstanceUID, {}).get("Value", [None])[0] if isinstance(item.get(Tag.StudyInstanceUID), dict) else None
-                if isinstance(uid, str):
+                uid = _text(item, Tag.StudyInstanceUID)
+                if uid:
                     state.uids.append(hash(uid))
                 if len(state.dates) > VERIFY_MAX:
                     state.dates = None
@@ -147,8 +156,8 @@ def _probe(client: QidoClient, window: Window, dates: array, uid_hashes: array, 
             params = [*half.params(), ("limit", page_size)] + ([("offset", offset)] if offset else [])
             items = client.get("studies", "studies", params).items
             for item in items:
-                uid = item.get(Tag.StudyInstanceUID, {}).get("Value", [None])[0]
-                if isinstance(uid, str) and hash(uid) not in uids:
+                uid = _text(item, Tag.StudyInstanceUID)
+                if uid and hash(uid) not in uids:
                     log.info("%s returned %d studies but %s holds others: the server caps results silently", window, len(uids), half)
                     return True
             if len(items) < page_size:

@@ -25,11 +25,36 @@ What the FHIR RESTful API (R4 and R5 ``http.html``) says and this module relies 
   ``4.0.x`` for R4 and ``4.3.x`` for R4B (which an R4 sink accepts: the resources written here
   are the same in both).
 
-When a bundle is refused (a ``4xx``, a ``5xx`` or ``429`` that outlasts the retries, or a
-``200`` whose entries carry error statuses) its studies are sent again one transaction per
-study, so one bad resource does not hold back the others; the studies still refused are named,
-with a one-line reason (HTTP status and the OperationOutcome's first issue text, never the
-resource body), by ``flush``. The sink is used from one thread.
+What real servers do besides, and this module handles:
+
+* Some run a ``transaction`` as a ``batch`` (Medplum, unless a project feature is on): the
+  answer is ``200`` and each entry has its own ``response.status``, some of them ``4xx``. So no
+  2xx is taken at its word: every entry's status is read, a study counts as accepted only when
+  the entries of all its resources are ``2xx`` (``404``/``410`` for a DELETE), and ``Prefer:
+  return=OperationOutcome`` is asked for (never ``return=minimal``, to which Medplum answers a
+  batch with an empty ``200``). When the answer has no status for an entry (an empty body, not a
+  Bundle, fewer entries, an entry without ``response.status``), the entry's resources are read
+  back (``GET [type]?_id=a,b,...``) and compared with what was sent (``meta`` and ``text``
+  aside): a study with a resource that is missing or different is refused, never recorded.
+* Size limits: Medplum refuses a transaction with more than 50 updates ("Transaction contains
+  more update operations than allowed", ``packages/fhir-router/src/batch.ts``), others answer
+  ``413`` or an OperationOutcome with code ``too-costly`` (or ``not-supported`` and a size
+  text). Such a refusal halves the entries per Bundle for the rest of the run (Medplum's: down
+  to its known 50 at once) and the Bundle's studies are sent again in the smaller Bundles;
+  ``learned_max_entries`` tells the sync, which keeps it in the state for the next runs.
+* ``updateCreate: false`` in the CapabilityStatement (PUT of a new id refused): the ids here
+  are assigned by the client, so ``check()`` stops with a ConfigError.
+* Redirects: only to the same scheme, host and port (a ``307`` to another host would send the
+  whole Bundle, with patient names, there); another origin is a SinkError naming both.
+  Every request has a total deadline and a cap on the answer's size (every encoding).
+
+When a bundle is refused whole (a ``4xx``, a ``5xx`` or ``429`` that outlasts the retries) its
+studies are sent again one transaction per study, so one bad resource does not hold back the
+others; the studies still refused are named by ``flush`` with a one-line reason: the HTTP status
+and each issue's ``severity``, ``code`` and element paths (``expression``/``location``), never
+the server's free text (``diagnostics``, ``details.text`` often echo names and values) unless
+``server_text=True`` (``--log-server-text``), and never the resource body. The sink is used from
+one thread.
 """
 
 from __future__ import annotations
@@ -38,14 +63,16 @@ import http
 import logging
 import re
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import orjson
 import requests
 import tenacity
+import urllib3
 
 from ..errors import ConfigError, SinkError
 from ..qido import RETRIABLE_STATUS, RetryPolicy, check_base_url, redact, retry_after_seconds, retry_wait
@@ -60,7 +87,21 @@ OWN_TYPE = "ImagingStudy"
 """The study's own resource; every other type a study brings (Endpoint, Patient) is shared."""
 WRITTEN_TYPES = ("ImagingStudy", "Patient", "Endpoint")
 GONE = frozenset({404, 410})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
 REASON_CHARS = 200
+MAX_ANSWER = 64 * 2**20
+"""Bytes of an answer at most (after decoding): transaction-responses are small; a read-back of a
+Bundle's resources is about the Bundle's size (``MAX_BYTES``)."""
+READ_BACK_IDS = 50
+"""Ids per ``_id`` search when reading back resources whose outcome the answer did not give."""
+KNOWN_SIZE_LIMITS = {"Transaction contains more update operations than allowed": 50}
+"""Refusal texts of known servers and the entries per transaction they allow (Medplum: its
+``maxUpdates``, packages/fhir-router/src/batch.ts)."""
+_SIZE_TEXT = re.compile(r"too (many|large|big)|exceed|limit|maximum|more .{0,40} than allowed|size", re.IGNORECASE)
+_PATH = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*|\[[0-9]{1,6}\])*")
+"""An element path (``Bundle.entry[2].resource.subject``): what is kept of ``expression`` and
+``location``. Anything else (FHIRPath with literals, which may hold values) is left out."""
 GIVE_UP_AFTER = 3
 """Studies in a row whose one-study transactions exhaust the retries before the rest are refused unsent."""
 MAX_ENTRIES = 500
@@ -80,6 +121,16 @@ class _Retriable(Exception):
         self.status = status
         self.connect = connect
         self.retry_after = retry_after
+
+
+class _TooLarge(Exception):
+    """The server refused a Bundle for its size (413, ``too-costly``, a known server's text)."""
+
+    def __init__(self, reason: str, n_entries: int, known_limit: int | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.n_entries = n_entries
+        self.known_limit = known_limit
 
 
 class _Exhausted(Exception):
@@ -104,11 +155,27 @@ class _Unit:
         return [((t, i), "PUT") for t, i, _ in self.puts]
 
 
+class _AnswerTooLarge(Exception):
+    """An answer larger than the cap, or in an encoding this sink does not read."""
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: Any
+    content: bytes | None
+    """None when the body could not be read whole (too large, unknown encoding)."""
+
+
 @dataclass(frozen=True)
 class _Bundle:
     body: bytes
     methods: list[str]
     """The method of each entry, in the order they were written (for reading the response)."""
+    identities: list[tuple[str, str]]
+    """The (type, id) of each entry, in the same order."""
+    bodies: list[bytes | None]
+    """The resource sent in each entry (None for a DELETE)."""
     n_puts: int
     n_deletes: int
 
@@ -142,6 +209,10 @@ class FhirServer:
         session: requests.Session | None = None,
         max_entries: int = MAX_ENTRIES,
         max_bytes: int = MAX_BYTES,
+        deadline: float | None = None,
+        max_answer: int = MAX_ANSWER,
+        server_text: bool = False,
+        written_types: Sequence[str] = WRITTEN_TYPES,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.query or parts.fragment:
@@ -164,6 +235,13 @@ class FhirServer:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.deadline = deadline if deadline is not None else float(sum(timeout))
+        """Seconds a request may take in all (connect, wait, the whole answer)."""
+        self.max_answer = max_answer
+        self.server_text = server_text
+        self.written_types = tuple(written_types)
+        self.learned_max_entries: int | None = None
+        """Set when the server refused a Bundle for its size: the entries per Bundle it takes."""
         self.retry = retry
         self._sleep = sleep
         self._own_session = session is None
@@ -185,6 +263,8 @@ class FhirServer:
         self.retries = 0
         self.refused = 0
         self.errors = 0
+        self.read_back = 0
+        """Resources whose outcome the answer did not give, read back from the server."""
         # state
         self.server_version: str | None = None
         self._queue: list[_Unit] = []
@@ -247,6 +327,7 @@ class FhirServer:
             "retries": self.retries,
             "refused": self.refused,
             "errors": self.errors,
+            "read_back": self.read_back,
         }
 
     # --- capabilities ---------------------------------------------------------------------
@@ -265,10 +346,12 @@ class FhirServer:
             if exc.status is None:
                 raise SinkError(f"cannot reach FHIR server {self.base_url}: {exc.reason}") from None
             raise SinkError(f"FHIR server {self.base_url} keeps failing: {exc.reason} for GET /metadata") from None
-        if response.status_code != 200:
+        if response.status != 200:
             raise ConfigError(
-                f"{url} answered {_status_line(response.status_code)}: is {self.base_url} a FHIR server's base URL?"
+                f"{url} answered {_status_line(response.status)}: is {self.base_url} a FHIR server's base URL?"
             )
+        if response.content is None:
+            raise SinkError(f"FHIR server {self.base_url}: the answer to GET /metadata is larger than {self.max_answer} bytes or unreadable")
         try:
             statement = orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -286,8 +369,14 @@ class FhirServer:
                 f"FHIR version mismatch: {self.base_url} is FHIR {found} ({release}), "
                 f"but --fhir-version {self.fhir_version} writes FHIR {wanted}{hint}"
             )
+        no_update_create = _check_capabilities(statement, self.base_url, self.written_types)
+        if no_update_create:
+            raise ConfigError(
+                f"FHIR server {self.base_url} does not allow update as create (PUT of a new id) for "
+                f"{', '.join(no_update_create)} (CapabilityStatement updateCreate: false); qido-crawler assigns the "
+                "resource ids itself and needs it: allow client-assigned ids on the server"
+            )
         self.server_version = found
-        _warn_about_capabilities(statement, self.base_url)
         return found
 
     # --- sending --------------------------------------------------------------------------
@@ -308,7 +397,13 @@ class FhirServer:
         if self.server_version is None:
             self.check()
         queue, self._queue = self._queue, []
-        for chunk in self._chunks(queue):
+        self._send_in_chunks(queue)
+
+    def _send_in_chunks(self, units: list[_Unit]) -> None:
+        """Bundles cut one at a time, so that a limit learned while sending one applies to the rest."""
+        while units:
+            chunk = self._chunks(units)[0]
+            units = units[len(chunk):]
             self._send_units(chunk)
 
     def _chunks(self, units: list[_Unit]) -> list[list[_Unit]]:
@@ -348,6 +443,8 @@ class FhirServer:
                 (own if resource_type == OWN_TYPE else shared)[(resource_type, resource_id)] = body
         parts: list[bytes] = [b'{"resourceType":"Bundle","type":"transaction","entry":[']
         methods: list[str] = []
+        identities: list[tuple[str, str]] = []
+        bodies: list[bytes | None] = []
         for (resource_type, resource_id), body in (*shared.items(), *own.items()):
             path = f"{resource_type}/{resource_id}"
             parts += (
@@ -357,30 +454,46 @@ class FhirServer:
                 b',"request":{"method":"PUT","url":', orjson.dumps(path), b"}}",
             )
             methods.append("PUT")
+            identities.append((resource_type, resource_id))
+            bodies.append(body)
         for resource_type, resource_id in deletes:
             path = f"{resource_type}/{resource_id}"
             parts += (b"," if methods else b"", b'{"request":{"method":"DELETE","url":', orjson.dumps(path), b"}}")
             methods.append("DELETE")
+            identities.append((resource_type, resource_id))
+            bodies.append(None)
         parts.append(b"]}")
-        return _Bundle(b"".join(parts), methods, len(shared) + len(own), len(deletes))  # each body copied once
+        # each body copied once
+        return _Bundle(b"".join(parts), methods, identities, bodies, len(shared) + len(own), len(deletes))
 
     def _send_units(self, units: list[_Unit]) -> None:
-        """One transaction for ``units``; if refused, one transaction per study."""
+        """One transaction for ``units``. Refused for its size: cut into smaller Bundles; refused
+        whole for another reason: one transaction per study."""
         try:
-            reason = self._transact(units)
+            whole, refused = self._transact(units)
         except _Exhausted as exc:
-            reason = exc.reason
-        if reason is None:
+            whole, refused = exc.reason, {}
+        except _TooLarge as exc:
+            self._shrink(exc.n_entries, exc.known_limit)
+            if len(units) > 1:
+                self._send_in_chunks(units)
+                return
+            whole, refused = exc.reason, {}
+        for key, reason in refused.items():
+            self._refuse(key, reason)
+        if whole is None:
             return
         if len(units) == 1:
-            self._refuse(units[0].key, reason)
+            self._refuse(units[0].key, whole)
             return
-        log.warning("FHIR transaction of %d studies refused (%s); sending them one by one", len(units), reason)
+        log.warning("FHIR transaction of %d studies refused (%s); sending them one by one", len(units), whole)
         failing = 0
         for n, unit in enumerate(units):
             try:
-                single = self._transact([unit])
+                single, refused = self._transact([unit])
                 failing = 0
+            except _TooLarge as exc:
+                single, refused = exc.reason, {}
             except _Exhausted as exc:
                 # One study's transaction may fail with a 500 every time (a server bug that one
                 # resource triggers); several in a row mean the server itself is failing: then
@@ -392,33 +505,109 @@ class FhirServer:
                 for rest in units[n:]:
                     self._refuse(rest.key, exc.reason)
                 return
+            for key, reason in refused.items():
+                self._refuse(key, reason)
             if single is not None:
                 self._refuse(unit.key, single)
 
-    def _transact(self, units: Sequence[_Unit]) -> str | None:
-        """Send ``units`` as one transaction: None when accepted, else a one-line reason.
+    def _shrink(self, n_entries: int, known_limit: int | None) -> None:
+        """A Bundle of ``n_entries`` was refused for its size: half as many per Bundle from now on
+        (a known server's limit at once when it is smaller)."""
+        smaller = known_limit if known_limit is not None and known_limit < n_entries else max(1, n_entries // 2)
+        if smaller < self.max_entries:
+            self.max_entries = self.learned_max_entries = smaller
+            log.warning(
+                "FHIR server %s refused a Bundle of %d entries for its size; at most %d entries per Bundle from now on",
+                self.base_url, n_entries, smaller,
+            )
 
-        Raises _Exhausted when the server kept failing through the retries and SinkError when
-        it cannot be reached or refuses the credentials."""
+    def _transact(self, units: Sequence[_Unit]) -> tuple[str | None, dict[str, str]]:
+        """Send ``units`` as one transaction: (None, {}) when every study is confirmed; (a
+        one-line reason, {}) when the Bundle was refused whole; (None, {study: reason}) for the
+        studies whose entries failed or could not be confirmed.
+
+        Raises _TooLarge when the server refused the Bundle for its size, _Exhausted when it
+        kept failing through the retries, and SinkError when it cannot be reached or refuses the
+        credentials."""
         bundle = self._build(units)
         self.bundles += 1
         try:
-            response = self._send("POST", self.base_url, bundle.body)
+            answer = self._send("POST", self.base_url, bundle.body)
         except _Retriable as exc:
             if exc.connect:
                 raise SinkError(f"cannot reach FHIR server {self.base_url}: {exc.reason}") from None
             raise _Exhausted(exc.reason) from None
-        status = response.status_code
+        status = answer.status
         if 200 <= status < 300:
-            reason = _entry_failure(response, bundle.methods)
-            if reason is None:
-                self.resources_sent += bundle.n_puts
-                self.deleted += bundle.n_deletes
-            return reason
+            outcomes = _entry_outcomes(answer.content, bundle, self.server_text)
+            unknown = [n for n, outcome in enumerate(outcomes) if outcome is _UNKNOWN]
+            if unknown:
+                self._read_back(bundle, unknown, outcomes)
+            failed = {bundle.identities[n]: o for n, o in enumerate(outcomes) if o is not None}
+            self.resources_sent += sum(o is None and m == "PUT" for o, m in zip(outcomes, bundle.methods))
+            self.deleted += sum(o is None and m == "DELETE" for o, m in zip(outcomes, bundle.methods))
+            refused: dict[str, str] = {}
+            for unit in units:
+                for identity, _ in unit.identities():
+                    if identity in failed and unit.key not in refused:
+                        refused[unit.key] = f"{failed[identity]} (its {identity[0]})"
+            return None, refused
         if status in GONE and bundle.methods == ["DELETE"]:
             self.deleted += 1    # a lone DELETE of a resource the server does not have
-            return None
-        return _outcome_line(status, response.content)
+            return None, {}
+        reason = _outcome_line(status, answer.content or b"", self.server_text)
+        too_large, known_limit = _size_refusal(status, answer.content or b"")
+        if too_large and len(bundle.methods) > 1:
+            raise _TooLarge(reason, len(bundle.methods), known_limit)
+        return reason, {}
+
+    def _read_back(self, bundle: _Bundle, unknown: list[int], outcomes: list[Any]) -> None:
+        """Settle the entries the answer gave no status for by reading them back: a PUT is
+        confirmed when the server holds what was sent (``meta`` and ``text`` aside), a DELETE
+        when it holds nothing under that id. Fills in ``outcomes``."""
+        by_type: dict[str, list[int]] = {}
+        for n in unknown:
+            by_type.setdefault(bundle.identities[n][0], []).append(n)
+        for resource_type, entries in by_type.items():
+            for start in range(0, len(entries), READ_BACK_IDS):
+                part = entries[start:start + READ_BACK_IDS]
+                held, failure = self._search_ids(resource_type, [bundle.identities[n][1] for n in part])
+                for n in part:
+                    self.read_back += 1
+                    found = held.get(bundle.identities[n][1])
+                    body = bundle.bodies[n]
+                    if failure is not None:
+                        outcomes[n] = f"no outcome in the answer, and reading it back failed: {failure}"
+                    elif body is None:
+                        outcomes[n] = None if found is None else "no outcome in the answer, and the server still holds it"
+                    elif found is None:
+                        outcomes[n] = "no outcome in the answer, and the server does not hold it"
+                    else:
+                        outcomes[n] = None if _same(found, body) else "no outcome in the answer, and the server holds another version"
+
+    def _search_ids(self, resource_type: str, ids: list[str]) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """``GET [base]/[type]?_id=a,b,...``: the resources found by id, or a reason it failed."""
+        url = f"{self.base_url}/{resource_type}?_id={quote(','.join(ids), safe=',')}&_count={len(ids)}"
+        try:
+            answer = self._send("GET", url)
+        except _Retriable as exc:
+            if exc.connect:
+                raise SinkError(f"cannot reach FHIR server {self.base_url}: {exc.reason}") from None
+            return {}, exc.reason
+        if answer.status != 200:
+            return {}, _outcome_line(answer.status, answer.content or b"", self.server_text)
+        try:
+            found = orjson.loads(answer.content) if answer.content else None
+        except orjson.JSONDecodeError:
+            found = None
+        if not isinstance(found, dict) or found.get("resourceType") != "Bundle":
+            return {}, "the search did not answer a Bundle"
+        held: dict[str, dict[str, Any]] = {}
+        for entry in found.get("entry") or []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and resource.get("resourceType") == resource_type and resource.get("id") in ids:
+                held[resource["id"]] = resource
+        return held, None
 
     # --- HTTP -----------------------------------------------------------------------------
 
@@ -428,7 +617,7 @@ class FhirServer:
     def _retried(self, _: tenacity.RetryCallState) -> None:
         self.retries += 1
 
-    def _send(self, method: str, url: str, body: bytes | None = None) -> requests.Response:
+    def _send(self, method: str, url: str, body: bytes | None = None) -> _Answer:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Retriable),
             stop=tenacity.stop_after_attempt(self.retry.attempts) | tenacity.stop_after_delay(self.retry.max_seconds),
@@ -439,12 +628,62 @@ class FhirServer:
         )
         return retrying(self._send_once, method, url, body)
 
-    def _send_once(self, method: str, url: str, body: bytes | None) -> requests.Response:
-        headers = {"Content-Type": FHIR_JSON, "Prefer": "return=minimal"} if body is not None else None
+    def _send_once(self, method: str, url: str, body: bytes | None) -> _Answer:
+        started = time.monotonic()
+        target = url
+        for _ in range(MAX_REDIRECTS + 1):
+            answer = self._exchange(method, target, body, started)
+            location = answer.headers.get("Location")
+            if answer.status not in REDIRECTS or not location:
+                break
+            target = self._follow(method, target, location, answer.status)
+        else:
+            raise SinkError(f"FHIR server {self.base_url} redirected {method} more than {MAX_REDIRECTS} times")
+        status = answer.status
+        if status in (401, 403):
+            raise SinkError(
+                f"FHIR server {self.base_url} refused authentication ({_status_line(status)}): check the FHIR server credentials"
+            )
+        if status in RETRIABLE_STATUS:
+            hinted = retry_after_seconds(answer.headers.get("Retry-After"))
+            if hinted is None:
+                hinted = _milliseconds(answer.headers.get("x-ms-retry-after-ms"))
+            raise _Retriable(_outcome_line(status, answer.content or b"", self.server_text), status=status, retry_after=hinted)
+        return answer
+
+    def _follow(self, method: str, current: str, location: str, status: int) -> str:
+        """Where a redirect leads, if it may be followed: to the same scheme, host and port only (a
+        Bundle holds patient names, the session the credentials), and for a POST only by 307/308."""
+        target = urljoin(current, location)
+        if _origin(target) != _origin(current):
+            raise SinkError(
+                f"FHIR server {self.base_url} redirected {method} from {_shown_origin(current)} to another origin, "
+                f"{_shown_origin(target)}: not followed (the request would go there with its data and credentials)"
+            )
+        if method not in ("GET", "HEAD") and status not in (307, 308):
+            raise SinkError(f"FHIR server {self.base_url} answered {method} with {_status_line(status)}: not followed (it would drop the Bundle)")
+        return target
+
+    def _exchange(self, method: str, url: str, body: bytes | None, started: float) -> _Answer:
+        """One HTTP request, its answer read whole within the deadline and the size cap."""
+        headers = {"Content-Type": FHIR_JSON, "Prefer": "return=OperationOutcome"} if body is not None else None
+        remaining = max(0.001, self.deadline - (time.monotonic() - started))
+        timeout = (min(self.timeout[0], remaining), min(self.timeout[1], remaining))
         self.requests += 1
         try:
-            response = self.session.request(method, url, data=body, headers=headers, timeout=self.timeout)
-            response.content  # noqa: B018 - read the body inside the try: a reset may come here
+            response = self.session.request(
+                method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+            )
+            try:
+                if response.status_code in REDIRECTS:
+                    return _Answer(response.status_code, response.headers, b"")
+                try:
+                    content: bytes | None = self._read(response, started)
+                except _AnswerTooLarge:
+                    content = None
+                return _Answer(response.status_code, response.headers, content)
+            finally:
+                response.close()
         except requests.exceptions.SSLError as exc:
             raise SinkError(f"TLS error talking to FHIR server {self.base_url}: {_reason(exc)}") from None
         except requests.exceptions.ConnectTimeout:
@@ -452,48 +691,90 @@ class FhirServer:
         except requests.exceptions.ConnectionError as exc:
             raise _Retriable(_reason(exc), connect=True) from None
         except requests.exceptions.Timeout:
-            raise _Retriable(f"no answer within {self.timeout[1]:g} s") from None
+            raise _Retriable(f"no answer within {min(self.timeout[1], self.deadline):g} s") from None
         except requests.exceptions.RequestException as exc:
             raise _Retriable(f"request failed: {_reason(exc)}") from None
-        status = response.status_code
-        if status in (401, 403):
-            raise SinkError(
-                f"FHIR server {self.base_url} refused authentication ({_status_line(status)}): check the FHIR server credentials"
-            )
-        if status in RETRIABLE_STATUS:
-            hinted = retry_after_seconds(response.headers.get("Retry-After"))
-            if hinted is None:
-                hinted = _milliseconds(response.headers.get("x-ms-retry-after-ms"))
-            raise _Retriable(_outcome_line(status, response.content), status=status, retry_after=hinted)
-        return response
+
+    def _read(self, response: requests.Response, started: float) -> bytes:
+        """The body, decoded (identity, gzip, x-gzip, deflate) with a cap on its decoded size, and
+        read piece by piece against the request's deadline (a server sending a byte at a time
+        would outlast any per-read timeout)."""
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            decoder = None
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > self.max_answer:
+                raise _AnswerTooLarge
+        elif encoding in ("gzip", "x-gzip", "deflate"):
+            decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
+        else:
+            raise _AnswerTooLarge
+        pieces: list[bytes] = []
+        size = 0
+        raw = response.raw
+        while True:
+            if time.monotonic() - started > self.deadline:
+                raise _Retriable(f"the answer was not complete within {self.deadline:g} s")
+            try:
+                piece = raw.read1(65536, decode_content=False)
+            except urllib3.exceptions.ReadTimeoutError:
+                raise _Retriable(f"no answer within {min(self.timeout[1], self.deadline):g} s") from None
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise _Retriable(f"the answer was cut short: {_reason(exc)}") from None
+            if not piece:
+                break
+            if decoder is not None:
+                try:
+                    piece = decoder.decompress(piece, self.max_answer - size + 1)
+                except zlib.error:
+                    raise _AnswerTooLarge from None
+            size += len(piece)
+            if size > self.max_answer:
+                raise _AnswerTooLarge
+            pieces.append(piece)
+        return b"".join(pieces)
 
 
 # --- reading answers -----------------------------------------------------------------------
 
+_UNKNOWN = object()
+"""An entry whose outcome the answer does not give."""
 
-def _entry_failure(response: requests.Response, methods: list[str]) -> str | None:
-    """The first error status among a transaction-response's entries, as a one-line reason.
 
-    A conformant server never answers 200 with failed entries; one that does (it processed the
-    transaction like a batch) gets its studies sent again one by one. A 2xx that is not a
-    readable Bundle is taken at its word."""
+def _entry_outcomes(content: bytes | None, bundle: _Bundle, server_text: bool) -> list[Any]:
+    """Per entry of ``bundle``: None (accepted), a one-line reason (refused) or _UNKNOWN.
+
+    A conformant server never answers 200 with failed entries; one that ran the transaction as
+    a batch does. An answer that is no Bundle, or has fewer entries, or entries without a
+    status, leaves those entries unknown."""
     try:
-        bundle = orjson.loads(response.content)
+        answer = orjson.loads(content) if content else None
     except orjson.JSONDecodeError:
-        return None
-    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or not isinstance(bundle.get("entry"), list):
-        return None
-    for method, entry in zip(methods, bundle["entry"]):
-        answer = entry.get("response") if isinstance(entry, dict) else None
-        if not isinstance(answer, dict):
-            continue
-        status = _status_of(answer.get("status"))
-        if status is None or 200 <= status < 400 or (method == "DELETE" and status in GONE):
-            continue
-        outcome = answer.get("outcome")
-        text = _issue_text(outcome) if isinstance(outcome, dict) else None
-        return _one_line(_status_line(status), text)
-    return None
+        answer = None
+    entries: list[Any] = []
+    if isinstance(answer, dict) and answer.get("resourceType") == "Bundle" and isinstance(answer.get("entry"), list):
+        entries = answer["entry"]
+    outcomes: list[Any] = []
+    for n, method in enumerate(bundle.methods):
+        entry = entries[n] if n < len(entries) else None
+        response = entry.get("response") if isinstance(entry, dict) else None
+        status = _status_of(response.get("status")) if isinstance(response, dict) else None
+        if status is None or 300 <= status < 400:
+            outcomes.append(_UNKNOWN)
+        elif 200 <= status < 300 or (method == "DELETE" and status in GONE):
+            outcomes.append(None)
+        else:
+            outcome = response.get("outcome") if isinstance(response, dict) else None
+            summary = _issue_summary(outcome, server_text) if isinstance(outcome, dict) else None
+            outcomes.append(_one_line(_status_line(status), summary))
+    return outcomes
+
+
+def _same(held: dict[str, Any], sent: bytes) -> bool:
+    def content(resource: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in resource.items() if k not in ("meta", "text")}
+
+    return content(held) == content(orjson.loads(sent))
 
 
 def _status_of(value: Any) -> int | None:
@@ -503,34 +784,101 @@ def _status_of(value: Any) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def _outcome_line(status: int, body: bytes) -> str:
-    """``HTTP 422 Unprocessable Entity: <first issue's text>``; the body is read only as an
-    OperationOutcome, so nothing else the server echoes (such as the resource) is shown."""
-    text = None
+def _outcome_line(status: int, body: bytes, server_text: bool = False) -> str:
+    """``HTTP 422 Unprocessable Entity: error business-rule at ImagingStudy.subject``; the body is
+    read only as an OperationOutcome, so nothing else the server echoes (such as the resource)
+    is shown, and of the OperationOutcome only codes and element paths unless ``server_text``."""
     try:
         outcome = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         outcome = None
+    summary = None
     if isinstance(outcome, dict) and outcome.get("resourceType") == "OperationOutcome":
-        text = _issue_text(outcome)
-    return _one_line(_status_line(status), text)
+        summary = _issue_summary(outcome, server_text)
+    return _one_line(_status_line(status), summary)
 
 
-def _issue_text(outcome: dict[str, Any]) -> str | None:
+_CODE = re.compile(r"[a-z][a-z-]{0,39}")
+
+
+def _issue_summary(outcome: dict[str, Any], server_text: bool = False) -> str | None:
+    """Each issue's severity, code and element paths (at most three issues); the free text
+    (``diagnostics``, ``details.text``, a coding's ``display``) only with ``server_text``."""
     issues = outcome.get("issue")
     if not isinstance(issues, list):
         return None
-    for issue in issues:
+    parts = []
+    for issue in issues[:3]:
+        if not isinstance(issue, dict):
+            continue
+        words = [w for w in (issue.get("severity"), issue.get("code")) if isinstance(w, str) and _CODE.fullmatch(w)]
+        paths = []
+        for key in ("expression", "location"):
+            values = issue.get(key)
+            for value in values if isinstance(values, list) else []:
+                if isinstance(value, str) and len(value) <= 200 and _PATH.fullmatch(value) and value not in paths:
+                    paths.append(value)
+        part = " ".join(words) or "issue"
+        if paths:
+            part += " at " + ", ".join(paths[:3])
+        if server_text:
+            text = _free_text(issue)
+            if text:
+                part += f" ({text})"
+        parts.append(part)
+    return "; ".join(parts) or None
+
+
+def _free_text(issue: dict[str, Any]) -> str | None:
+    details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
+    codings = details.get("coding") if isinstance(details.get("coding"), list) else []
+    for text in (issue.get("diagnostics"), details.get("text"), *(c.get("display") for c in codings if isinstance(c, dict))):
+        if isinstance(text, str) and text.strip():
+            return "".join(c if c.isprintable() else " " for c in text)
+    return None
+
+
+def _size_refusal(status: int, body: bytes) -> tuple[bool, int | None]:
+    """Whether an answer refuses a transaction for its size, and the known server's limit if any."""
+    if status == 413:
+        return True, None
+    if not 400 <= status < 500:
+        return False, None
+    try:
+        outcome = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return False, None
+    issues = outcome.get("issue") if isinstance(outcome, dict) else None
+    for issue in issues if isinstance(issues, list) else []:
         if not isinstance(issue, dict):
             continue
         details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
-        codings = details.get("coding") if isinstance(details.get("coding"), list) else []
-        for text in (issue.get("diagnostics"), details.get("text"), *(c.get("display") for c in codings if isinstance(c, dict))):
-            if isinstance(text, str) and text.strip():
-                return text
-        if isinstance(issue.get("code"), str):
-            return issue["code"]
-    return None
+        texts = [t for t in (issue.get("diagnostics"), details.get("text")) if isinstance(t, str)]
+        for text in texts:
+            for known, limit in KNOWN_SIZE_LIMITS.items():
+                if known in text:
+                    return True, limit
+        if issue.get("code") == "too-costly" or (issue.get("code") == "not-supported" and any(_SIZE_TEXT.search(t) for t in texts)):
+            return True, None
+    return False, None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _shown_origin(url: str) -> str:
+    """scheme://host:port of a URL (never its user, password, path or query), made printable."""
+    scheme, host, port = _origin(url)
+    shown = f"{scheme}://{host}" + (f":{port}" if port is not None else "")
+    shown = "".join(c if c.isprintable() and not c.isspace() else "?" for c in shown)
+    return shown[:100]
 
 
 def _one_line(head: str, text: str | None) -> str:
@@ -567,8 +915,10 @@ def _reason(exc: Exception) -> str:
     return type(exc).__name__
 
 
-def _warn_about_capabilities(statement: dict[str, Any], shown: str) -> None:
-    """Warn (only) when the CapabilityStatement says the server lacks what this sink uses."""
+def _check_capabilities(statement: dict[str, Any], shown: str, written: Sequence[str]) -> list[str]:
+    """The written types the CapabilityStatement says cannot be created by PUT (``updateCreate:
+    false``); a warning when it does not list the transaction interaction."""
+    refused = []
     for rest in statement.get("rest") or []:
         if not isinstance(rest, dict) or rest.get("mode", "server") != "server":
             continue
@@ -576,8 +926,6 @@ def _warn_about_capabilities(statement: dict[str, Any], shown: str) -> None:
         if codes and "transaction" not in codes:
             log.warning("the CapabilityStatement of %s does not list the transaction interaction", shown)
         for resource in rest.get("resource") or []:
-            if isinstance(resource, dict) and resource.get("type") in WRITTEN_TYPES and resource.get("updateCreate") is False:
-                log.warning(
-                    "the CapabilityStatement of %s says %s does not allow update as create (PUT of a new id)",
-                    shown, resource.get("type"),
-                )
+            if isinstance(resource, dict) and resource.get("type") in written and resource.get("updateCreate") is False:
+                refused.append(str(resource["type"]))
+    return sorted(set(refused))
