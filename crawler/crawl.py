@@ -1,4 +1,16 @@
-"""The walk over the PACS: list studies, then fetch each study's instances and check the counts."""
+"""The walk over the PACS: list studies, then fetch each study's instances and check the counts.
+
+Everything read from a server's answers before the mapping's tolerant readers is read here
+through ``_read_uid``/``_path`` (a wrongly typed value or a UID that is not digits and dots
+fails its study with a MappingError naming the study and the attribute), and every UID that goes
+into a request path passes ``uids.path_uid`` first.
+
+Servers that are not Orthanc (see README, *Servers that are not Orthanc*): a server without the
+study-level instance search (404/400 there; AWS HealthImaging documents series-level instance
+searches only) is asked series by series; a server without WADO-RS metadata (404/406/501) is
+mapped from what QIDO-RS gave. What is learned holds for the rest of the run (``Learned``) and,
+through the state, for the next runs of the source (``CrawlOptions``).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +22,12 @@ from typing import Any
 
 from . import dicomjson as dj
 from .dicomjson import Dataset, Tag
+from .errors import FatalQidoError, MappingError
 from .mapping import StudyInput
 from .leanjson import Selection
 from .mapping.tags import INSTANCE_TAGS, READ_TAGS
 from .qido import Page, QidoClient
+from .uids import path_uid, shown
 
 STUDY_FIELDS = (
     Tag.StudyDate, Tag.StudyTime, Tag.AccessionNumber, Tag.IssuerOfAccessionNumberSequence,
@@ -92,16 +106,11 @@ class MetadataMode(str, enum.Enum):
     ALWAYS = "always"
 
 
-@dataclass
-class Learned:
-    """What the crawl learns about the server during a run (shared by the worker threads).
-
-    The first study decides whether QIDO leaves sequences out; ``deciding`` makes the other
-    workers wait for that answer instead of all asking QIDO first.
-    """
-
-    qido_lacks_sequences: bool | None = None
-    deciding: threading.Lock = field(default_factory=threading.Lock, repr=False)
+SERIES_LEVEL_INSTANCES = "series_level_instances"
+"""Fallback: the server answers instance searches only per series."""
+METADATA_UNAVAILABLE = "metadata_unavailable"
+"""Fallback: the server has no WADO-RS metadata; studies are mapped from QIDO-RS alone."""
+FALLBACKS = (SERIES_LEVEL_INSTANCES, METADATA_UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,27 @@ class CrawlOptions:
     instance_page_size: int = 1000
     metadata: MetadataMode = MetadataMode.AUTO
     metadata_max_instances: int = 1000
+    fallbacks: tuple[tuple[str, str], ...] = ()
+    """Fallbacks earlier runs learned for this source: (name, reason) pairs (see FALLBACKS)."""
+
+
+@dataclass
+class Learned:
+    """What the crawl learns about the server during a run (shared by the worker threads).
+
+    The first study decides whether QIDO leaves sequences out; ``deciding`` makes the other
+    workers wait for that answer instead of all asking QIDO first. ``fallbacks`` maps a
+    fallback's name to its reason, once a study has shown the server needs it.
+    """
+
+    qido_lacks_sequences: bool | None = None
+    deciding: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, options: CrawlOptions) -> Learned:
+        """What a run starts knowing: the fallbacks its source needed before."""
+        return cls(fallbacks=dict(options.fallbacks))
 
 
 @dataclass(frozen=True)
@@ -117,6 +147,8 @@ class Fetched:
     enumerated: int
     consistent: bool
     path: str
+    fallbacks: tuple[tuple[str, str], ...] = ()
+    """The fallbacks this study was fetched with, (name, reason)."""
 
 
 def lacks_sequences(study: Dataset, instances: list[dict[str, Any]]) -> bool:
@@ -134,24 +166,88 @@ def _gather(pages: Iterator[Page]) -> list[dict[str, Any]]:
     return items
 
 
-def fetch_instances(client: QidoClient, study_uid: str, page_size: int) -> list[dict[str, Any]]:
+def _read_uid(item: Dataset, tag: str, study_uid: str) -> str | None:
+    """A UID of a server's answer as text (None when absent); MappingError when it is no text."""
+    try:
+        return dj.string(item, tag)
+    except ValueError as exc:
+        raise MappingError(study_uid, dj.keyword(tag), str(exc)) from None
+
+
+def _path(value: str, tag: str, study_uid: str) -> str:
+    """``value`` once it is checked to be safe in a request path (see uids.path_uid)."""
+    try:
+        return path_uid(value)
+    except ValueError as exc:
+        raise MappingError(study_uid, dj.keyword(tag), f"{shown(value)}: {exc}") from None
+
+
+def study_path_uid(summary: StudySummary) -> str:
+    """The study's UID, checked before any path is built with it."""
+    try:
+        return path_uid(summary.uid)
+    except ValueError as exc:
+        raise MappingError(shown(summary.uid), dj.keyword(Tag.StudyInstanceUID), str(exc)) from None
+
+
+def fetch_instances(
+    client: QidoClient, study_uid: str, page_size: int, learned: Learned | None = None, used: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Instance-level results of a study, with series attributes where the server gives them.
 
     When instance results carry no series attributes (no Modality), one series-level query fills
     them in; when they do not even carry the Series Instance UID, the series are listed and their
-    instances asked for series by series.
+    instances asked for series by series. With ``learned``, a server that refuses the study-level
+    instance search (404/400) while it lists the study's series is asked series by series from
+    then on (the fallback is noted in ``used``).
     """
+    study_uid = path_uid(study_uid)
+    if learned is not None and SERIES_LEVEL_INSTANCES in learned.fallbacks:
+        if used is not None:
+            used[SERIES_LEVEL_INSTANCES] = learned.fallbacks[SERIES_LEVEL_INSTANCES]
+        return _instances_by_series(client, study_uid, page_size)
     path = f"studies/{study_uid}/instances"
-    items = _gather(client.iter_pages("instances", path, includefields(INSTANCE_FIELDS), page_size))
+    limit = getattr(client, "max_limit", None)
+    try:
+        items = _gather(client.iter_pages("instances", path, includefields(INSTANCE_FIELDS), page_size))
+    except FatalQidoError as exc:
+        if learned is None or exc.status not in (400, 404):
+            raise
+        if exc.status == 400 and hasattr(client, "max_limit"):
+            client.max_limit = limit   # the halved limits were not the cause: the search itself is refused
+        merged = _instances_by_series(client, study_uid, page_size)
+        if not merged:
+            raise   # no series either: the study is gone (or empty), and the first answer says so
+        reason = f"HTTP {exc.status} on studies/{{uid}}/instances"
+        learned.fallbacks.setdefault(SERIES_LEVEL_INSTANCES, reason)
+        if used is not None:
+            used[SERIES_LEVEL_INSTANCES] = reason
+        return merged
     if not items or all(Tag.Modality in item for item in items):
         return items
     series = _gather(client.iter_pages("series", f"studies/{study_uid}/series", includefields(SERIES_FIELDS), page_size))
-    by_uid = {dj.string(s, Tag.SeriesInstanceUID): s for s in series}
+    by_uid = {_read_uid(s, Tag.SeriesInstanceUID, study_uid): s for s in series}
+    by_uid.pop(None, None)
     if all(Tag.SeriesInstanceUID in item for item in items):
-        return [{**by_uid.get(dj.string(item, Tag.SeriesInstanceUID), {}), **item} for item in items]
+        return [{**by_uid.get(_read_uid(item, Tag.SeriesInstanceUID, study_uid), {}), **item} for item in items]
+    return _instances_of_series(client, study_uid, by_uid, page_size)  # type: ignore[arg-type]
+
+
+def _instances_by_series(client: QidoClient, study_uid: str, page_size: int) -> list[dict[str, Any]]:
+    """The study's series, then each series' instances (with the series' attributes merged in)."""
+    series = _gather(client.iter_pages("series", f"studies/{study_uid}/series", includefields(SERIES_FIELDS), page_size))
+    by_uid: dict[str, Dataset] = {}
+    for item in series:
+        uid = _read_uid(item, Tag.SeriesInstanceUID, study_uid)
+        if uid:
+            by_uid.setdefault(uid, item)
+    return _instances_of_series(client, study_uid, by_uid, page_size)
+
+
+def _instances_of_series(client: QidoClient, study_uid: str, by_uid: dict[str, Dataset], page_size: int) -> list[dict[str, Any]]:
     merged = []
     for series_uid, series_item in by_uid.items():
-        series_path = f"studies/{study_uid}/series/{series_uid}/instances"
+        series_path = f"studies/{study_uid}/series/{_path(series_uid, Tag.SeriesInstanceUID, study_uid)}/instances"
         for item in _gather(client.iter_pages("instances", series_path, includefields(INSTANCE_FIELDS), page_size)):
             merged.append({**series_item, **item})
     return merged
@@ -159,24 +255,27 @@ def fetch_instances(client: QidoClient, study_uid: str, page_size: int) -> list[
 
 def fetch_study_metadata(client: QidoClient, study_uid: str) -> list[dict[str, Any]]:
     """The study's instances with the attributes the mapping reads (of the whole metadata)."""
-    return client.get("metadata", f"studies/{study_uid}/metadata", keep=METADATA).items
+    return client.get("metadata", f"studies/{path_uid(study_uid)}/metadata", keep=METADATA).items
 
 
 def fetch_series_metadata(client: QidoClient, study_uid: str, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One instance's metadata per series: the series-level sequences at one request per series."""
+    study_uid = path_uid(study_uid)
     chosen: dict[str, str] = {}
     for item in instances:
-        series_uid = dj.string(item, Tag.SeriesInstanceUID)
-        instance_uid = dj.string(item, Tag.SOPInstanceUID)
+        series_uid = _read_uid(item, Tag.SeriesInstanceUID, study_uid)
+        instance_uid = _read_uid(item, Tag.SOPInstanceUID, study_uid)
         if series_uid and instance_uid:
             chosen.setdefault(series_uid, instance_uid)
     out = []
     for series_uid, instance_uid in chosen.items():
-        out.extend(client.get("metadata", f"studies/{study_uid}/series/{series_uid}/instances/{instance_uid}/metadata", keep=METADATA).items[:1])
+        series_part = _path(series_uid, Tag.SeriesInstanceUID, study_uid)
+        instance_part = _path(instance_uid, Tag.SOPInstanceUID, study_uid)
+        out.extend(client.get("metadata", f"studies/{study_uid}/series/{series_part}/instances/{instance_part}/metadata", keep=METADATA).items[:1])
     return out
 
 
-def _count(instances: list[dict[str, Any]]) -> int:
+def _count(instances: list[dict[str, Any]], study_uid: str) -> int:
     """Distinct SOP Instance UIDs (read by ``dj.string`` unless the first value is a plain string)."""
     uids = set()
     for item in instances:
@@ -185,48 +284,87 @@ def _count(instances: list[dict[str, Any]]) -> int:
         first = value[0] if type(value) is list and value else None
         if type(first) is str and first and first == first.strip():
             uids.add(first)
-        elif uid := dj.string(item, Tag.SOPInstanceUID):
+        elif uid := _read_uid(item, Tag.SOPInstanceUID, study_uid):
             uids.add(uid)
     return len(uids)
 
 
-def _fetch_once(client: QidoClient, summary: StudySummary, options: CrawlOptions, learned: Learned) -> tuple[StudyInput, int, str]:
-    if options.metadata is MetadataMode.AUTO and learned.qido_lacks_sequences is None:
+METADATA_MISSING = frozenset({404, 406, 501})
+"""Answers to a WADO-RS metadata request that mean the server has none (with --metadata auto)."""
+
+_Path = tuple[StudyInput, int, str]
+
+
+def _fetch_once(client: QidoClient, summary: StudySummary, options: CrawlOptions, learned: Learned, used: dict[str, str]) -> _Path:
+    if options.metadata is MetadataMode.AUTO and learned.qido_lacks_sequences is None and METADATA_UNAVAILABLE not in learned.fallbacks:
         with learned.deciding:
             if learned.qido_lacks_sequences is None:
-                return _fetch_path(client, summary, options, learned)
-    return _fetch_path(client, summary, options, learned)
+                return _fetch_path(client, summary, options, learned, used)
+    return _fetch_path(client, summary, options, learned, used)
 
 
-def _fetch_path(client: QidoClient, summary: StudySummary, options: CrawlOptions, learned: Learned) -> tuple[StudyInput, int, str]:
+def _fetch_path(client: QidoClient, summary: StudySummary, options: CrawlOptions, learned: Learned, used: dict[str, str]) -> _Path:
+    uid = summary.uid
+    mode = options.metadata
+    if mode is MetadataMode.AUTO and METADATA_UNAVAILABLE in learned.fallbacks:
+        used[METADATA_UNAVAILABLE] = learned.fallbacks[METADATA_UNAVAILABLE]
+        mode = MetadataMode.NEVER
     small = summary.n_instances is not None and summary.n_instances <= options.metadata_max_instances
-    wants_metadata = options.metadata is MetadataMode.ALWAYS or (
-        options.metadata is MetadataMode.AUTO and learned.qido_lacks_sequences
-    )
+    wants_metadata = mode is MetadataMode.ALWAYS or (mode is MetadataMode.AUTO and learned.qido_lacks_sequences)
     if wants_metadata and small:
-        metadata = fetch_study_metadata(client, summary.uid)
-        return StudyInput(summary.attributes, metadata), _count(metadata), "metadata"
-    instances = fetch_instances(client, summary.uid, options.instance_page_size)
-    if options.metadata is MetadataMode.NEVER:
-        return StudyInput(summary.attributes, instances), _count(instances), "qido"
-    if options.metadata is MetadataMode.AUTO and not wants_metadata:
+        try:
+            metadata = fetch_study_metadata(client, uid)
+        except FatalQidoError as exc:
+            return _without_metadata(client, summary, options, learned, used, exc, None)
+        return StudyInput(summary.attributes, metadata), _count(metadata, uid), "metadata"
+    instances = fetch_instances(client, uid, options.instance_page_size, learned, used)
+    if mode is MetadataMode.NEVER:
+        return StudyInput(summary.attributes, instances), _count(instances, uid), "qido"
+    if mode is MetadataMode.AUTO and not wants_metadata:
         lacking = lacks_sequences(summary.attributes, instances)
         if learned.qido_lacks_sequences is None or lacking:
             learned.qido_lacks_sequences = lacking
         if not lacking:
-            return StudyInput(summary.attributes, instances), _count(instances), "qido"
-    if small:
-        metadata = fetch_study_metadata(client, summary.uid)
-        return StudyInput(summary.attributes, metadata), _count(metadata), "qido+metadata"
-    series_metadata = fetch_series_metadata(client, summary.uid, instances)
-    return StudyInput(summary.attributes, instances, series_metadata), _count(instances), "qido+series-metadata"
+            return StudyInput(summary.attributes, instances), _count(instances, uid), "qido"
+    if summary.n_instances is None:
+        small = _count(instances, uid) <= options.metadata_max_instances   # no count reported: the number just listed
+    try:
+        if small:
+            metadata = fetch_study_metadata(client, uid)
+            return StudyInput(summary.attributes, metadata), _count(metadata, uid), "qido+metadata"
+        series_metadata = fetch_series_metadata(client, uid, instances)
+    except FatalQidoError as exc:
+        return _without_metadata(client, summary, options, learned, used, exc, instances)
+    return StudyInput(summary.attributes, instances, series_metadata), _count(instances, uid), "qido+series-metadata"
+
+
+def _without_metadata(
+    client: QidoClient, summary: StudySummary, options: CrawlOptions, learned: Learned, used: dict[str, str],
+    exc: FatalQidoError, instances: list[dict[str, Any]] | None,
+) -> _Path:
+    """After a metadata request was refused: with --metadata auto and an answer that means the
+    server has no WADO-RS metadata, the study from QIDO-RS alone (when QIDO-RS lists it: a study
+    deleted meanwhile keeps the original error); else the error stands."""
+    if options.metadata is not MetadataMode.AUTO or exc.status not in METADATA_MISSING:
+        raise exc
+    if instances is None:
+        instances = fetch_instances(client, summary.uid, options.instance_page_size, learned, used)
+    if not instances:
+        raise exc
+    reason = f"HTTP {exc.status} on WADO-RS metadata"
+    learned.fallbacks.setdefault(METADATA_UNAVAILABLE, reason)
+    used[METADATA_UNAVAILABLE] = reason
+    return StudyInput(summary.attributes, instances), _count(instances, summary.uid), "qido"
 
 
 def fetch_study(client: QidoClient, summary: StudySummary, options: CrawlOptions, learned: Learned) -> Fetched:
     """A study's instances (and metadata where needed), asked again once when their number differs
-    from the count the listing reported."""
+    from the count the listing reported. Raises MappingError for a study whose UIDs are unusable
+    (wrongly typed, or not safe in a request path) and QidoError for requests that failed."""
+    study_path_uid(summary)
+    used: dict[str, str] = {}
     for _ in range(2):
-        data, enumerated, path = _fetch_once(client, summary, options, learned)
+        data, enumerated, path = _fetch_once(client, summary, options, learned, used)
         if summary.n_instances is None or enumerated == summary.n_instances:
-            return Fetched(data, enumerated, True, path)
-    return Fetched(data, enumerated, False, path)
+            return Fetched(data, enumerated, True, path, tuple(sorted(used.items())))
+    return Fetched(data, enumerated, False, path, tuple(sorted(used.items())))

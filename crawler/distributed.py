@@ -60,7 +60,7 @@ def task_size(config: SyncConfig) -> int:
 def _worker_client(key: str, config: SyncConfig) -> tuple[QidoClient, Learned]:
     with _RUNS_LOCK:
         if key not in _RUNS:
-            _RUNS[key] = (client_from(config), Learned())
+            _RUNS[key] = (client_from(config), Learned.of(config.crawl))
         return _RUNS[key]
 
 

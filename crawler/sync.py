@@ -29,13 +29,14 @@ import orjson
 from . import dicomjson as dj
 from .config import SyncConfig
 from .changes import orthanc_base, orthanc_changes
-from .crawl import STUDY_FIELDS, VOLATILE, Learned, StudySummary, fetch_study, includefields, summarise
+from .crawl import METADATA_UNAVAILABLE, SERIES_LEVEL_INSTANCES, STUDY_FIELDS, VOLATILE, Learned, StudySummary, fetch_study, includefields, summarise
 from .dicomjson import Tag
 from .errors import ConfigError, CrawlerError, MappingError, QidoError, SinkError, SourceUnreachable
 from .listing import ListingReport, iter_study_pages
 from .mapping import MappingOptions, endpoint, map_resources
 from .mapping.ids import normalise_base
 from .mapping.validate import check_available, validate
+from .uids import shown as _shown
 from .planner import Window, plan
 from .qido import QidoClient, client_from, redact
 from .readahead import read_ahead
@@ -70,6 +71,8 @@ class Figures:
     studies_unchanged: int = 0
     studies_failed: int = 0
     studies_inconsistent: int = 0
+    studies_rechecked: int = 0
+    """Crawled again (e.g. the server reports no counts to skip them by) with no resource changed."""
     studies_gone: int = 0
     resources_written: int = 0
     resources_deleted: int = 0
@@ -79,6 +82,11 @@ class Figures:
 
 @dataclass
 class SyncResult:
+    series_without_modality: int = 0
+    metadata_unavailable: bool = False
+    """The server has no WADO-RS metadata: studies were mapped from QIDO-RS alone."""
+    instances_by_series: bool = False
+    """The server refuses study-level instance searches: instances were asked for series by series."""
     figures: Figures
     requests: dict[str, int]
     seconds: float
@@ -111,6 +119,8 @@ class Outcome:
     @property
     def study(self) -> Resource:
         return self.resources[-1]
+    fallbacks: tuple[tuple[str, str], ...] = ()
+    series_without_modality: int = 0
 
 
 def convert(resource: dict[str, Any], version: str) -> dict[str, Any]:
@@ -122,7 +132,10 @@ def convert(resource: dict[str, Any], version: str) -> dict[str, Any]:
 
 
 def _crawl_one(client: QidoClient, summary: StudySummary, config: SyncConfig, options: MappingOptions, learned: Learned) -> Outcome:
-    """Fetch, check and map one study (runs in a worker thread; no state, no sinks)."""
+    """Fetch, check and map one study (runs in a worker thread; no state, no sinks).
+
+    Whatever goes wrong with one study is that study's failure: an exception nobody expected is
+    named by its type only (its text may hold what a server sent, patient data included)."""
     try:
         fetched = fetch_study(client, summary, config.crawl, learned)
         if not fetched.consistent:
@@ -135,14 +148,19 @@ def _crawl_one(client: QidoClient, summary: StudySummary, config: SyncConfig, op
         mapped = map_resources(fetched.data, options)
         resources = [convert(r, config.fhir_version) for r in mapped.resources()]
         if config.validate:
+                fallbacks=fetched.fallbacks,
             for resource in (convert(endpoint(options.wado_base or options.source), config.fhir_version), *resources):
                 validate(resource, config.fhir_version, summary.uid)
+        without_modality = sum(1 for s in mapped.study.get("series", ()) if "coding" not in s.get("modality", {}))
         serialised = tuple((r["resourceType"], r["id"], orjson.dumps(r)) for r in resources)
-        return Outcome(summary, (_endpoint(options.wado_base or options.source, config.fhir_version), *serialised), path=fetched.path)
+        return Outcome(summary, (_endpoint(options.wado_base or options.source, config.fhir_version), *serialised), path=fetched.path,
+                       fallbacks=fetched.fallbacks, series_without_modality=without_modality)
     except MappingError as exc:
         return Outcome(summary, status="failed", error=str(exc))
     except QidoError as exc:
-        return Outcome(summary, status="failed", error=f"study {summary.uid}: {exc}")
+        return Outcome(summary, status="failed", error=f"study {_shown(summary.uid)}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one study's surprise must not end the run
+        return Outcome(summary, status="failed", error=f"study {_shown(summary.uid)}: unexpected error while crawling it ({type(exc).__name__})")
 
 
 @functools.lru_cache(maxsize=8)
@@ -280,7 +298,13 @@ class _Run:
         self.last_checkpoint = time.monotonic()
         self.pending: set[str] = set()
         """UIDs listed in this run that the state does not hold yet (until the next checkpoint)."""
-        self.learned = Learned()
+        self.remembered = {} if config.full else state.fallbacks(source)
+        """Fallbacks earlier runs learned for the source (a --full run asks the server again)."""
+        if self.remembered:
+            self.config = replace(config, crawl=replace(config.crawl, fallbacks=tuple(sorted(self.remembered.items()))))
+        self.learned = Learned.of(self.config.crawl)
+        self.fallbacks_used: dict[str, str] = {}
+        self.crawled_ok = 0
         self.stored: dict[tuple[str, str], str | None] = {}
 
     def run(self, started_clock: float) -> SyncResult:
@@ -363,6 +387,10 @@ class _Run:
         config, figures = self.config, self.figures
         in_flight: deque[tuple[Future[Outcome], bool]] = deque()
         with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="crawl") as pool:
+        if config.full and self.crawled_ok:
+            state.set_fallbacks(self.source, self.fallbacks_used)
+        elif self.fallbacks_used.keys() - self.remembered.keys():
+            state.set_fallbacks(self.source, {**self.remembered, **self.fallbacks_used})
             try:
                 for item in self._listing(windows, report):
                     chosen = self._consider(item)
@@ -463,6 +491,7 @@ class _Run:
                 self.source, outcome.summary.uid, run_id=self.run_id, status=outcome.status, error=outcome.error,
                 study_date=_study_date(outcome.summary),
             )
+        self._note_fallbacks(outcome)
             self.pending.discard(outcome.summary.uid)
             return
         digests = [digest(r[2]) for r in outcome.resources]
@@ -482,6 +511,23 @@ class _Run:
         return self.stored[key]
 
     def _checkpoint(self) -> None:
+    def _note_fallbacks(self, outcome: Outcome) -> None:
+        """Count what the study shows about the server; say once per run which fallbacks it needs."""
+        self.figures.series_without_modality += outcome.series_without_modality
+        self.crawled_ok += outcome.status == "synced"
+        for name, reason in outcome.fallbacks:
+            if name in self.fallbacks_used:
+                continue
+            self.fallbacks_used[name] = reason
+            since = " (learned by an earlier run)" if name in self.remembered else ""
+            if name == METADATA_UNAVAILABLE:
+                self.figures.metadata_unavailable = True
+                log.warning("the server has no WADO-RS metadata (%s%s): studies are mapped from QIDO-RS alone, without the "
+                            "rows that need sequences; --metadata never silences this", reason, since)
+            elif name == SERIES_LEVEL_INSTANCES:
+                self.figures.instances_by_series = True
+                log.info("the server refuses study-level instance searches (%s%s): instances are asked for series by series", reason, since)
+
         """Flush every sink, record what they took, commit."""
         refused: dict[str, str] = {}
         for sink in self.sinks:
@@ -496,7 +542,9 @@ class _Run:
                 self._error(message)
                 state.record_study(self.source, summary.uid, run_id=self.run_id, status="failed", error=message, study_date=_study_date(summary))
                 continue
-            if held.known:
+            if not held.known:
+                figures.studies_new += 1
+            elif any(resource_type != "Endpoint" for (resource_type, _, _), _ in held.send):
                 figures.studies_changed += 1
             else:
                 figures.studies_new += 1
@@ -506,6 +554,8 @@ class _Run:
                     state.put_resource(resource_type, resource_id, body_digest, body)
                     if (resource_type, resource_id) in self.stored:
                         self.stored[resource_type, resource_id] = body_digest
+                for sink in self.sinks:
+                    sink.error(_outcome_body(message))
                     figures.resources_written += 1
             _, study_resource_id, _ = held.outcome.study
             state.record_study(
