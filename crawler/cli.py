@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
     p.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
     p.add_argument("--fhir-token", default=os.environ.get("QIDO_CRAWLER_FHIR_TOKEN"), help="bearer token for the FHIR server (env QIDO_CRAWLER_FHIR_TOKEN)")
+    p.add_argument("--log-server-text", action="store_true", help="keep the FHIR server's error texts (OperationOutcome diagnostics) in logs and the state: they may contain patient data (default: status, issue codes and element paths only)")
     p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once; with --executor dask and no --scheduler, the local cluster's worker processes (default: 4)")
     p.add_argument("--executor", choices=["threads", "dask"], default="threads", help="crawl in this process's threads, or on a Dask cluster (needs the dask extra) (default: threads)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: start a local cluster)")
@@ -287,6 +288,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         fhir_user=args.fhir_user,
         fhir_password=args.fhir_password,
         fhir_token=args.fhir_token,
+        log_server_text=getattr(args, "log_server_text", False),
         orthanc_url=check_base_url(args.orthanc_url) if args.orthanc_url else None,
         checkpoint_every=args.checkpoint_every,
         page_size=args.page_size,
@@ -317,6 +319,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
             f"  studies ({result.scope}): {f.studies_listed} listed, {f.studies_new} new, {f.studies_changed} changed, "
             f"{f.studies_unchanged} unchanged, {f.studies_failed} failed, {f.studies_inconsistent} inconsistent, {f.studies_gone} gone",
             f"  resources written: {f.resources_written}" + (f", deleted: {f.resources_deleted}" if f.resources_deleted else "")
+            + (f", refused (sent again next run): {f.resources_refused}" if f.resources_refused else "")
             + (f" -> {result.run_dir}" if result.run_dir else ""),
         ]
         if f.windows_incomplete:

@@ -36,6 +36,9 @@ class SyncConfig:
     fhir_user: str | None = None
     fhir_password: str | None = field(default=None, repr=False)
     fhir_token: str | None = field(default=None, repr=False)
+    log_server_text: bool = False
+    """Keep the free text of the FHIR server's OperationOutcomes in logs and the state (it may
+    hold patient data); by default only the HTTP status, issue codes and element paths."""
     orthanc_url: str | None = None
     checkpoint_seconds: float = 60.0
     page_size: int = 100

@@ -122,7 +122,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
-    # 7 is reserved for other work; migrations are applied by number, a gap is allowed
+    (
+        7,
+        "what was learned about each FHIR server",
+        """
+        CREATE TABLE fhir_servers (
+            base TEXT PRIMARY KEY,
+            max_entries INTEGER
+        );
+        """,
+    ),
     (
         8,
         "per-source fallbacks",
@@ -681,6 +690,17 @@ class State:
         self._q("DELETE FROM source_fallbacks WHERE source = ?", (source,))
         for name, reason in sorted(fallbacks.items()):
             self._q("INSERT INTO source_fallbacks (source, name, reason) VALUES (?, ?, ?)", (source, name, reason))
+
+    def fhir_max_entries(self, base: str) -> int | None:
+        """The entries per transaction Bundle a FHIR server was found to take (None: no limit found)."""
+        row = self._q("SELECT max_entries FROM fhir_servers WHERE base = ?", (base,)).fetchone()
+        return row[0] if row else None
+
+    def set_fhir_max_entries(self, base: str, max_entries: int) -> None:
+        self._q(
+            "INSERT INTO fhir_servers (base, max_entries) VALUES (?, ?) ON CONFLICT (base) DO UPDATE SET max_entries = excluded.max_entries",
+            (base, max_entries),
+        )
 
     def resource_hash(self, resource_type: str, resource_id: str) -> str | None:
         row = self._q("SELECT hash FROM resources WHERE type = ? AND id = ?", (resource_type, resource_id)).fetchone()

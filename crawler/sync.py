@@ -75,6 +75,10 @@ class Figures:
     """Crawled again (e.g. the server reports no counts to skip them by) with no resource changed."""
     studies_gone: int = 0
     resources_written: int = 0
+    """Resources of the studies every sink accepted (recorded in the state)."""
+    resources_refused: int = 0
+    """Resources of the studies a sink refused: not recorded, sent again by the next run (the
+    NDJSON folder may hold them, with an OperationOutcome line naming the study)."""
     resources_deleted: int = 0
     windows_incomplete: int = 0
     windows_split: int = 0
@@ -260,10 +264,16 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
             timeout=config.timeout,
             retry=replace(config.retry, attempts=config.retries + 1),
             verify=config.verify,
+            server_text=config.log_server_text,
+            written_types=("Endpoint", "ImagingStudy", *(("Patient",) if config.patients else ())),
         )
         fhir.check()
         outputs.append(fhir)
     state = State(config.state, lock=True)
+    for output in outputs:
+        learned = state.fhir_max_entries(output.base_url) if hasattr(output, "learned_max_entries") else None
+        if learned is not None and learned < output.max_entries:
+            output.max_entries = learned
     thresholds = gc.get_threshold()
     # a run allocates millions of short-lived dicts (parsed answers, resources): the default
     # collection thresholds spend a quarter of the crawler's CPU scanning them
@@ -534,12 +544,16 @@ class _Run:
             refused.update(sink.flush())
         figures, state = self.figures, self.state
         recorded: set[tuple[str, str, str]] = set()
+        unrecorded: set[tuple[str, str, str]] = set()
         for held in self.held:
             summary = held.outcome.summary
             if summary.uid in refused:
                 figures.studies_failed += 1
+                unrecorded.update((t, i, d) for (t, i, _), d in held.send)
                 message = f"study {summary.uid}: not accepted: {refused[summary.uid]}"
                 self._error(message)
+                for sink in self.sinks:
+                    sink.error(_outcome_body(message))
                 state.record_study(self.source, summary.uid, run_id=self.run_id, status="failed", error=message, study_date=_study_date(summary))
                 continue
             if not held.known:
@@ -547,15 +561,13 @@ class _Run:
             elif any(resource_type != "Endpoint" for (resource_type, _, _), _ in held.send):
                 figures.studies_changed += 1
             else:
-                figures.studies_new += 1
+                figures.studies_rechecked += 1
             for (resource_type, resource_id, body), body_digest in held.send:
                 if (resource_type, resource_id, body_digest) not in recorded:
                     recorded.add((resource_type, resource_id, body_digest))
                     state.put_resource(resource_type, resource_id, body_digest, body)
                     if (resource_type, resource_id) in self.stored:
                         self.stored[resource_type, resource_id] = body_digest
-                for sink in self.sinks:
-                    sink.error(_outcome_body(message))
                     figures.resources_written += 1
             _, study_resource_id, _ = held.outcome.study
             state.record_study(
@@ -563,16 +575,24 @@ class _Run:
                 n_series=summary.n_series, n_instances=summary.n_instances, study_hash=study_hash(dict(summary.attributes)),
                 resource_hash=held.study_digest, study_date=_study_date(summary),
             )
+        figures.resources_refused += len(unrecorded - recorded)
         self.pending.difference_update(held.outcome.summary.uid for held in self.held)
         self.held.clear()
         for uid, resource_id in self.deleting:
             if uid in refused:
-                self._error(f"study {uid}: deletion not accepted: {refused[uid]}")
+                message = f"study {uid}: deletion not accepted: {refused[uid]}"
+                self._error(message)
+                for sink in self.sinks:
+                    sink.error(_outcome_body(message))
                 continue
             state.mark_gone(self.source, uid, self.run_id)
             state.drop_resource("ImagingStudy", resource_id)
             figures.resources_deleted += 1
         self.deleting.clear()
+        for sink in self.sinks:
+            learned = getattr(sink, "learned_max_entries", None)
+            if learned is not None:
+                state.set_fhir_max_entries(sink.base_url, learned)
         state.checkpoint()
         self.last_checkpoint = time.monotonic()
 

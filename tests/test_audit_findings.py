@@ -268,7 +268,7 @@ def test_fhir_comparison():
 
 
 def test_every_code_has_a_severity_and_description():
-    assert len(CHECKS) == 20
+    assert len(CHECKS) == 21
     for check in CHECKS.values():
         assert check.code.isupper() and check.severity in Severity and check.description
 

@@ -141,7 +141,8 @@ def test_modality_falls_back_to_the_series_modalities():
 def test_a_study_without_patient_id_or_name_still_has_a_valid_subject():
     mapped_ = map_resources(_without(_recording("study-01"), Tag.PatientID, Tag.PatientName), OPTIONS)
     assert mapped_.patient is None
-    assert mapped_.study["subject"] == {"type": "Patient", "display": "Patient without an ID or name"}
+    absent = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+    assert mapped_.study["subject"] == {"type": "Patient", "extension": [absent]}
     r5_model("ImagingStudy").model_validate(mapped_.study)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any, NamedTuple
 
 from .. import dicomjson as dj
 from ..dicomjson import Dataset, Tag
+from ..uids import valid_uid
 
 
 class Severity(str, enum.Enum):
@@ -58,6 +58,8 @@ _CHECKS = (
           "A SOP Instance UID appears in more than one study, or twice in one study."),
     Check("WINDOW_INCOMPLETE", Severity.ERROR, "Listing incomplete",
           "A part of the listing (a StudyDate window) could not be listed completely: the server truncated or refused it and it could not be split further, or it failed. Studies in it may be missing from this report."),
+    Check("SERIES_WITHOUT_MODALITY", Severity.WARNING, "Series without Modality",
+          "A series has no Modality (0008,0060), which DICOM (Type 1) and FHIR (ImagingStudy.series.modality, 1..1) require; a sync maps it with the data-absent-reason extension."),
     Check("NO_PATIENT_ID", Severity.WARNING, "No Patient ID",
           "The study has no Patient ID (0010,0020)."),
     Check("NO_STUDY_DATE", Severity.WARNING, "No Study Date",
@@ -91,17 +93,7 @@ FHIR_CODES = ("MISSING_FROM_FHIR", "EXTRA_IN_FHIR", "STALE_IN_FHIR")
 SEVERITY_ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
 
 
-# --- UIDs -------------------------------------------------------------------------------------
-
-_COMPONENT = re.compile(r"0|[1-9][0-9]*")
-
-
-def valid_uid(value: str) -> bool:
-    """PS3.5 9.1: 1-64 characters; components of digits separated by single dots; no empty
-    component; no leading zero in a component of more than one digit."""
-    if not isinstance(value, str) or not 1 <= len(value) <= 64:
-        return False
-    return all(_COMPONENT.fullmatch(part) for part in value.split("."))
+# --- UIDs (the rule itself is crawler.uids.valid_uid) ----------------------------------------
 
 
 def _digest(uid: str) -> bytes:
@@ -176,6 +168,7 @@ class StudyFacts:
     invalid_uids: int = 0
     duplicate_series: bool = False
     duplicate_instances: bool = False
+    series_without_modality: int = 0
 
     @property
     def reported_series(self) -> int | None:
@@ -304,6 +297,7 @@ class Collector:
         facts.n_series = len(all_series)
         facts.n_instances = len(sop_uids)
         facts.series_modalities = tuple(sorted({row.modality for row in series if row.modality}))
+        facts.series_without_modality = sum(1 for row in series if row.uid is not None and not row.modality)
         facts.series_mismatches = sum(
             1 for row in series if row.uid is not None and row.reported is not None and row.reported != per_series.get(row.uid, 0)
         )
@@ -420,6 +414,8 @@ def evaluate(
             found["DUPLICATE_SERIES_UID"].add(uid)
         if s.duplicate_instances:
             found["DUPLICATE_INSTANCE_UID"].add(uid)
+        if s.series_without_modality:
+            found["SERIES_WITHOUT_MODALITY"].add(uid)
         if any(not pid for _, pid in s.patients):
             found["NO_PATIENT_ID"].add(uid)
         if not s.accession:

@@ -36,6 +36,7 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 SOP_CLASS_SYSTEM = "urn:ietf:rfc:3986"
 ENDPOINT_CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
 PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 
 PERFORMER: tuple[str, str] = ("PRF", "performer")
 SECONDARY_PERFORMER: tuple[str, str] = ("SPRF", "secondary performer")

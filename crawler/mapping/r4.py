@@ -219,7 +219,10 @@ def _coding(concept: Mapping[str, Any] | None) -> Resource | None:
     if codings:
         return _clone(codings[0])
     text = concept.get("text")
-    return {"display": text} if text else None
+    if text:
+        return {"display": text}
+    extension = concept.get("extension")
+    return {"extension": _clone(extension)} if extension else None
 
 
 def _study_modalities(concepts: Sequence[Mapping[str, Any]]) -> list[Resource]:

@@ -282,7 +282,7 @@ def _map(data: StudyInput, options: MappingOptions) -> tuple[Resource, tuple[Res
         resource["contained"] = contained
     resource["identifier"] = _identifiers(study, uid)
     resource["status"] = "available"
-    modalities = _codes(study, _MODALITIES_IN_STUDY, uid) or sorted({s["modality"]["coding"][0]["code"] for s in series})
+    modalities = _codes(study, _MODALITIES_IN_STUDY, uid) or sorted({s["modality"]["coding"][0]["code"] for s in series if "coding" in s["modality"]})
     if modalities:
         resource["modality"] = _modalities(modalities)
     patient = _patient(study, uid, options) if options.patients else None
@@ -322,6 +322,12 @@ def _map(data: StudyInput, options: MappingOptions) -> tuple[Resource, tuple[Res
     if series:
         resource["series"] = series
     return resource, tuple(endpoints[k] for k in sorted(endpoints)) if endpoints else (), patient
+
+
+def absent() -> list[Resource]:
+    """FHIR's data-absent-reason extension ``unknown``, for a required element DICOM left empty
+    (a series without Modality, a patient without a name or an ID): a fresh list each time."""
+    return [{"url": codes.DATA_ABSENT_REASON, "valueCode": "unknown"}]
 
 
 def _first_object(items: Iterable[Any]) -> Dataset:
@@ -432,7 +438,10 @@ def _subject(study: Dataset, uid: str, options: MappingOptions, patient: Resourc
     if identifier:
         subject["identifier"] = identifier
     names = _names(study, _PATIENT_NAME, uid)
-    subject["display"] = names[0] if names else ("Patient without a name" if identifier else "Patient without an ID or name")
+    if names:
+        subject["display"] = names[0]
+    elif not identifier:
+        subject["extension"] = absent()   # Reference's ref-2 wants a reference, identifier, display or extension
     return subject
 
 
@@ -711,9 +720,7 @@ def _series(data: StudyInput, uid: str, options: MappingOptions, study: Dataset,
         number = _count(ds, _SERIES_NUMBER, uid)
         out: Resource = {"uid": series_uid, "number": number} if number is not None else {"uid": series_uid}
         modality = _code(ds, _MODALITY, uid)
-        if not modality:
-            raise MappingError(uid, dj.keyword(_MODALITY), f"missing in series {series_uid}")
-        out["modality"] = _modality(modality)
+        out["modality"] = _modality(modality) if modality else {"extension": absent()}
         description = _string(ds, _SERIES_DESCRIPTION, uid)
         if description:
             out["description"] = description
