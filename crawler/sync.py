@@ -82,15 +82,15 @@ class Figures:
     resources_deleted: int = 0
     windows_incomplete: int = 0
     windows_split: int = 0
-
-
-@dataclass
-class SyncResult:
     series_without_modality: int = 0
     metadata_unavailable: bool = False
     """The server has no WADO-RS metadata: studies were mapped from QIDO-RS alone."""
     instances_by_series: bool = False
     """The server refuses study-level instance searches: instances were asked for series by series."""
+
+
+@dataclass
+class SyncResult:
     figures: Figures
     requests: dict[str, int]
     seconds: float
@@ -119,12 +119,12 @@ class Outcome:
     status: str = "synced"
     error: str | None = None
     path: str | None = None
+    fallbacks: tuple[tuple[str, str], ...] = ()
+    series_without_modality: int = 0
 
     @property
     def study(self) -> Resource:
         return self.resources[-1]
-    fallbacks: tuple[tuple[str, str], ...] = ()
-    series_without_modality: int = 0
 
 
 def convert(resource: dict[str, Any], version: str) -> dict[str, Any]:
@@ -148,14 +148,14 @@ def _crawl_one(client: QidoClient, summary: StudySummary, config: SyncConfig, op
                 status="inconsistent",
                 error=f"study {summary.uid}: server reports {summary.n_instances} instances, {fetched.enumerated} listed (asked twice)",
                 path=fetched.path,
+                fallbacks=fetched.fallbacks,
             )
         mapped = map_resources(fetched.data, options)
+        without_modality = sum(1 for s in mapped.study.get("series", ()) if "coding" not in s.get("modality", {}))
         resources = [convert(r, config.fhir_version) for r in mapped.resources()]
         if config.validate:
-                fallbacks=fetched.fallbacks,
             for resource in (convert(endpoint(options.wado_base or options.source), config.fhir_version), *resources):
                 validate(resource, config.fhir_version, summary.uid)
-        without_modality = sum(1 for s in mapped.study.get("series", ()) if "coding" not in s.get("modality", {}))
         serialised = tuple((r["resourceType"], r["id"], orjson.dumps(r)) for r in resources)
         return Outcome(summary, (_endpoint(options.wado_base or options.source, config.fhir_version), *serialised), path=fetched.path,
                        fallbacks=fetched.fallbacks, series_without_modality=without_modality)
@@ -387,6 +387,10 @@ class _Run:
         if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0:
             raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
         state.set_source_facts(self.source, report.cap if config.max_results is None else known_cap, report.verified)
+        if config.full and self.crawled_ok:
+            state.set_fallbacks(self.source, self.fallbacks_used)
+        elif self.fallbacks_used.keys() - self.remembered.keys():
+            state.set_fallbacks(self.source, {**self.remembered, **self.fallbacks_used})
         figures.windows_incomplete = len(report.incomplete)
         figures.windows_split = report.windows_split
         for message in report.incomplete:
@@ -397,10 +401,6 @@ class _Run:
         config, figures = self.config, self.figures
         in_flight: deque[tuple[Future[Outcome], bool]] = deque()
         with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="crawl") as pool:
-        if config.full and self.crawled_ok:
-            state.set_fallbacks(self.source, self.fallbacks_used)
-        elif self.fallbacks_used.keys() - self.remembered.keys():
-            state.set_fallbacks(self.source, {**self.remembered, **self.fallbacks_used})
             try:
                 for item in self._listing(windows, report):
                     chosen = self._consider(item)
@@ -491,6 +491,7 @@ class _Run:
 
     def _hold(self, outcome: Outcome, known: bool) -> None:
         """Hand a crawled study's changed resources to the sinks; its state waits for the checkpoint."""
+        self._note_fallbacks(outcome)
         if outcome.status != "synced":
             self.figures.studies_failed += outcome.status == "failed"
             self.figures.studies_inconsistent += outcome.status == "inconsistent"
@@ -501,7 +502,6 @@ class _Run:
                 self.source, outcome.summary.uid, run_id=self.run_id, status=outcome.status, error=outcome.error,
                 study_date=_study_date(outcome.summary),
             )
-        self._note_fallbacks(outcome)
             self.pending.discard(outcome.summary.uid)
             return
         digests = [digest(r[2]) for r in outcome.resources]
@@ -511,16 +511,6 @@ class _Run:
                 sink.add(outcome.summary.uid, [r for r, _ in send])
         self.held.append(_Held(outcome, known, send, digests[-1]))
 
-    def _stored_hash(self, resource_type: str, resource_id: str) -> str | None:
-        """The state's hash of a resource; the Endpoint's (the same in every study) kept in memory."""
-        if resource_type != "Endpoint":
-            return self.state.resource_hash(resource_type, resource_id)
-        key = (resource_type, resource_id)
-        if key not in self.stored:
-            self.stored[key] = self.state.resource_hash(resource_type, resource_id)
-        return self.stored[key]
-
-    def _checkpoint(self) -> None:
     def _note_fallbacks(self, outcome: Outcome) -> None:
         """Count what the study shows about the server; say once per run which fallbacks it needs."""
         self.figures.series_without_modality += outcome.series_without_modality
@@ -538,6 +528,16 @@ class _Run:
                 self.figures.instances_by_series = True
                 log.info("the server refuses study-level instance searches (%s%s): instances are asked for series by series", reason, since)
 
+    def _stored_hash(self, resource_type: str, resource_id: str) -> str | None:
+        """The state's hash of a resource; the Endpoint's (the same in every study) kept in memory."""
+        if resource_type != "Endpoint":
+            return self.state.resource_hash(resource_type, resource_id)
+        key = (resource_type, resource_id)
+        if key not in self.stored:
+            self.stored[key] = self.state.resource_hash(resource_type, resource_id)
+        return self.stored[key]
+
+    def _checkpoint(self) -> None:
         """Flush every sink, record what they took, commit."""
         refused: dict[str, str] = {}
         for sink in self.sinks:
