@@ -258,3 +258,22 @@ def test_the_listing_reads_wrongly_typed_entries_without_stopping(element):
     report = ListingReport(page_size=100)
     listed = list(iter_studies(client, [Window("20240101", "20240109")], report))
     assert len(listed) >= 4 and not report.incomplete
+
+
+def test_the_audit_never_asks_a_path_built_from_an_unsafe_uid(tmp_path):
+    import contextlib
+    import io
+    import json
+
+    from crawler.cli import main
+
+    with FakePacs(n_studies=6, seed=23, listed_uids={1: "..", 3: "1.2/../../x"}) as pacs:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["audit", pacs.url, "--report", str(tmp_path / "report"), "--json", "--retries", "0"])
+        document = json.loads((tmp_path / "report" / "findings.json").read_text())
+        found = {f["code"]: set(f["studies"]) for f in document["findings"]}
+        assert code == 1 and found["INVALID_UID"] == {"..", "1.2/../../x"}
+        assert found["STUDY_UNREADABLE"] == {"..", "1.2/../../x"}
+        for request in pacs.requests:
+            assert request.kind != "other" and "/../" not in request.path and not request.path.endswith("/.."), request

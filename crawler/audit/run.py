@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from ..crawl import includefields, summarise
 from ..dicomjson import Tag
@@ -32,6 +31,7 @@ from ..mapping.ids import normalise_base
 from ..planner import Window, plan
 from ..qido import QidoClient, RetryPolicy, client_from, redact
 from ..sync import EXIT_OK, EXIT_PARTIAL, study_hash
+from ..uids import path_uid, shown
 from .copies import FhirReader, read_state
 from .findings import Collector, CopyRow, Evaluation, InstanceRow, SeriesRow, evaluate, instance_rows, series_rows, totals
 from .report import write_report
@@ -131,8 +131,9 @@ class AuditResult:
 
 
 def read_study(client: QidoClient, uid: str, page_size: int, instance_page_size: int) -> tuple[list[SeriesRow], list[InstanceRow]]:
-    """The rows of one study's series and instances (runs in a worker thread)."""
-    path = f"studies/{quote(uid, safe='.')}"
+    """The rows of one study's series and instances (runs in a worker thread). ValueError when a
+    UID is not safe in a request path (see uids.path_uid): nothing is asked with it."""
+    path = f"studies/{path_uid(uid)}"
     series: list[SeriesRow] = []
     for page in client.iter_pages("series", f"{path}/series", includefields(SERIES_KEYS), page_size):
         series.extend(series_rows(page.items))
@@ -144,7 +145,7 @@ def read_study(client: QidoClient, uid: str, page_size: int, instance_page_size:
         for row in series:
             if row.uid is None:
                 continue
-            series_path = f"{path}/series/{quote(row.uid, safe='.')}/instances"
+            series_path = f"{path}/series/{path_uid(row.uid)}/instances"
             for page in client.iter_pages("instances", series_path, includefields(INSTANCE_KEYS), instance_page_size):
                 instances.extend(InstanceRow(row.uid, r.uid) for r in instance_rows(page.items))
     return series, instances
@@ -157,6 +158,8 @@ def _read(client: QidoClient, uid: str, config: AuditConfig) -> tuple[str, tuple
         return uid, None, f"study {uid}: {exc}"
     except QidoError as exc:
         return uid, None, f"study {uid}: {exc}"
+    except ValueError as exc:
+        return uid, None, f"study {shown(uid)}: a Study or Series Instance UID is {exc}; not asked"
 
 
 def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None = None) -> AuditResult:
