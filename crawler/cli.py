@@ -7,6 +7,7 @@ configuration error; 3 the source or a sink could not be reached at all.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import TextIO
 
 import orjson
 
-from . import __version__
+from . import __version__, leanjson
 from .config import DEFAULT_STATE, SyncConfig, zone
 from .errors import ConfigError, CrawlerError, MappingError, SinkError, SourceUnreachable, StateError
 from .mapping import MappingOptions, StudyInput, map_study
@@ -26,7 +27,7 @@ from .mapping.ids import normalise_base
 from .memory import tame_malloc
 from .planner import parse_day
 from .qido import check_base_url, redact
-from .crawl import CrawlOptions, MetadataMode
+from .crawl import METADATA, CrawlOptions, MetadataMode
 from .state import redact_url, state_location
 from .sync import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures, convert, export, sync
 
@@ -343,12 +344,15 @@ def _cmd_map(args: argparse.Namespace) -> int:
         raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from None
+    gc.disable()  # one study's objects, all alive until the end: collections would only scan them
     try:
-        data = orjson.loads(raw)
+        data = leanjson.datasets(raw, METADATA)
     except orjson.JSONDecodeError as exc:
         raise MappingError(None, "input", f"malformed JSON ({exc})") from None
-    if not isinstance(data, list) or not data:
-        raise MappingError(None, "input", "expected a non-empty JSON array of instance-level results")
+    except leanjson.NotDatasets:
+        data = []
+    if not data:
+        raise MappingError(None, "input", "expected a non-empty JSON array of instance-level results (objects)")
     if args.source:
         check_base_url(args.source)
     if args.wado_url:
@@ -360,7 +364,8 @@ def _cmd_map(args: argparse.Namespace) -> int:
         issuer_systems=issuer_systems(args.issuer_system),
     )
     resource = convert(map_study(StudyInput(study={}, instances=data), options), args.fhir_version)
-    sys.stdout.write(json.dumps(resource, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.buffer.write(orjson.dumps(resource, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
+    sys.stdout.flush()
     return EXIT_OK
 
 
