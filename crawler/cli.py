@@ -193,7 +193,8 @@ class Progress:
         if not self.enabled or now - self.last < 0.1:
             return
         self.last = now
-        done = figures.studies_new + figures.studies_changed + figures.studies_unchanged + figures.studies_failed + figures.studies_inconsistent
+        done = (figures.studies_new + figures.studies_changed + figures.studies_rechecked + figures.studies_unchanged
+                + figures.studies_failed + figures.studies_inconsistent)
         self.stream.write(
             f"\rstudies listed {figures.studies_listed:>8}  done {done:>8}  new {figures.studies_new}  "
             f"changed {figures.studies_changed}  unchanged {figures.studies_unchanged}  failed {figures.studies_failed + figures.studies_inconsistent}\x1b[K"
@@ -318,7 +319,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         lines = [
             f"{PROG}: synced {redact(url)} in {result.seconds:.1f} s with {result.requests['total']} requests",
             f"  studies ({result.scope}): {f.studies_listed} listed, {f.studies_new} new, {f.studies_changed} changed, "
-            f"{f.studies_unchanged} unchanged, {f.studies_failed} failed, {f.studies_inconsistent} inconsistent, {f.studies_gone} gone",
+            f"{f.studies_unchanged} unchanged, {f.studies_failed} failed, {f.studies_inconsistent} inconsistent, {f.studies_gone} gone"
+            + (f", {f.studies_rechecked} re-checked (unchanged, no counts to skip them by)" if f.studies_rechecked else ""),
             f"  resources written: {f.resources_written}" + (f", deleted: {f.resources_deleted}" if f.resources_deleted else "")
             + (f", refused (sent again next run): {f.resources_refused}" if f.resources_refused else "")
             + (f" -> {result.run_dir}" if result.run_dir else ""),
