@@ -139,9 +139,10 @@ class StandIn:
     """A stand-in for QidoClient: answers from lists, records the paths asked for."""
 
     def __init__(self, instances: Sequence[Any] = (), series: Sequence[Any] = (), metadata: Sequence[Any] | None = None,
-                 series_instances: Sequence[Any] | None = None) -> None:
+                 series_instances: Sequence[Any] | None = None, refuse_study_instances: bool = False) -> None:
         self.instances, self.series, self.metadata = list(instances), list(series), metadata
         self.series_instances = series_instances
+        self.refuse_study_instances = refuse_study_instances
         self.paths: list[str] = []
 
     def iter_pages(self, kind: str, path: str, params: Any, page_size: int) -> Iterator[Page]:
@@ -150,6 +151,8 @@ class StandIn:
             yield Page(self.series, 200)
         elif path.count("/") > 2:
             yield Page(self.series_instances if self.series_instances is not None else self.instances, 200)
+        elif self.refuse_study_instances:
+            raise FatalQidoError("HTTP 404 (not found) from stand-in", status=404)
         else:
             yield Page(self.instances, 200)
 
@@ -207,10 +210,10 @@ _answer = st.lists(_dataset, max_size=4)
 @given(
     instances=_answer, series=_answer, metadata=st.one_of(st.none(), _answer), series_instances=st.one_of(st.none(), _answer),
     mode=st.sampled_from(list(MetadataMode)), small=st.integers(0, 3), n=st.one_of(st.none(), st.integers(0, 5)),
-    lacks=st.sampled_from([None, True, False]),
+    lacks=st.sampled_from([None, True, False]), refuse=st.booleans(),
 )
-def test_fetch_and_map_give_a_study_or_a_clean_failure(instances, series, metadata, series_instances, mode, small, n, lacks):
-    client = StandIn(instances, series, metadata, series_instances)
+def test_fetch_and_map_give_a_study_or_a_clean_failure(instances, series, metadata, series_instances, mode, small, n, lacks, refuse):
+    client = StandIn(instances, series, metadata, series_instances, refuse)
     options = CrawlOptions(metadata=mode, metadata_max_instances=small)
     try:
         fetched = fetch_study(client, _summary(n), options, Learned(qido_lacks_sequences=lacks))
@@ -227,7 +230,7 @@ def test_fetch_and_map_give_a_study_or_a_clean_failure(instances, series, metada
 
 
 class ListingStandIn:
-    """Answers every study search with the same page (a window with no cap: one page)."""
+    """Answers a study search with the items whose StudyDate is in the range asked for (one page)."""
 
     max_limit = None
 
@@ -238,7 +241,12 @@ class ListingStandIn:
         return wanted
 
     def get(self, kind: str, path: str, params: Any = (), keep: Any = None) -> Page:
-        return Page(self.items, 200)
+        asked = dict((str(k), str(v)) for k, v in params)
+        wanted = asked.get(Tag.StudyDate) or asked.get("StudyDate")
+        if not wanted:
+            return Page(self.items, 200)
+        since, _, until = wanted.partition("-") if "-" in wanted else (wanted, "", wanted)
+        return Page([i for i in self.items if (since or "0") <= i[Tag.StudyDate]["Value"][0] <= (until or "9")], 200)
 
 
 @pytest.mark.parametrize(

@@ -226,3 +226,18 @@ def test_a_server_with_series_level_instances_no_metadata_and_no_counts_syncs_co
         assert code == 0, again
         assert (again["resources_written"], again["run_dir"], again["studies_rechecked"], again["studies_changed"]) == (0, None, 20, 0)
         assert len(list((tmp_path / "out").iterdir())) == 1
+
+
+def test_dask_workers_take_the_same_fallbacks_and_start_from_what_the_state_remembers(tmp_path):
+    pytest.importorskip("dask.distributed")
+    behaviour = dict(series_level_instances_only=True, metadata_status=404, no_study_counts=True)
+    with FakePacs(n_studies=12, seed=38, **behaviour) as pacs:
+        dask = dict(executor="dask", workers=1, worker_threads=2, crawl=CrawlOptions(metadata=MetadataMode.AUTO))
+        first = run(pacs, tmp_path, **dask)
+        assert first.exit_code == 0, first.errors
+        assert first.figures.studies_new == 12 and first.figures.metadata_unavailable and first.figures.instances_by_series
+        assert set(remembered(tmp_path, pacs)) == {SERIES_LEVEL_INSTANCES, METADATA_UNAVAILABLE}
+        pacs.reset_counts()
+        second = run(pacs, tmp_path, since="19000101", **dask)
+        assert second.exit_code == 0 and second.figures.studies_rechecked == 12
+        assert study_level_instance_searches(pacs) == 0 and pacs.counts()["metadata"] == 0
