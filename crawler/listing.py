@@ -9,6 +9,16 @@ cannot be seen in one answer, so the first window of a run is checked by listing
 (split at the median StudyDate seen) for a study it did not return; the cap learned that way
 applies to every later window. The state keeps both facts per source, so later runs skip the
 check while the listing stays within what was verified.
+
+Servers may also ignore what they are asked. Every study a filtered window returns is checked
+against the window (StudyDate, and StudyTime in a time range): a server that ignores the filter
+would otherwise look capped in every part and be split down to single seconds, from 1900 to
+2099. On the first stray study the other form of the matching keys is tried once (keywords
+``StudyDate=`` instead of tags ``00080020=``; PS3.18 allows both and some servers honour one),
+and kept for the run if it works; otherwise the window is not split any further and is reported
+incomplete, and windows relying on the ignored key are not listed. A page longer than ``limit``
+(a server that ignores it) is the server's whole answer, not a sign of a cap. Warnings that could
+recur per window are bounded (see notices).
 """
 
 from __future__ import annotations
@@ -25,12 +35,50 @@ from . import dicomjson as dj
 from .crawl import STUDY_FIELDS, includefields
 from .dicomjson import Tag
 from .errors import FatalQidoError, QidoError, SourceUnreachable
+from .notices import Notices
 from .planner import Window
 from .qido import QidoClient
 
 log = logging.getLogger("crawler")
 TRUNCATION = re.compile(r"additional results|exceeded the maximum", re.IGNORECASE)
 VERIFY_MAX = 50_000
+
+
+_RANK = {None: 0, "StudyTime": 1, "StudyDate": 2}
+
+
+@dataclass
+class Filters:
+    """How the source takes the StudyDate/StudyTime matching keys, learned during a run."""
+
+    keywords: bool = False
+    """Send the keys as keywords (``StudyDate=``) rather than tags (``00080020=``)."""
+    tried: bool = False
+    """The other form was tried (once per run)."""
+    trying: str | None = None
+    """While the other form's first page is awaited: the key the first form did not match."""
+    ignored: set[str] = field(default_factory=set)
+    """Keys the server ignores in the form kept: windows that rely on them are not listed."""
+
+    def stray(self, missed: str) -> bool:
+        """A window's listing returned a study that does not match the key ``missed``: True when
+        the window is to be listed again (with the other form), False when it is given up. When
+        the other form does no better, the first is kept."""
+        if not self.tried:
+            self.tried, self.trying = True, missed
+            self.keywords = not self.keywords
+            return True
+        if self.trying is not None:
+            if _RANK[missed] >= _RANK[self.trying]:
+                self.keywords = not self.keywords
+            missed = min(missed, self.trying, key=_RANK.__getitem__)
+            self.trying = None
+        self.ignored.add(missed)
+        return False
+
+    def matched(self) -> None:
+        """A page matched its window: the form in use is kept."""
+        self.trying = None
 
 
 @dataclass
@@ -44,6 +92,8 @@ class ListingReport:
     cap: int | None = None
     verified: int = 0
     incomplete: list[str] = field(default_factory=list)
+    filters: Filters = field(default_factory=Filters)
+    notices: Notices = field(default_factory=lambda: Notices(log))
 
 
 @dataclass
@@ -53,6 +103,8 @@ class WindowListing:
     window: Window
     total: int = 0
     capped: str | None = None
+    ignored: str | None = None
+    """The matching key the server ignored for this window (its listing was given up)."""
     undated: int = 0
     untimed: int = 0
     dates: array | None = None
@@ -82,19 +134,44 @@ def _text(item: dict[str, Any], tag: str) -> str | None:
         return None
 
 
+def _stray(window: Window, items: list[dict[str, Any]]) -> str | None:
+    """The matching key that a study among ``items`` does not match, if any."""
+    if window.unfiltered:
+        return None
+    for item in items:
+        day = study_date(item)
+        if day is None:
+            continue
+        try:
+            time = dj.string(item, Tag.StudyTime) if window.time_from is not None else None
+        except ValueError:
+            time = None
+        missed = window.stray(day, time)
+        if missed:
+            return missed
+    return None
+
+
+def _form(report: ListingReport) -> str:
+    return "keywords (StudyDate=)" if report.filters.keywords else "tags (00080020=)"
+
+
 def list_window(client: QidoClient, state: WindowListing, report: ListingReport, max_offset: int) -> Iterator[list[dict[str, Any]]]:
     """The study-level results of ``state.window``, a page at a time, until the window ends or
-    hits a cap (then ``state.capped`` says which)."""
+    hits a cap (then ``state.capped`` says which) or the server ignores its filter (then
+    ``state.ignored`` names the matching key)."""
     window = state.window
     cap = report.cap
+    filters = report.filters
     offset = 0
     previous: list[Any] | None = None
+    long_pages = False
     while True:
         if offset > max_offset:
             state.capped = f"more than --max-offset {max_offset} results"
             return
         page_size = client.page_size(report.page_size)
-        params = [*window.params(), *includefields(STUDY_FIELDS), ("limit", page_size)]
+        params = [*window.params(filters.keywords), *includefields(STUDY_FIELDS), ("limit", page_size)]
         if offset:
             params.append(("offset", offset))
         try:
@@ -111,8 +188,26 @@ def list_window(client: QidoClient, state: WindowListing, report: ListingReport,
                 return
             raise
         if offset and page.items and page.items == previous:
-            state.capped = "the server ignores offset"
+            if not long_pages:
+                state.capped = "the server ignores offset"
             return
+        missed = _stray(window, page.items)
+        if missed:
+            if filters.stray(missed):
+                report.notices.emit(
+                    "filter warnings",
+                    f"{window}: the server returned studies that do not match {missed} sent as "
+                    f"{'tags' if filters.keywords else 'keywords'}: trying {_form(report)} for this run",
+                )
+                offset, previous, long_pages = 0, None, False
+                state.total = state.undated = state.untimed = 0
+                if state.dates is not None:
+                    state.dates, state.uids = array("L"), array("q")
+                continue
+            state.ignored = missed
+            return
+        if page.items and not window.unfiltered:
+            filters.matched()
         for item in page.items:
             day = study_date(item)
             if day is None:
@@ -130,10 +225,16 @@ def list_window(client: QidoClient, state: WindowListing, report: ListingReport,
                     state.uids = array("q")
         yield page.items
         state.total += len(page.items)
+        if len(page.items) > page_size and not long_pages:
+            long_pages = True
+            report.notices.emit(
+                "paging warnings", f"{window}: the server answered {len(page.items)} studies to limit={page_size}: "
+                "it ignores limit, so its pages are taken as they come, not as a cap", logging.INFO,
+            )
         if page.warning and TRUNCATION.search(page.warning):
             state.capped = "the server says its results were truncated (Warning header)"
             return
-        if cap is not None and state.total >= cap:
+        if cap is not None and state.total >= cap and not long_pages:
             state.capped = f"{state.total} results, at the server's cap"
             return
         if len(page.items) < page_size:
@@ -145,23 +246,29 @@ def list_window(client: QidoClient, state: WindowListing, report: ListingReport,
         offset += len(page.items)
 
 
-def _probe(client: QidoClient, window: Window, dates: array, uid_hashes: array, page_size: int) -> bool:
-    """True when a half of ``window`` holds a study that the window's own listing did not return."""
+def _probe(client: QidoClient, window: Window, dates: array, uid_hashes: array, page_size: int, filters: Filters) -> bool | str:
+    """True when a half of ``window`` holds a study that the window's own listing did not
+    return; the matching key a half's studies do not match when the server ignores it."""
     ordered = sorted(dates)
     median = f"{ordered[(len(ordered) - 1) // 2]:08d}"
     uids = set(uid_hashes)
     for half in window.split_at(median):
         offset = 0
+        previous: list[Any] | None = None
         while True:
-            params = [*half.params(), ("limit", page_size)] + ([("offset", offset)] if offset else [])
+            params = [*half.params(filters.keywords), ("limit", page_size)] + ([("offset", offset)] if offset else [])
             items = client.get("studies", "studies", params).items
+            missed = _stray(half, items)
+            if missed:
+                return missed
             for item in items:
                 uid = _text(item, Tag.StudyInstanceUID)
                 if uid and hash(uid) not in uids:
                     log.info("%s returned %d studies but %s holds others: the server caps results silently", window, len(uids), half)
                     return True
-            if len(items) < page_size:
-                break
+            if len(items) < page_size or len(items) > page_size or items == previous:
+                break  # the end, or a server that ignores limit or offset: no more pages to ask for
+            previous = items
             offset += len(items)
     return False
 
@@ -180,8 +287,15 @@ class UndatedRisk:
 
 def verify_cap(client: QidoClient, state: WindowListing, report: ListingReport) -> None:
     """The silent-cap check of a window listed with ``state.dates`` kept (see the module docstring)."""
-    if state.capped is None and state.dates and state.total > max(report.verified, 1) and state.window.splittable:
-        if _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size)):
+    if state.capped is None and state.ignored is None and state.dates and state.total > max(report.verified, 1) and state.window.splittable:
+        found = _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size), report.filters)
+        while isinstance(found, str):
+            if not report.filters.stray(found):
+                state.ignored = found
+                return
+            report.notices.emit("filter warnings", f"{state.window}: the server returned studies that do not match {found}: trying {_form(report)} for this run")
+            found = _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size), report.filters)
+        if found:
             report.cap = state.total if report.cap is None else min(report.cap, state.total)
             state.capped = f"{state.total} results, a silent cap"
         else:
@@ -195,6 +309,12 @@ def follow_up(state: WindowListing, report: ListingReport, undated: UndatedRisk,
     only puts the studies without a StudyDate at risk."""
     if state.undated and not state.window.unfiltered:
         undated.elsewhere = True
+    if state.ignored is not None:
+        report.incomplete.append(
+            f"{state.window}: the server ignores {state.ignored} (as tags and as keywords: it returned studies outside the window); "
+            "not split further"
+        )
+        return []
     if state.capped is None:
         report.windows_complete += 1
         return []
@@ -207,6 +327,9 @@ def follow_up(state: WindowListing, report: ListingReport, undated: UndatedRisk,
     children = state.window.split()
     if not children:
         report.incomplete.append(f"{state.window}: {state.capped}; cannot be split further")
+        return []
+    if state.window.split_key in report.filters.ignored:
+        report.incomplete.append(f"{state.window}: {state.capped}; not split: the server ignores {state.window.split_key}")
         return []
     log.info("%s: %s; split into %d windows", state.window, state.capped, len(children))
     report.windows_split += 1
@@ -245,6 +368,10 @@ def iter_study_pages(
     undated = UndatedRisk()
     while queue:
         state = WindowListing(queue.popleft())
+        ignored = [key for key in state.window.keys if key in report.filters.ignored]
+        if ignored:
+            report.incomplete.append(f"{state.window}: not listed: the server ignores {ignored[0]}")
+            continue
         if first and verify and report.cap is None:
             state.dates = array("L")
         report.windows_listed += 1

@@ -57,16 +57,46 @@ class Window:
     def unfiltered(self) -> bool:
         return self.since is None and self.until is None
 
-    def params(self) -> list[tuple[str, str]]:
+    def params(self, keywords: bool = False) -> list[tuple[str, str]]:
+        """The matching keys, as tags (``00080020``) or, with ``keywords``, as keywords
+        (``StudyDate``): PS3.18 allows both, and some servers honour only one."""
         if self.unfiltered:
             return []
+        date_key, time_key = ("StudyDate", "StudyTime") if keywords else (Tag.StudyDate, Tag.StudyTime)
         if self.since is not None and self.since == self.until:
-            out = [(Tag.StudyDate, self.since)]
+            out = [(date_key, self.since)]
         else:
-            out = [(Tag.StudyDate, f"{self.since or ''}-{self.until or ''}")]
+            out = [(date_key, f"{self.since or ''}-{self.until or ''}")]
         if self.time_from is not None and self.time_to is not None:
-            out.append((Tag.StudyTime, f"{_hms(self.time_from)}-{_hms(self.time_to)}"))
+            out.append((time_key, f"{_hms(self.time_from)}-{_hms(self.time_to)}"))
         return out
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The matching keys this window relies on, by keyword."""
+        if self.unfiltered:
+            return ()
+        return ("StudyDate", "StudyTime") if self.time_from is not None else ("StudyDate",)
+
+    @property
+    def split_key(self) -> str:
+        """The matching key that tells this window's parts apart."""
+        return "StudyTime" if self.since is not None and self.since == self.until else "StudyDate"
+
+    def stray(self, study_date: str | None, study_time: str | None) -> str | None:
+        """Which matching key a study returned for this window does not match: "StudyDate",
+        "StudyTime", or None. A study without a StudyDate (or, in a time range, without a
+        readable StudyTime) is never stray: servers may match empty values."""
+        if self.unfiltered or study_date is None:
+            return None
+        if (self.since is not None and study_date < self.since) or (self.until is not None and study_date > self.until):
+            return "StudyDate"
+        if self.time_from is None or self.time_to is None:
+            return None
+        seconds = tm_range(study_time)
+        if seconds is not None and (seconds[1] < self.time_from or seconds[0] > self.time_to):
+            return "StudyTime"
+        return None
 
     def __str__(self) -> str:
         if self.unfiltered:
@@ -115,6 +145,21 @@ class Window:
     @property
     def splittable(self) -> bool:
         return bool(self.split())
+
+
+def tm_range(value: str | None) -> tuple[int, int] | None:
+    """The whole seconds of the day a TM value (``HH``, ``HHMM``, ``HHMMSS[.F]``) spans, first
+    and last; None when unreadable."""
+    if not value:
+        return None
+    whole = value.split(".", 1)[0].strip()
+    if len(whole) not in (2, 4, 6) or not whole.isdigit():
+        return None
+    hours, minutes, seconds = int(whole[:2]), int(whole[2:4] or 0), int(whole[4:6] or 0)
+    if hours > 23 or minutes > 59 or seconds > 60:
+        return None
+    first = hours * 3600 + minutes * 60 + min(seconds, 59)
+    return first, first + {2: 3599, 4: 59, 6: 0}[len(whole)]
 
 
 def plan(since: str | None = None, until: str | None = None) -> list[Window]:

@@ -384,7 +384,7 @@ class _Run:
             Coordinator(self, report).list_and_crawl(windows)
         else:
             self._crawl_in_threads(windows, report)
-        if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0:
+        if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0 and not report.filters.ignored:
             raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
         state.set_source_facts(self.source, report.cap if config.max_results is None else known_cap, report.verified)
         if config.full and self.crawled_ok:

@@ -306,7 +306,7 @@ def _crawl(
         finally:
             while in_flight:
                 done(in_flight.popleft())
-    if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0:
+    if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0 and not report.filters.ignored:
         raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
     for message in report.incomplete:
         log.error("not listed completely: %s", message)

@@ -1,0 +1,158 @@
+"""Listings that cannot run away: servers that ignore filters, limits or offsets, listings that
+are not UTF-8 or not JSON, undated studies behind a cap.
+
+The servers are the simulator of fixtures/fakepacs.py (a fake PACS, named as such): no real
+server can be made to ignore its own matching keys on demand. The runaway cases run the CLI in
+a subprocess, so that the time, the exit code, the size of stderr and the peak RSS are those an
+operator would see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crawler.config import SyncConfig
+from crawler.crawl import CrawlOptions, MetadataMode
+from crawler.listing import ListingReport, iter_studies
+from crawler.planner import Window
+from crawler.qido import QidoClient, RetryPolicy
+from crawler.sync import sync
+from fixtures.fakepacs import FakePacs
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_RETRY = RetryPolicy(base_delay=0.01, max_delay=0.05, max_seconds=30)
+
+
+def run_cli(pacs: FakePacs, work: Path, *extra: str, deadline: float = 60.0) -> tuple[int, dict, str, float, int]:
+    """(exit code, --json summary, stderr, seconds, peak RSS in MB) of a sync in a subprocess,
+    killed (and the test failed) past ``deadline`` seconds."""
+    command = [
+        sys.executable, "-m", "crawler", "sync", pacs.url, "--state", str(work / "state.db"), "--out", str(work / "out"),
+        "--metadata", "never", "--json", "--page-size", "20", *extra,
+    ]
+    with open(work / "stdout", "wb") as out, open(work / "stderr", "wb") as err:
+        started = time.monotonic()
+        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=ROOT)
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - started > deadline:
+                process.kill()
+                process.wait()
+                pytest.fail(f"the sync was still running after {deadline} s ({pacs.counts()['studies']} study searches)")
+            time.sleep(0.05)
+        seconds = time.monotonic() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stdout = (work / "stdout").read_text()
+    summary = json.loads(stdout) if stdout.strip() else {}
+    return process.returncode, summary, (work / "stderr").read_text(), seconds, usage.ru_maxrss // 1024
+
+
+@pytest.mark.parametrize(
+    "quirks",
+    [
+        pytest.param({"ignore_filters": True, "ignore_offset": True}, id="ignores-offset-and-StudyDate"),
+        pytest.param({"ignore_filters": True, "max_results": 50}, id="ignores-StudyDate-behind-a-cap"),
+        pytest.param({"ignore_filters": True, "max_results": 50, "cap_mode": "silent"}, id="ignores-StudyDate-behind-a-silent-cap"),
+    ],
+)
+def test_a_server_that_ignores_StudyDate_ends_quickly_with_the_window_incomplete(quirks, tmp_path):
+    with FakePacs(n_studies=300, seed=3, **quirks) as pacs:
+        code, summary, stderr, seconds, rss = run_cli(pacs, tmp_path)
+        searches = pacs.counts()["studies"]
+    assert code == 1, stderr[-2000:]
+    assert summary["windows_incomplete"] >= 1
+    assert "ignores StudyDate" in stderr
+    assert seconds < 60 and rss < 300, (seconds, rss)
+    assert len(stderr) < 20_000, stderr[:2000]
+    assert searches < 100, searches
+
+
+def test_a_server_that_honours_only_the_keyword_form_is_listed_completely(tmp_path):
+    with FakePacs(n_studies=300, seed=4, keyword_only=True, max_results=50) as pacs:
+        code, summary, stderr, seconds, rss = run_cli(pacs, tmp_path)
+        queries = [r.query for r in pacs.requests if r.kind == "studies"]
+        truth = set(pacs.study_uids())
+    assert code == 0, stderr[-2000:]
+    assert summary["studies_listed"] == len(truth) == 300
+    assert summary["windows_incomplete"] == 0
+    tags = [q for q in queries if re.search(r"(^|&)00080020=", q)]
+    keywords = [q for q in queries if re.search(r"(^|&)StudyDate=", q)]
+    # the tag form was tried for one window, then the keyword form for the rest of the run
+    assert len({re.search(r"(^|&)00080020=([^&]*)", q).group(2) for q in tags}) == 1, tags
+    assert queries.index(keywords[0]) > queries.index(tags[-1])
+    assert len(keywords) > 3
+    assert len(stderr) < 20_000
+
+
+def test_a_page_longer_than_the_limit_does_not_start_splitting(tmp_path):
+    with FakePacs(n_studies=300, seed=5, ignore_limit=True, ignore_offset=True) as pacs:
+        code, summary, stderr, seconds, rss = run_cli(pacs, tmp_path)
+        searches = pacs.counts()["studies"]
+    assert code == 0, stderr[-2000:]
+    assert summary["studies_listed"] == 300
+    assert summary["windows_split"] == 0
+    assert searches <= 4, searches  # two pages, and the silent-cap check's two halves
+
+
+def test_a_page_longer_than_the_limit_behind_a_known_cap_is_not_split(tmp_path):
+    with FakePacs(n_studies=120, seed=5, ignore_limit=True) as pacs:
+        code, summary, stderr, seconds, rss = run_cli(pacs, tmp_path, "--max-results", "100", deadline=60)
+        searches = pacs.counts()["studies"]
+    # 120 results in one page prove the cap of 100 wrong for this window: nothing is split
+    assert code == 0, stderr[-2000:]
+    assert summary["studies_listed"] == 120
+    assert summary["windows_split"] == 0
+    assert searches <= 3, searches
+
+
+def test_ignored_StudyTime_stops_splitting_that_day(tmp_path):
+    """A server that matches StudyDate but ignores StudyTime, with a cap that one day exceeds."""
+    with FakePacs(n_studies=200, seed=6, date_from="20240101", date_to="20240102", max_results=30) as pacs:
+        from fixtures import fakepacs
+
+        original = pacs._select
+
+        def no_time(params, quirks=False):
+            kept = [(k, v) for k, v in params if not (quirks and k.lower() in ("studytime", fakepacs.T["StudyTime"].lower()))]
+            return original(kept, quirks)
+
+        pacs._select = no_time
+        client = QidoClient(pacs.url, retry=FAST_RETRY)
+        get = client.get
+
+        def bounded_get(*args, **kwargs):
+            assert pacs.counts()["studies"] < 500, "the listing runs away"
+            return get(*args, **kwargs)
+
+        client.get = bounded_get
+        report = ListingReport(page_size=50)
+        try:
+            found = {item["0020000D"]["Value"][0] for item in iter_studies(client, [Window("20240101", "20240102")], report)}
+        finally:
+            client.close()
+        searches = pacs.counts()["studies"]
+    assert report.incomplete, "a day that cannot be split by StudyTime must be reported"
+    assert any("ignores StudyTime" in message for message in report.incomplete)
+    assert found
+    assert searches < 60, searches
+
+
+def test_a_run_with_an_ignored_filter_never_marks_studies_gone(tmp_path):
+    with FakePacs(n_studies=60, seed=7) as pacs:
+        code, first, stderr, _, _ = run_cli(pacs, tmp_path)
+        assert code == 0, stderr[-2000:]
+        pacs.behaviour = type(pacs.behaviour)(ignore_filters=True, ignore_offset=True)
+        code, second, stderr, _, _ = run_cli(pacs, tmp_path, "--since", "20100101")
+    assert code == 1, stderr[-2000:]
+    assert second["studies_gone"] == 0
+    assert second["windows_incomplete"] >= 1
