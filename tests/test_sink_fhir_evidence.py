@@ -224,3 +224,12 @@ def test_an_answer_over_the_size_cap_is_not_read():
     with FakeFhir(pad_answers=2_000_000) as server:
         with pytest.raises(SinkError, match="larger than 1000000 bytes"):
             make_sink(server, max_answer=1_000_000).check()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate"])
+def test_a_compressed_answer_is_capped_after_decoding(encoding):
+    with FakeFhir(compress=encoding) as server:
+        assert make_sink(server).check() == "5.0.0"       # compressed answers are read
+        server.pad_answers = 20_000_000                     # about 20 kB on the wire
+        with pytest.raises(SinkError, match="larger than 1000000 bytes"):
+            make_sink(server, max_answer=1_000_000).check()
