@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .config import SyncConfig
 from .crawl import Learned, StudySummary
 from .errors import ConfigError, QidoError, SourceUnreachable
-from .listing import ListingReport, UndatedRisk, WindowListing, follow_up, list_window, study_date, verify_cap
+from .listing import Filters, ListingReport, UndatedRisk, WindowListing, follow_up, list_window, study_date, verify_cap
 from .mapping import MappingOptions
 from .planner import Window
 from .qido import QidoClient, RequestCounts, client_from
@@ -109,16 +109,18 @@ class Listed:
     error: str | None = None
     status: int | None = None
     unreachable: bool = False
+    filters: Filters | None = None
 
 
 def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, verified: int, verify: bool,
-              budget: int | None, undated_only: bool, max_limit: int | None = None) -> Listed:
+              budget: int | None, undated_only: bool, max_limit: int | None = None, filters: Filters | None = None) -> Listed:
     """List one window (runs on a worker); ``max_limit`` is the largest page size the server
-    accepted in any task so far, so a task does not learn it again with a refused request."""
+    accepted in any task so far, so a task does not learn it again with a refused request;
+    ``filters`` how the server takes the matching keys, as learned so far (see listing)."""
     client, _ = _task_client(key, config)
     if max_limit and (not client.max_limit or max_limit < client.max_limit):
         client.max_limit = max_limit
-    report = ListingReport(cap=cap, verified=verified, page_size=config.page_size)
+    report = ListingReport(cap=cap, verified=verified, page_size=config.page_size, filters=copy.deepcopy(filters or Filters()))
     state = WindowListing(window, budget=budget)
     if verify and cap is None:
         state.dates = array("L")
@@ -131,7 +133,7 @@ def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, ver
     except QidoError as exc:
         error, status, unreachable = str(exc), exc.status, isinstance(exc, SourceUnreachable)
     state.dates, state.uids = None, array("q")
-    return Listed(window, items, state, report.cap, report.verified, client.max_limit, Counted.of(client), error, status, unreachable)
+    return Listed(window, items, state, report.cap, report.verified, client.max_limit, Counted.of(client), error, status, unreachable, report.filters)
 
 
 def crawl_task(key: str, config: SyncConfig, options: MappingOptions, summaries: list[StudySummary]) -> tuple[list[Outcome], Counted]:
@@ -297,10 +299,14 @@ class Coordinator:
                 crawling += 1
             while self.windows and listing < threads and len(self.waiting) < 4 * BATCH * threads and not self.unreachable:
                 window, undated_only = self.windows.popleft()
+                ignored = [key for key in window.keys if key in self.report.filters.ignored]
+                if ignored:
+                    self.report.incomplete.append(f"{window}: not listed: the server ignores {ignored[0]}")
+                    continue
                 verify = self.report.cap is None and not self.report.verified
                 future = client.submit(
                     list_task, self.key, self.config, window, self.report.cap, self.report.verified, verify,
-                    None if undated_only else self.budget, undated_only, self.run.client.max_limit, pure=False,
+                    None if undated_only else self.budget, undated_only, self.run.client.max_limit, self.report.filters, pure=False,
                 )
                 jobs[future] = ("list", (window, undated_only))
                 running.add(future)
@@ -339,6 +345,8 @@ class Coordinator:
             report.incomplete.append(f"{window}: the listing task failed: {type(exc).__name__}: {exc}")
             return
         self._count(listed.counted)
+        if listed.filters is not None:
+            self.report.filters.merge(listed.filters)
         if listed.max_limit and (not self.run.client.max_limit or listed.max_limit < self.run.client.max_limit):
             self.run.client.max_limit = listed.max_limit
         for item in listed.items:

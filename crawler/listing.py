@@ -80,6 +80,13 @@ class Filters:
         """A page matched its window: the form in use is kept."""
         self.trying = None
 
+    def merge(self, other: Filters) -> None:
+        """What a listing task (distributed) learned: the first task to try the other form
+        decides the form; ignored keys add up."""
+        if other.tried and not self.tried:
+            self.keywords, self.tried = other.keywords, True
+        self.ignored |= other.ignored
+
 
 @dataclass
 class ListingReport:

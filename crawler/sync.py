@@ -34,6 +34,7 @@ from .dicomjson import Tag
 from .errors import ConfigError, CrawlerError, MappingError, QidoError, SinkError, SourceUnreachable
 from .listing import ListingReport, iter_study_pages
 from .mapping import MappingOptions, endpoint, map_resources
+from .notices import Notices
 from .mapping.ids import normalise_base
 from .mapping.validate import check_available, validate
 from .uids import shown as _shown
@@ -82,6 +83,8 @@ class Figures:
     resources_deleted: int = 0
     windows_incomplete: int = 0
     windows_split: int = 0
+    warnings_not_shown: int = 0
+    """Warnings past the first 20 of their kind (see notices): counted, not logged."""
     series_without_modality: int = 0
     metadata_unavailable: bool = False
     """The server has no WADO-RS metadata: studies were mapped from QIDO-RS alone."""
@@ -379,6 +382,7 @@ class _Run:
         config, state, figures = self.config, self.state, self.figures
         known_cap, verified = state.source_facts(self.source)
         report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
+        self.notices = report.notices
         if config.executor == "dask":
             from .distributed import Coordinator
 
@@ -395,7 +399,8 @@ class _Run:
         figures.windows_incomplete = len(report.incomplete)
         figures.windows_split = report.windows_split
         for message in report.incomplete:
-            self._error(f"not listed completely: {message}", level=logging.ERROR)
+            self._error(f"not listed completely: {message}", level=logging.ERROR, kind="windows not listed completely")
+        figures.warnings_not_shown = report.notices.close()
         return report
 
     def _crawl_in_threads(self, windows: list[Window], report: ListingReport) -> None:
@@ -431,7 +436,7 @@ class _Run:
         except ValueError as exc:
             figures.studies_failed += 1
             self.listing_errors += 1
-            self._error(f"listing entry: {exc}")
+            self._error(f"listing entry: {exc}", kind="unusable listing entries")
             return None
         row = state.study(self.source, summary.uid)
         if summary.uid in self.pending or (row is not None and row.last_seen_run == self.run_id):
@@ -486,9 +491,16 @@ class _Run:
             if uid not in self.pending and (row is None or row.last_seen_run != self.run_id):
                 yield from self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
 
-    def _error(self, message: str, level: int = logging.WARNING) -> None:
+    notices: Notices | None = None
+
+    def _error(self, message: str, level: int = logging.WARNING, kind: str | None = None) -> None:
+        """Record and log a problem; one of a ``kind`` that can recur per study or window is
+        logged only among the first of its kind (see notices)."""
         self.errors.append(message)
-        log.log(level, "%s", message)
+        if kind is None or self.notices is None:
+            log.log(level, "%s", message)
+        else:
+            self.notices.emit(kind, message, level)
 
     def _hold(self, outcome: Outcome, known: bool) -> None:
         """Hand a crawled study's changed resources to the sinks; its state waits for the checkpoint."""
@@ -520,7 +532,7 @@ class _Run:
             if name in self.fallbacks_used:
                 continue
             self.fallbacks_used[name] = reason
-            since = " (learned by an earlier run)" if name in self.remembered else ""
+            since = "; learned by an earlier run" if name in self.remembered else ""
             if name == METADATA_UNAVAILABLE:
                 self.figures.metadata_unavailable = True
                 log.warning("the server has no WADO-RS metadata (%s%s): studies are mapped from QIDO-RS alone, without the "

@@ -79,7 +79,8 @@ def test_a_server_that_ignores_StudyDate_ends_quickly_with_the_window_incomplete
 
 def test_a_server_that_honours_only_the_keyword_form_is_listed_completely(tmp_path):
     with FakePacs(n_studies=300, seed=4, keyword_only=True, max_results=50) as pacs:
-        code, summary, stderr, seconds, rss = run_cli(pacs, tmp_path)
+        # limit above the cap: the server warns that it truncated, so windows must be split
+        code, summary, stderr, seconds, rss = run_cli(pacs, tmp_path, "--page-size", "100")
         queries = [r.query for r in pacs.requests if r.kind == "studies"]
         truth = set(pacs.study_uids())
     assert code == 0, stderr[-2000:]
@@ -156,3 +157,39 @@ def test_a_run_with_an_ignored_filter_never_marks_studies_gone(tmp_path):
     assert code == 1, stderr[-2000:]
     assert second["studies_gone"] == 0
     assert second["windows_incomplete"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("quirks", "expected"),
+    [
+        pytest.param({"ignore_filters": True, "ignore_offset": True}, 1, id="ignores-StudyDate"),
+        pytest.param({"keyword_only": True, "max_results": 50}, 0, id="keyword-form-only"),
+    ],
+)
+def test_dask_list_tasks_follow_the_same_rules(quirks, expected, tmp_path):
+    pytest.importorskip("dask.distributed")
+    with FakePacs(n_studies=300, seed=8, **quirks) as pacs:
+        code, summary, stderr, seconds, _ = run_cli(
+            pacs, tmp_path, "--executor", "dask", "--workers", "2", "--worker-threads", "2", "--page-size", "100", deadline=90
+        )
+        searches = pacs.counts()["studies"]
+    assert code == expected, stderr[-2000:]
+    if expected:
+        assert summary["windows_incomplete"] >= 1
+        assert searches < 100, searches
+    else:
+        assert summary["studies_listed"] == 300
+        assert summary["windows_incomplete"] == 0
+        assert searches < 300, searches
+    assert len(stderr) < 20_000
+
+
+def test_warnings_that_recur_per_entry_are_bounded_and_counted(tmp_path):
+    with FakePacs(n_studies=80, seed=9, listed_uids={i: "" for i in range(60)}) as pacs:
+        code, summary, stderr, _, _ = run_cli(pacs, tmp_path)
+    assert code == 1, stderr[-2000:]
+    assert summary["studies_failed"] == 60
+    lines = [line for line in stderr.splitlines() if "listing entry" in line]
+    assert len(lines) == 20, stderr[-3000:]
+    assert "40 more unusable listing entries (not shown; counted)" in stderr
+    assert summary["warnings_not_shown"] == 40
