@@ -179,7 +179,7 @@ def _path(value: str, tag: str, study_uid: str) -> str:
     try:
         return path_uid(value)
     except ValueError as exc:
-        raise MappingError(study_uid, dj.keyword(tag), f"{shown(value)}: {exc}") from None
+        raise MappingError(study_uid, dj.keyword(tag), str(exc)) from None
 
 
 def study_path_uid(summary: StudySummary) -> str:
@@ -225,27 +225,29 @@ def fetch_instances(
         return merged
     if not items or all(Tag.Modality in item for item in items):
         return items
-    series = _gather(client.iter_pages("series", f"studies/{study_uid}/series", includefields(SERIES_FIELDS), page_size))
-    by_uid = {_read_uid(s, Tag.SeriesInstanceUID, study_uid): s for s in series}
-    by_uid.pop(None, None)
+    by_uid = _series_by_uid(client, study_uid, page_size)
     if all(Tag.SeriesInstanceUID in item for item in items):
-        return [{**by_uid.get(_read_uid(item, Tag.SeriesInstanceUID, study_uid), {}), **item} for item in items]
-    return _instances_of_series(client, study_uid, by_uid, page_size)  # type: ignore[arg-type]
+        return [{**by_uid.get(_read_uid(item, Tag.SeriesInstanceUID, study_uid) or "", {}), **item} for item in items]
+    return _instances_of_series(client, study_uid, by_uid, page_size)
+
+
+def _series_by_uid(client: QidoClient, study_uid: str, page_size: int) -> dict[str, Dataset]:
+    """The study's series-level results by Series Instance UID (the first result of each)."""
+    by_uid: dict[str, Dataset] = {}
+    for item in _gather(client.iter_pages("series", f"studies/{study_uid}/series", includefields(SERIES_FIELDS), page_size)):
+        uid = _read_uid(item, Tag.SeriesInstanceUID, study_uid)
+        if uid:
+            by_uid.setdefault(uid, item)
+    return by_uid
 
 
 def _instances_by_series(client: QidoClient, study_uid: str, page_size: int) -> list[dict[str, Any]]:
     """The study's series, then each series' instances (with the series' attributes merged in)."""
-    series = _gather(client.iter_pages("series", f"studies/{study_uid}/series", includefields(SERIES_FIELDS), page_size))
-    by_uid: dict[str, Dataset] = {}
-    for item in series:
-        uid = _read_uid(item, Tag.SeriesInstanceUID, study_uid)
-        if uid:
-            by_uid.setdefault(uid, item)
-    return _instances_of_series(client, study_uid, by_uid, page_size)
+    return _instances_of_series(client, study_uid, _series_by_uid(client, study_uid, page_size), page_size)
 
 
 def _instances_of_series(client: QidoClient, study_uid: str, by_uid: dict[str, Dataset], page_size: int) -> list[dict[str, Any]]:
-    merged = []
+    merged: list[dict[str, Any]] = []
     for series_uid, series_item in by_uid.items():
         series_path = f"studies/{study_uid}/series/{_path(series_uid, Tag.SeriesInstanceUID, study_uid)}/instances"
         for item in _gather(client.iter_pages("instances", series_path, includefields(INSTANCE_FIELDS), page_size)):
