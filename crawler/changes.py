@@ -9,12 +9,16 @@ run's position in that feed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import FatalQidoError, RetriableQidoError
 from .qido import QidoClient, redact
 
 STUDY_CHANGES = frozenset({"NewStudy", "StableStudy"})
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
+"""Orthanc's resource ids (a SHA-1 in five groups): the only ids put into a request path."""
 
 
 @dataclass(frozen=True)
@@ -44,26 +48,54 @@ def _get(client: QidoClient, url: str) -> dict:
         raise FatalQidoError(f"malformed JSON from {redact(url)}", url=redact(url)) from None
 
 
+def _malformed(url: str, what: str) -> FatalQidoError:
+    return FatalQidoError(f"answer from {redact(url)}: {what}", url=redact(url))
+
+
+def _position(answer: dict, default: int, url: str) -> int:
+    value = answer.get("Last", default)
+    if type(value) is not int or value < 0:
+        raise _malformed(url, "Last is not a feed position")
+    return value
+
+
+def _feed(client: QidoClient, url: str) -> dict[str, Any]:
+    answer = _get(client, url)
+    if not isinstance(answer, dict):
+        raise _malformed(url, "not a JSON object")
+    if not isinstance(answer.get("Changes", []), list):
+        raise _malformed(url, "Changes is not a list")
+    return answer
+
+
 def orthanc_changes(client: QidoClient, rest_base: str, since: int | None, page: int = 1000) -> Changes:
     """Study UIDs created or changed after feed position ``since``; ``since=None`` only reads the
-    current position (a first run lists everything anyway)."""
+    current position (a first run lists everything anyway). Entries that are no study change of
+    a well-formed Orthanc id are passed over; an answer that is no feed is a FatalQidoError."""
     if since is None:
-        return Changes((), int(_get(client, f"{rest_base}/changes?last").get("Last", 0)))
+        url = f"{rest_base}/changes?last"
+        return Changes((), _position(_feed(client, url), 0, url))
     study_ids: dict[str, None] = {}
     position = since
     while True:
-        answer = _get(client, f"{rest_base}/changes?since={position}&limit={page}")
+        url = f"{rest_base}/changes?since={position}&limit={page}"
+        answer = _feed(client, url)
         for change in answer.get("Changes", []):
-            if change.get("ResourceType") == "Study" and change.get("ChangeType") in STUDY_CHANGES:
-                study_ids[change["ID"]] = None
-        position = int(answer.get("Last", position))
+            if not isinstance(change, dict) or change.get("ResourceType") != "Study" or change.get("ChangeType") not in STUDY_CHANGES:
+                continue
+            study_id = change.get("ID")
+            if isinstance(study_id, str) and ORTHANC_ID.fullmatch(study_id):
+                study_ids[study_id] = None
+        position = _position(answer, position, url)
         if answer.get("Done", True) or not answer.get("Changes"):
             break
     uids = []
     for study_id in study_ids:
-        tags = _get(client, f"{rest_base}/studies/{study_id}").get("MainDicomTags", {})
-        if tags.get("StudyInstanceUID"):
-            uids.append(tags["StudyInstanceUID"])
+        study = _get(client, f"{rest_base}/studies/{study_id}")
+        tags = study.get("MainDicomTags") if isinstance(study, dict) else None
+        uid = tags.get("StudyInstanceUID") if isinstance(tags, dict) else None
+        if isinstance(uid, str) and uid.strip():
+            uids.append(uid.strip())
     return Changes(tuple(uids), position)
 
 

@@ -285,3 +285,65 @@ def test_the_audit_never_asks_a_path_built_from_an_unsafe_uid(tmp_path):
         assert found["STUDY_UNREADABLE"] == {"..", "1.2/../../x"}
         for request in pacs.requests:
             assert request.kind != "other" and "/../" not in request.path and not request.path.endswith("/.."), request
+
+
+# --- Orthanc's change feed (--changes orthanc) -------------------------------------------------
+
+
+class FeedStandIn:
+    """A stand-in client whose session answers Orthanc REST paths from a dict (path -> JSON)."""
+
+    timeout = (1.0, 1.0)
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        from crawler.qido import RequestCounts
+
+        self.answers = answers
+        self.asked: list[str] = []
+        self.counts = RequestCounts()
+        self.session = self
+
+    def get(self, url: str, timeout: Any = None, headers: Any = None) -> Any:
+        path = url.removeprefix("http://orthanc.example")
+        self.asked.append(path)
+        answer = self.answers.get(path.split("?")[0])
+
+        class Response:
+            status_code = 200 if answer is not None else 404
+
+            @staticmethod
+            def json() -> Any:
+                return answer
+
+        return Response()
+
+
+GOOD_ID = "6b9e19d9-62094390-5f9ddb01-4a191ae7-9766b715"
+
+
+def test_the_change_feed_builds_no_path_from_a_hostile_id_and_reads_odd_entries_without_stopping():
+    from crawler.changes import orthanc_changes
+
+    changes = [
+        {"ResourceType": "Study", "ChangeType": "NewStudy", "ID": "../../tools/reset"},
+        {"ResourceType": "Study", "ChangeType": "NewStudy", "ID": {"x": 1}},
+        "not an object",
+        {"ResourceType": "Study", "ChangeType": "StableStudy", "ID": GOOD_ID},
+        {"ResourceType": "Study", "ChangeType": "NewStudy", "ID": "0" * 8 + "-" + "-".join(["1" * 8] * 4)},
+    ]
+    client = FeedStandIn({
+        "/changes": {"Changes": changes, "Done": True, "Last": 12},
+        f"/studies/{GOOD_ID}": {"MainDicomTags": {"StudyInstanceUID": "1.2.3"}},
+        "/studies/00000000-11111111-11111111-11111111-11111111": {"MainDicomTags": {"StudyInstanceUID": {"x": 1}}},
+    })
+    found = orthanc_changes(client, "http://orthanc.example", 5)
+    assert found.study_uids == ("1.2.3",) and found.last == 12
+    assert all(".." not in path and "{" not in path for path in client.asked), client.asked
+
+
+@pytest.mark.parametrize("answer", [[1, 2], {"Changes": "x", "Last": 3}, {"Changes": [], "Last": "soon"}, {"Changes": [], "Last": True}])
+def test_a_malformed_change_feed_is_a_clean_error(answer):
+    from crawler.changes import orthanc_changes
+
+    with pytest.raises(QidoError):
+        orthanc_changes(FeedStandIn({"/changes": answer}), "http://orthanc.example", 5)
