@@ -265,8 +265,13 @@ class Coordinator:
             self._pump(client)
             self.undated.close(self.report)
             if not self.unreachable:
-                for item in self.run._changed_items():
-                    self._consider(item)
+                try:
+                    for item in self.run._changed_items():
+                        self._consider(item)
+                except QidoError as exc:   # as the thread executor: the listing is incomplete, the run goes on
+                    if exc.status in (401, 403):
+                        raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
+                    self.report.incomplete.append(f"listing stopped: {exc}")
                 self._pump(client)
         finally:
             try:

@@ -241,3 +241,38 @@ def test_dask_workers_take_the_same_fallbacks_and_start_from_what_the_state_reme
         second = run(pacs, tmp_path, since="19000101", **dask)
         assert second.exit_code == 0 and second.figures.studies_rechecked == 12
         assert study_level_instance_searches(pacs) == 0 and pacs.counts()["metadata"] == 0
+
+
+@pytest.mark.parametrize("executor", ["threads", "dask"])
+def test_a_malformed_change_feed_leaves_the_listing_incomplete_with_either_executor(executor, tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    if executor == "dask":
+        pytest.importorskip("dask.distributed")
+
+    class NotAFeed(BaseHTTPRequestHandler):
+        """A simulator of a broken Orthanc REST API: every answer is a JSON array."""
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = b"[1, 2]"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotAFeed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with FakePacs(n_studies=6, seed=39) as pacs:
+            extra = dict(executor="dask", workers=1, worker_threads=2) if executor == "dask" else {}
+            result = run(pacs, tmp_path, changes="orthanc", orthanc_url=f"http://127.0.0.1:{server.server_address[1]}", **extra)
+            assert result.exit_code == 1 and result.figures.studies_new == 6
+            assert result.figures.windows_incomplete == 1
+    finally:
+        server.shutdown()
+        server.server_close()
