@@ -16,7 +16,7 @@ import pytest
 from crawler.config import SyncConfig
 from crawler.crawl import STUDY_FIELDS, CrawlOptions, MetadataMode
 from crawler.errors import SourceUnreachable
-from crawler.qido import RetryPolicy
+from crawler.qido import QidoClient, RetryPolicy
 from crawler.state import State
 from crawler.sync import sync
 from fixtures.fakepacs import FakePacs
@@ -106,13 +106,18 @@ def test_paging_quirks_and_transient_faults_lose_nothing(behaviour, tmp_path):
         assert_complete(pacs, result, rows)
 
 
-def test_retries_are_counted_and_honour_retry_after(tmp_path):
-    with FakePacs(n_studies=30, seed=4, fail_every=3, fail_status=429, retry_after="0") as pacs:
+def test_retries_are_counted_and_honour_retry_after(tmp_path, monkeypatch):
+    # every client the sync makes waits through this instead of sleeping
+    slept: list[float] = []
+    monkeypatch.setitem(QidoClient.__init__.__kwdefaults__, "sleep", slept.append)
+    with FakePacs(n_studies=30, seed=4, fail_every=3, fail_status=429, retry_after="7") as pacs:
         # a third of all requests fail, whoever sends them: with 4 workers one request can be
         # among them several times in a row, so allow more than the default 4 retries
         result, rows = run(pacs, tmp_path, retries=10)
         assert_complete(pacs, result, rows)
         assert result.requests["retries"] == pacs.statuses[429] > 0
+        # the backoff of FAST_RETRY is at most 0.05 s: each wait is the server's 7 s
+        assert slept == [7.0] * pacs.statuses[429]
 
 
 def test_inconsistent_and_broken_studies_are_reported_and_not_recorded_as_synced(tmp_path):

@@ -71,8 +71,11 @@ def test_a_listing_that_stops_midway_exits_1_and_names_the_window(tmp_path, sche
         result, rows = run(pacs, tmp_path, scheduler, retries=1)
         assert result.exit_code == 1
         assert result.figures.windows_incomplete >= 1
-        assert all("HTTP 500" in e and "offset=40" in e for e in result.errors if "not listed" in e)
+        not_listed = [e for e in result.errors if "not listed" in e]
+        assert len(not_listed) == result.figures.windows_incomplete
+        assert all("HTTP 500" in e and "offset=40" in e for e in not_listed)
         assert set(rows.values()) == {"synced"}
+        assert 40 <= len(rows) < 60 and set(rows) <= set(pacs.study_uids())
         assert set(written_study_uids(result)) == set(rows)
 
 

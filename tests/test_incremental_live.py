@@ -37,11 +37,12 @@ class Runner:
         self.state = tmp_path / "state.db"
         self.capsys = capsys
 
-    def sync(self, *extra: str) -> dict:
+    def sync(self, *extra: str, expect: int = 0) -> dict:
+        """One sync; its exit code must be ``expect``."""
         code = main(["sync", self.server.dicomweb, "--out", str(self.out), "--state", str(self.state), "--json", *ZONE, *extra])
         out, err = self.capsys.readouterr()
         self.last_err = err
-        assert code in (0, 1), err
+        assert code == expect, err
         summary = json.loads(out)
         summary["_code"] = code
         return summary
@@ -239,7 +240,7 @@ def test_a_study_the_fhir_server_refuses_is_failed_and_sent_again_next_run(runne
 
     refused_uid = corpus.uid("study", "04")
     with FakeFhir(version="5.0.0", reject={("ImagingStudy", study_id(live.dicomweb, refused_uid))}) as fhir:
-        summary = runner.sync("--fhir-url", fhir.url)
+        summary = runner.sync("--fhir-url", fhir.url, expect=1)
         assert summary["_code"] == 1 and summary["studies_failed"] == 1 and summary["studies_new"] == 15
         state = State(runner.state)
         row = state.study(live.dicomweb, refused_uid)
