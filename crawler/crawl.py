@@ -76,8 +76,11 @@ def summarise(item: Dataset) -> StudySummary:
         uid = dj.string(item, Tag.StudyInstanceUID)
     except ValueError as exc:
         raise ValueError(f"{dj.keyword(Tag.StudyInstanceUID)}: {exc}") from None
+    uid = uid.rstrip("\x00").strip() if uid else uid   # UI values may be padded with NUL to an even length
     if not uid:
         raise ValueError(f"{dj.keyword(Tag.StudyInstanceUID)}: missing")
+    if "\x00" in uid:
+        raise ValueError(f"{dj.keyword(Tag.StudyInstanceUID)}: contains a NUL character")
     counts = []
     for tag in (Tag.NumberOfStudyRelatedSeries, Tag.NumberOfStudyRelatedInstances):
         try:

@@ -347,3 +347,12 @@ def test_a_malformed_change_feed_is_a_clean_error(answer):
 
     with pytest.raises(QidoError):
         orthanc_changes(FeedStandIn({"/changes": answer}), "http://orthanc.example", 5)
+
+
+def test_the_listing_takes_a_nul_padded_study_uid_and_refuses_one_with_a_nul_inside():
+    from crawler.crawl import summarise
+
+    padded = {Tag.StudyInstanceUID: {"vr": "UI", "Value": ["1.2.3\x00"]}}
+    assert summarise(padded).uid == "1.2.3"
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        summarise({Tag.StudyInstanceUID: {"vr": "UI", "Value": ["1.2\x003"]}})   # a state on PostgreSQL cannot hold it
