@@ -233,3 +233,14 @@ def test_a_compressed_answer_is_capped_after_decoding(encoding):
         server.pad_answers = 20_000_000                     # about 20 kB on the wire
         with pytest.raises(SinkError, match="larger than 1000000 bytes"):
             make_sink(server, max_answer=1_000_000).check()
+
+
+def test_a_transaction_answer_that_trickles_refuses_its_studies_in_bounded_time():
+    with FakeFhir() as server:
+        sink = make_sink(server, deadline=0.5)
+        sink.check()
+        server.trickle = 0.05
+        started = time.monotonic()
+        refused = send(sink, 2, 2)
+        assert set(refused) == {key(0), key(1)} and all("not complete within 0.5 s" in r for r in refused.values())
+        assert time.monotonic() - started < 15
