@@ -168,7 +168,8 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-bundle", default=os.environ.get("QIDO_CRAWLER_CA_BUNDLE"), metavar="PATH", help="CA certificates to verify TLS with (env QIDO_CRAWLER_CA_BUNDLE)")
     p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (warns)")
     p.add_argument("--max-rps", type=float, metavar="R", help="at most R requests per second to the server")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="read timeout per request (default: 120)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="longest wait for an answer: each request, its whole body included, must arrive within 10 s (connecting) + SECONDS (default: 120)")
+    p.add_argument("--max-response-mb", type=_positive, default=240, metavar="N", help="refuse answers larger than N MB, on the wire or decoded (default: 240)")
     p.add_argument("--retries", type=int, default=4, metavar="N", help="retries of a failed request (default: 4)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
     _add_verbosity(p)
@@ -235,7 +236,7 @@ def headers(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition(":")
         if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
-            raise ConfigError(f"--header takes NAME:VALUE, not {name.strip() or pair!r}...")
+            raise ConfigError("--header takes NAME:VALUE with a header name before the colon (the value given is not shown)")
         out[name.strip()] = value.strip()
     return out
 
@@ -268,6 +269,7 @@ def _connection(args: argparse.Namespace) -> dict:
         "verify": verification(args),
         "timeout": (10.0, args.timeout),
         "retries": args.retries,
+        "max_response_mb": args.max_response_mb,
     }
 
 

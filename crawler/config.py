@@ -54,6 +54,8 @@ class SyncConfig:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     max_rps: float | None = None
     timeout: tuple[float, float] = (10.0, 120.0)
+    max_response_mb: int = 240
+    """Answers larger than this (on the wire or decoded) are refused (see qido.MAX_BODY)."""
     retries: int = 4
     retry: RetryPolicy = RetryPolicy()
     verify: bool | str = True
@@ -87,7 +89,7 @@ class SyncConfig:
             raise ConfigError(f"--executor must be threads or dask, not {self.executor!r}")
         if self.scheduler and self.executor != "dask":
             raise ConfigError("--scheduler goes with --executor dask")
-        for name in ("page_size", "workers", "worker_threads", "retries", "max_offset", "checkpoint_every", "fhir_batch_size"):
+        for name in ("page_size", "workers", "worker_threads", "retries", "max_offset", "checkpoint_every", "fhir_batch_size", "max_response_mb"):
             value = getattr(self, name)
             minimum = 0 if name == "retries" else 1
             if not isinstance(value, int) or value < minimum:

@@ -8,6 +8,14 @@ Requests are configured on a ``requests.Session`` (auth, headers, TLS, the envir
 and CA bundle) but sent, where nothing needs requests' own handling, straight through the
 session adapter's urllib3 pool (``LeanAdapter``): the same bytes on the wire for a fraction of
 the CPU.
+
+Every answer, on either path, is read by ``read_answer``: within a total deadline (connect and the
+whole body, ``total_deadline``), up to a size cap on the wire and after decoding (gzip, x-gzip,
+deflate; other encodings are refused), so that a hostile server can neither hold a run nor
+exhaust its memory. Redirects are followed only within the base URL's origin (``same_origin``):
+another host would receive the custom headers (API keys) and its data would pass for the source's.
+These helpers take a urllib3 response (``requests.Response.raw`` too) and raise requests'
+exceptions, so that other HTTP clients of the crawler can use them.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import email.utils
 import functools
 import random
+import re
 import threading
 import time
 import zlib
@@ -22,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import orjson
 import requests
@@ -50,7 +59,10 @@ def build_query(params: Sequence[tuple[str, str | int]]) -> str:
 
 def check_base_url(url: str) -> str:
     """Validate a DICOMweb base URL (``http(s)://host[:port]/path``) and return it without a trailing slash."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(f"not a valid URL: {redact(url)!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"not an http(s) URL: {redact(url)!r}")
     try:
@@ -63,14 +75,57 @@ def check_base_url(url: str) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any user:password@ removed, for messages."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    """The URL with any user:password@ removed, for messages (also from URLs that do not parse,
+    such as a bad port or a broken IPv6 address)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/?#]*@", "//", url)
+    if "@" not in parts.netloc:
         return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of a URL (default port filled in), without credentials, path or query:
+    what a message may show of a URL a server sent. Characters that cannot be in a host name are
+    replaced by ``?``."""
+    scheme, host, port = _origin_parts(url)
+    host = re.sub(r"[^A-Za-z0-9.\-:\[\]]", "?", host)[:255]
+    return f"{scheme}://{host}:{port}" if port is not None else f"{scheme}://{host}:(bad port)"
+
+
+def same_origin(url: str, other: str) -> bool:
+    """True when both URLs have the same scheme, host and port (RFC 6454), default ports filled in."""
+    first, second = _origin_parts(url), _origin_parts(other)
+    return first[2] is not None and first == second
+
+
+def _origin_parts(url: str) -> tuple[str, str, int | None]:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ("", "(invalid URL)", None)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = None
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=host).geturl()
+    return scheme, f"[{host}]" if ":" in host else host, port
+
+
+def check_header_value(name: str, value: str) -> str:
+    """``value``, or ConfigError naming ``name`` (never the value, which is often a secret) when it
+    cannot be sent as an HTTP header: a line break or another control character (a token file
+    read with its newline, a token command printing two lines), or a character outside Latin-1."""
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name} contains characters that an HTTP header cannot carry") from None
+    if any(c < " " and c != "\t" or c == "\x7f" for c in value):
+        raise ConfigError(f"{name} contains a line break or another control character")
+    return value
 
 
 @dataclass
@@ -249,61 +304,199 @@ class LeanAdapter(HTTPAdapter):
             origin.pools[:] = [pool]
         return pool
 
-    def get(self, origin: Origin, target: str, headers: Mapping[str, str], timeout: urllib3.Timeout) -> tuple[urllib3.BaseHTTPResponse, bytes]:
+    def get(
+        self, origin: Origin, target: str, headers: Mapping[str, str], timeout: urllib3.Timeout, *, limit: int, deadline: float
+    ) -> tuple[urllib3.BaseHTTPResponse, bytes]:
+        """The answer and its decoded body, read by ``read_answer`` (cap and deadline)."""
         try:
             response = self.pool(origin).urlopen(
                 "GET", target, headers=headers, redirect=False, assert_same_host=False, preload_content=False,
-                decode_content=True, retries=self.max_retries, timeout=timeout,
+                decode_content=False, retries=self.max_retries, timeout=timeout,
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise requests_error(exc) from exc
         except ValueError as exc:
             raise requests.exceptions.InvalidHeader(exc) from exc
-        try:
-            if response.headers.get("content-encoding", "").strip().lower() == "gzip":
-                body = gunzip(response.read(decode_content=False))
-            else:
-                body = response.read(decode_content=True)
-        except urllib3.exceptions.HTTPError as exc:
-            raise requests_body_error(exc) from exc
-        finally:
-            response.release_conn()
-        return response, body
+        return response, read_answer(response, limit, deadline, timeout.read_timeout)
 
 
-MAX_BODY = 512 << 20
-"""The most a compressed answer may expand to: a guard against decompression bombs (a study's
-WADO-RS metadata runs to tens of MB on cloud archives, a large QIDO page to about 60 MB)."""
+MAX_BODY = 240 << 20
+"""The default cap on an answer, on the wire and decoded (``--max-response-mb``). The largest
+legitimate answer is a large study's WADO-RS metadata: 10,000 CT instances measured 195 MB on
+Orthanc, which indents its JSON (19.5 KB per instance of pydicom's CT_small; about 11 KB compact).
+An uncompressed answer without Content-Length has to be held up to the cap before it can be
+refused: with 240 MB that peaks at 280 MB of RSS, under the 300 MB that a bomb may cost."""
+
+INFLATE_STEP = 32 << 20
+"""Compressed answers that decode to at most this are inflated in one zlib call. Larger ones are
+first measured in pieces of this size that are not kept, then inflated in one call: refusing a
+bomb never holds more than a piece, and a legitimate large answer costs a second inflation."""
+
+READ_PIECE = 1 << 20
+MAX_REDIRECTS = 5
+ACCEPT_ENCODING = "gzip, deflate"
+"""The encodings asked for, and the only ones decoded (each with the cap): Brotli or zstd would
+need a decoder whose output can be bounded per call."""
 
 
-class BodyTooLarge(urllib3.exceptions.DecodeError):
-    """A compressed answer that expands past MAX_BODY."""
+def describe_size(limit: int) -> str:
+    return f"{limit >> 20} MB" if limit and not limit % (1 << 20) else f"{limit} bytes"
 
 
-def gunzip(data: bytes) -> bytes:
-    """A gzip body in one piece, as urllib3 decodes it (every member; a stream cut short gives
-    what it holds, trailing garbage after a member is ignored) but in one zlib call per member:
-    urllib3 works in pieces and copies them, 3-4 times the CPU on a study's metadata. Raises
-    urllib3's DecodeError for a body that is not gzip, BodyTooLarge past MAX_BODY."""
-    out = []
+class BodyTooLarge(requests.exceptions.RequestException):
+    """An answer larger than the cap, on the wire or decoded."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"larger than {describe_size(limit)}")
+        self.limit = limit
+
+
+class UnsupportedEncoding(requests.exceptions.RequestException):
+    """A Content-Encoding that was not asked for and is not decoded."""
+
+
+class RedirectRefused(requests.exceptions.RequestException):
+    """A redirect to another origin (scheme, host or port), or to a URL that does not parse."""
+
+
+class DeadlineExceeded(requests.exceptions.ReadTimeout):
+    """The whole answer did not arrive within the request's total deadline."""
+
+    def __init__(self) -> None:
+        super().__init__("no complete answer within the request's total deadline")
+
+
+def total_deadline(timeout: float | tuple[float, float]) -> float:
+    """Seconds one request may take from connecting to the body's last byte: the connect timeout
+    plus the read timeout (as the FHIR sink's deadline). The read timeout alone bounds each wait for
+    bytes; a server sending one byte now and then would hold the request (and the run) forever."""
+    connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    return connect + read
+
+
+def read_answer(response: urllib3.BaseHTTPResponse, limit: int, deadline: float, read_timeout: float | None = None) -> bytes:
+    """The body of ``response`` (opened with ``preload_content=False``), decoded, read by
+    ``read_capped`` and ``decode_body``; the connection goes back to its pool after a whole body,
+    and is closed after anything else. Raises requests' exceptions (BodyTooLarge,
+    UnsupportedEncoding, DeadlineExceeded among them)."""
+    try:
+        body = decode_body(read_capped(response, limit, deadline, read_timeout), response.headers.get("content-encoding", ""), limit)
+    except urllib3.exceptions.HTTPError as exc:
+        response.close()
+        raise requests_body_error(exc) from exc
+    except BaseException:
+        response.close()
+        raise
+    response.release_conn()
+    return body
+
+
+def read_capped(response: urllib3.BaseHTTPResponse, limit: int, deadline: float, read_timeout: float | None = None) -> bytes:
+    """The raw body (content coding not undone), read in pieces as they arrive: at most ``limit``
+    bytes (a Content-Length above it is refused before reading) and until ``deadline``
+    (``time.monotonic()``); each wait for bytes is bounded by ``read_timeout`` and by the time left."""
+    length = response.headers.get("content-length", "").strip()
+    if length.isdigit() and int(length) > limit:
+        raise BodyTooLarge(limit)
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    pieces: list[bytes] = []
     size = 0
-    while data:
-        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded
+        if sock is not None:
+            sock.settimeout(min(left, read_timeout) if read_timeout else left)
         try:
-            piece = decoder.decompress(data, MAX_BODY - size + 1)
+            piece = response.read1(READ_PIECE, decode_content=False)
+        except urllib3.exceptions.ReadTimeoutError:
+            if deadline - time.monotonic() <= 0:
+                raise DeadlineExceeded from None
+            raise
+        if not piece:
+            break
+        size += len(piece)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        pieces.append(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def decode_body(data: bytes, content_encoding: str, limit: int) -> bytes:
+    """``data`` with its content codings undone (gzip, x-gzip, deflate, identity), never larger
+    than ``limit``: raises BodyTooLarge past it, UnsupportedEncoding for other codings and
+    urllib3's DecodeError for data that does not decode."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip() and c.strip().lower() != "identity"]
+    for coding in codings:
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise UnsupportedEncoding(f"Content-Encoding {re.sub(r'[^A-Za-z0-9._-]', '?', coding)[:40]!r} is not supported")
+    if len(codings) > 2:
+        raise UnsupportedEncoding(f"{len(codings)} content codings in one answer are not supported")
+    for coding in reversed(codings):
+        data = gunzip(data, limit) if coding != "deflate" else inflate(data, limit)
+    if len(data) > limit:
+        raise BodyTooLarge(limit)
+    return data
+
+
+def gunzip(data: bytes, limit: int | None = None) -> bytes:
+    """A gzip body in one piece, as urllib3 decodes it (every member; a stream cut short gives
+    what it holds, trailing garbage after a member is ignored) but in one zlib call per member
+    (see ``_inflate``): urllib3 works in pieces and copies them, 3-4 times the CPU on a study's
+    metadata. Raises urllib3's DecodeError for a body that is not gzip, BodyTooLarge past
+    ``limit`` (default MAX_BODY)."""
+    room = MAX_BODY if limit is None else limit
+    out = []
+    while data:
+        try:
+            piece, decoder = _inflate(data, 16 + zlib.MAX_WBITS, room)
         except zlib.error as exc:
             if out:  # trailing garbage after a whole member, which urllib3 also ignores
                 break
             raise urllib3.exceptions.DecodeError("Received response with content-encoding: gzip, but failed to decode it.", exc) from exc
-        size += len(piece)
-        if size > MAX_BODY or decoder.unconsumed_tail:
-            raise BodyTooLarge(f"gzip answer expands past {MAX_BODY} bytes")
+        room -= len(piece)
         out.append(piece)
         if not decoder.eof:
             out.append(decoder.flush())
             break
         data = decoder.unused_data
     return out[0] if len(out) == 1 else b"".join(out)
+
+
+def inflate(data: bytes, limit: int | None = None) -> bytes:
+    """A ``deflate`` body: zlib-wrapped as RFC 9110 says, or raw deflate as some servers send it
+    (urllib3 accepts both the same way). Raises DecodeError or BodyTooLarge as ``gunzip``."""
+    room = MAX_BODY if limit is None else limit
+    try:
+        out, decoder = _inflate(data, zlib.MAX_WBITS, room)
+    except zlib.error:
+        try:
+            out, decoder = _inflate(data, -zlib.MAX_WBITS, room)
+        except zlib.error as exc:
+            raise urllib3.exceptions.DecodeError("Received response with content-encoding: deflate, but failed to decode it.", exc) from exc
+    return out if decoder.eof else out + decoder.flush()
+
+
+def _inflate(data: bytes, wbits: int, room: int) -> tuple[bytes, Any]:
+    """One zlib stream from ``data``: (its output, the decoder, which holds ``unused_data``).
+    Output up to INFLATE_STEP comes from one call; a larger output is first measured piece by piece
+    without being kept (BodyTooLarge past ``room``), then made again in one call."""
+    decoder = zlib.decompressobj(wbits)
+    asked = min(room, INFLATE_STEP) + 1
+    out = decoder.decompress(data, asked)
+    if len(out) < asked:
+        return out, decoder
+    size = len(out)
+    del out
+    while size <= room and not decoder.eof:
+        piece = len(decoder.decompress(decoder.unconsumed_tail, INFLATE_STEP))
+        if not piece:
+            break
+        size += piece
+    if size > room:
+        raise BodyTooLarge(room)
+    decoder = zlib.decompressobj(wbits)
+    return decoder.decompress(data, room + 1), decoder
 
 
 @dataclass(frozen=True)
@@ -324,7 +517,11 @@ class Origin:
 
 def resolve_origin(session: requests.Session, base_url: str) -> Origin | None:
     """None when requests to ``base_url`` need requests itself: a proxy, another adapter, an auth
-    object other than user and password, session-wide query parameters or response hooks."""
+    object other than user and password, session-wide query parameters or response hooks.
+
+    A ``session.verify`` other than True (a CA bundle, or False) was chosen by the caller and wins
+    over REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE, which requests would let win; with True the
+    environment's bundle applies, as in requests."""
     adapter = session.get_adapter(base_url)
     if not isinstance(adapter, LeanAdapter) or not hasattr(adapter, "get_connection_with_tls_context"):
         return None
@@ -334,29 +531,31 @@ def resolve_origin(session: requests.Session, base_url: str) -> Origin | None:
     settings = session.merge_environment_settings(base_url, {}, None, None, None)
     if requests.utils.select_proxy(base_url, settings["proxies"]):
         return None
+    verify = settings["verify"] if session.verify is True else session.verify
     prepared = session.prepare_request(requests.Request("GET", base_url))
     authorization = prepared.headers.get("Authorization")
     if authorization == session.headers.get("Authorization"):
         authorization = None
     parts = urlsplit(base_url)
-    return Origin(f"{parts.scheme}://{parts.netloc}", adapter, prepared, settings["verify"], settings["cert"], authorization)
+    return Origin(f"{parts.scheme}://{parts.netloc}", adapter, prepared, verify, settings["cert"], authorization)
 
 
 def urllib3_timeout(timeout: float | tuple[float, float] | urllib3.Timeout | None) -> urllib3.Timeout:
-    if isinstance(timeout, urllib3.Timeout):
-        return timeout
-    if isinstance(timeout, tuple):
-        connect, read = timeout
-        return urllib3.Timeout(connect=connect, read=read)
-    return urllib3.Timeout(connect=timeout, read=timeout)
+    """urllib3's timeout for requests' ``(connect, read)``, with ``total_deadline`` as its total."""
+    if isinstance(timeout, urllib3.Timeout) or timeout is None:
+        return urllib3.Timeout() if timeout is None else timeout
+    connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    return urllib3.Timeout(connect=connect, read=read, total=total_deadline((connect, read)))
 
 
 class QidoClient:
     """A QIDO-RS (and WADO-RS metadata) client for one DICOMweb base URL.
 
     GETs to the base URL's host go straight through urllib3 (``LeanAdapter.get``) unless something
-    needs requests' own handling: a proxy, cookies the server has set, a redirect; those go
-    through the session.
+    needs requests' own handling: a proxy, cookies the server has set; those go through the
+    session. Either way an answer is capped at ``max_body`` bytes (default MAX_BODY) and bounded
+    by ``total_deadline(timeout)``; redirects within the base URL's origin are followed (at most
+    MAX_REDIRECTS), a redirect elsewhere is refused.
     """
 
     def __init__(
@@ -374,8 +573,10 @@ class QidoClient:
         token_provider: Callable[[], str] | None = None,
         headers: Mapping[str, str] | None = None,
         max_rps: float | None = None,
+        max_body: int | None = None,
     ) -> None:
         self.base_url = check_base_url(base_url)
+        self.max_body = MAX_BODY if max_body is None else max_body
         self._closed = threading.Event()
         self.session = session or requests.Session()
         adapter = LeanAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1), max_retries=0)
@@ -384,14 +585,16 @@ class QidoClient:
         self.session.verify = verify
         if auth:
             self.session.auth = auth
-        self.session.headers.update(headers or {})
+        for name, value in (headers or {}).items():
+            self.session.headers[name] = check_header_value(f"the {name} header", value)
         self._token_provider = token_provider
         self._token_lock = threading.Lock()
         if token_provider and not token:
             token = token_provider()
         if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+            self.session.headers["Authorization"] = _bearer(token)
         self.session.headers["Accept"] = "application/dicom+json"
+        self.session.headers["Accept-Encoding"] = ACCEPT_ENCODING
         self._rate = RateLimit(max_rps) if max_rps else None
         self.timeout = timeout
         self.retry = retry
@@ -438,7 +641,7 @@ class QidoClient:
             return False
         with self._token_lock:
             if self.session.headers.get("Authorization") == used:
-                self.session.headers["Authorization"] = f"Bearer {self._token_provider()}"
+                self.session.headers["Authorization"] = _bearer(self._token_provider())
         return True
 
     def _get_once(self, kind: str, url: str, keep: leanjson.Selection | None = None) -> Page:
@@ -471,26 +674,40 @@ class QidoClient:
         return self.fetch(url)
 
     def fetch(self, url: str) -> Answer:
-        """One GET, no retries; raises requests' exceptions."""
+        """One GET, no retries, following redirects within the origin (at most MAX_REDIRECTS), all
+        within one total deadline; raises requests' exceptions (RedirectRefused for a redirect to
+        another origin, BodyTooLarge, DeadlineExceeded)."""
+        timeout = self._urllib3_timeout()
+        deadline = time.monotonic() + (timeout.total or total_deadline(self.timeout))
+        for _ in range(MAX_REDIRECTS + 1):
+            answer, location = self._fetch_one(url, timeout, deadline)
+            if location is None:
+                return answer
+            url = follow_redirect(url, location)
+        raise requests.exceptions.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
+
+    def _fetch_one(self, url: str, timeout: urllib3.Timeout, deadline: float) -> tuple[Answer, str | None]:
+        """The answer, and where it redirects to (None when it does not)."""
         origin = self._direct_origin()
         session = self.session
         if origin is None or not url.startswith(origin.prefix + "/") or session.cookies:
-            return self._fetch_by_session(url)
+            return self._fetch_by_session(url, timeout, deadline)
         headers = session.headers.copy()
         if origin.authorization:
             headers["Authorization"] = origin.authorization
         if None in headers.values():
             headers = requests.structures.CaseInsensitiveDict((k, v) for k, v in headers.items() if v is not None)
-        response, body = origin.adapter.get(origin, url[len(origin.prefix):], headers, self._urllib3_timeout())
-        if response.status in REDIRECT_STATI and "location" in response.headers:
-            return self._fetch_by_session(url)
+        response, body = origin.adapter.get(origin, url[len(origin.prefix):], headers, timeout, limit=self.max_body, deadline=deadline)
         if "set-cookie" in response.headers:
             requests.cookies.extract_cookies_to_jar(session.cookies, requests.Request("GET", url, headers=headers).prepare(), response)
-        return Answer(response.status, response.headers, body, headers.get("Authorization"))
+        return Answer(response.status, response.headers, body, headers.get("Authorization")), _location(response.status, response.headers)
 
-    def _fetch_by_session(self, url: str) -> Answer:
-        response = self.session.get(url, timeout=self.timeout)
-        return Answer(response.status_code, response.headers, response.content, response.request.headers.get("Authorization"))
+    def _fetch_by_session(self, url: str, timeout: urllib3.Timeout, deadline: float) -> tuple[Answer, str | None]:
+        verify = None if self.session.verify is True else self.session.verify
+        response = self.session.get(url, timeout=timeout, verify=verify, stream=True, allow_redirects=False)
+        body = read_answer(response.raw, self.max_body, deadline, self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout)
+        answer = Answer(response.status_code, response.headers, body, response.request.headers.get("Authorization"))
+        return answer, _location(response.status_code, response.headers)
 
     def _urllib3_timeout(self) -> urllib3.Timeout:
         if self._timeout[0] is not self.timeout:
@@ -534,9 +751,35 @@ class QidoClient:
         raise FatalQidoError(f"{redact(self.url(path))}: more than {max_pages} pages", url=redact(self.url(path)))
 
 
+def _location(status: int, headers: Mapping[str, str]) -> str | None:
+    return headers.get("location") if status in REDIRECT_STATI else None
+
+
+def _bearer(token: str) -> str:
+    return "Bearer " + check_header_value("the bearer token (--token, QIDO_CRAWLER_TOKEN or --token-command's output)", token)
+
+
+def follow_redirect(url: str, location: str) -> str:
+    """The URL a redirect from ``url`` to ``location`` leads to, with ``url``'s scheme and netloc
+    (so its credentials and connection pool apply); RedirectRefused when ``location`` is another
+    origin: the request's headers (API keys) would go to another host, and its answers would pass
+    for the source's. The message shows both origins only (``origin_of``)."""
+    target = urljoin(url, location.strip())
+    if not same_origin(url, target):
+        raise RedirectRefused(f"redirect from {origin_of(url)} to {origin_of(target)} refused (another origin)")
+    base, parts = urlsplit(url), urlsplit(target)
+    return urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
+
+
 def transport_failure(exc: Exception, shown: str) -> QidoError:
-    if isinstance(exc, requests.exceptions.ContentDecodingError) and any(isinstance(arg, BodyTooLarge) for arg in exc.args):
-        return FatalQidoError(f"answer from {shown} refused: the compressed answer expands past {MAX_BODY >> 20} MB", url=shown)
+    if isinstance(exc, BodyTooLarge):
+        return FatalQidoError(f"answer from {shown} refused: {exc}", url=shown)
+    if isinstance(exc, (UnsupportedEncoding, requests.exceptions.TooManyRedirects)):
+        return FatalQidoError(f"answer from {shown} refused: {exc}", url=shown)
+    if isinstance(exc, RedirectRefused):
+        return FatalQidoError(f"{exc}: {shown}", url=shown)
+    if isinstance(exc, DeadlineExceeded):
+        return RetriableQidoError(f"timed out: {shown}: {exc}", url=shown)
     if isinstance(exc, requests.exceptions.SSLError):
         return FatalQidoError(f"TLS error for {shown}: {_reason(exc)}", url=shown)
     if isinstance(exc, requests.exceptions.ConnectionError):
@@ -605,7 +848,8 @@ def _reason(exc: Exception) -> str:
 
 def client_from(settings: Any) -> QidoClient:
     """A client from any settings object with the connection fields of SyncConfig (url, user,
-    password, token, token_command, headers, max_rps, timeout, retries, retry, verify, workers)."""
+    password, token, token_command, headers, max_rps, timeout, retries, retry, verify, workers,
+    and max_response_mb when it has one)."""
     from dataclasses import replace
 
     return QidoClient(
@@ -619,4 +863,9 @@ def client_from(settings: Any) -> QidoClient:
         token_provider=token_from_command(settings.token_command) if settings.token_command else None,
         headers=settings.headers,
         max_rps=settings.max_rps,
+        max_body=_max_body(getattr(settings, "max_response_mb", None)),
     )
+
+
+def _max_body(megabytes: int | None) -> int | None:
+    return None if megabytes is None else megabytes << 20

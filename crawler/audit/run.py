@@ -69,6 +69,7 @@ class AuditConfig:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     max_rps: float | None = None
     timeout: tuple[float, float] = (10.0, 120.0)
+    max_response_mb: int = 240
     retries: int = 4
     retry: RetryPolicy = RetryPolicy()
     verify: bool | str = True
