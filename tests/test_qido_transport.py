@@ -219,19 +219,22 @@ def test_another_adapter_auth_object_or_hooks_send_requests_through_the_session(
     assert resolve_origin(client.session, client.base_url) is None
 
 
+# Read timeouts far from the server's timing either way, so that a loaded machine cannot turn one
+# failure into another: the truncation and reset come at once (a 30 s timeout never fires first),
+# the stall outlasts its 1 s timeout by far (the simulator ends it when it stops).
 @pytest.mark.parametrize(
-    ("behaviour", "message"),
+    ("behaviour", "read_timeout", "message"),
     [
-        ({"truncate_every": 1}, "request failed"),
-        ({"reset_every": 1}, "cannot connect"),
-        ({"stall_seconds": 2.0}, "timed out"),
+        ({"truncate_every": 1}, 30.0, "request failed"),
+        ({"reset_every": 1}, 30.0, "cannot connect"),
+        ({"stall_seconds": 600.0}, 1.0, "timed out"),
     ],
 )
-def test_transport_failures_are_retriable_with_the_same_messages_on_both_paths(monkeypatch, behaviour, message):
+def test_transport_failures_are_retriable_with_the_same_messages_on_both_paths(monkeypatch, behaviour, read_timeout, message):
     no_proxy(monkeypatch)
     with FakePacs(n_studies=2, seed=4, **behaviour) as pacs:
         for direct in (True, False):
-            client = QidoClient(pacs.url, timeout=(2.0, 0.3), retry=RetryPolicy(attempts=1))
+            client = QidoClient(pacs.url, timeout=(30.0, read_timeout), retry=RetryPolicy(attempts=1))
             client.answered = True
             client._resolved = not direct
             with pytest.raises(RetriableQidoError, match=message):
