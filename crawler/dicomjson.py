@@ -315,3 +315,106 @@ def count(ds: Dataset, tag: str) -> int | None:
 
 def uid_list(items: Iterable[Dataset], tag: str) -> list[str]:
     return [uid for item in items if (uid := string(item, tag))]
+
+
+# --- listings that do not decode as a whole ------------------------------------------------
+
+UNREADABLE = "unreadable"
+"""Key of the stand-in for a listing entry that could not be decoded: ``{UNREADABLE: reason}``,
+with the entry's Study Instance UID under its tag when it could be read from the raw bytes."""
+REPAIRED = "repaired"
+"""Key added to a listing entry whose text was not UTF-8 and was decoded with U+FFFD in place of
+the bad bytes: the byte offset of the first one in the answer."""
+
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.S)
+_RAW_UID = re.compile(rb'"0020000[dD]"\s*:\s*\{[^{}]*?"Value"\s*:\s*\[\s*"([0-9.]{1,64})"')
+
+
+def json_problem(body: bytes, exc: ValueError) -> str:
+    """What is wrong with a body that did not decode, without its content: ``not UTF-8 at
+    byte N`` for an encoding problem, else ``malformed JSON`` (at the parser's position)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"not UTF-8 at byte {bad.start}"
+    position = getattr(exc, "pos", None)
+    return f"malformed JSON near byte {position}" if position else "malformed JSON"
+
+
+def _entry(body: bytes, start: int, end: int) -> dict[str, Any]:
+    import orjson
+
+    raw = body[start:end]
+    try:
+        item = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            try:
+                item = orjson.loads(raw.decode("utf-8", errors="replace"))
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                if type(item) is dict:
+                    item[REPAIRED] = start + bad.start
+                    return item
+            return _unreadable(raw, f"not UTF-8 at byte {start + bad.start}")
+        return _unreadable(raw, f"malformed JSON near byte {start + (getattr(exc, 'pos', 0) or 0)}")
+    return item if type(item) is dict else _unreadable(raw, f"not a JSON object at byte {start}")
+
+
+def _unreadable(raw: bytes, reason: str) -> dict[str, Any]:
+    found = _RAW_UID.search(raw)
+    entry: dict[str, Any] = {UNREADABLE: reason}
+    if found:
+        entry[Tag.StudyInstanceUID] = {"vr": "UI", "Value": [found.group(1).decode("ascii")]}
+    return entry
+
+
+def salvage_listing(body: bytes) -> list[dict[str, Any]] | None:
+    """The entries of a listing answer that does not decode as a whole, each decoded alone:
+    an entry whose only fault is bytes that are not UTF-8 is decoded with U+FFFD in their place
+    (marked ``REPAIRED``); an entry that is not JSON becomes an ``UNREADABLE`` stand-in (with its
+    Study Instance UID when the raw bytes show one). None when the answer is not a JSON array at
+    all, or ends inside it (an answer cut short is refused whole, as before)."""
+    depth = 0
+    start: int | None = None
+    last = 0
+    out: list[dict[str, Any]] = []
+
+    def between(end: int, first: bool) -> None:
+        """What lies between two entries must be a comma (nothing before the first)."""
+        gap = body[last:end].strip()
+        if gap != (b"" if first else b","):
+            out.append(_unreadable(b"", f"something other than an object near byte {last}"))
+
+    for match in _TOKENS.finditer(body):
+        token = match.group()[:1]
+        if token == b'"':
+            if depth == 0:
+                return None
+            continue
+        if token in b"[{":
+            if depth == 0:
+                if token != b"[":
+                    return None
+                last = match.end()
+            if depth == 1:
+                between(match.start(), not out)
+                start = match.start()
+            depth += 1
+            continue
+        depth -= 1
+        if depth == 1 and start is not None:
+            out.append(_entry(body, start, match.end()))
+            start, last = None, match.end()
+        elif depth <= 0:
+            if depth == 0:
+                gap = body[last:match.start()].strip()
+                if gap:
+                    out.append(_unreadable(b"", f"something other than an object near byte {last}"))
+            break
+    if depth != 0 or (not out and body.strip()[:1] != b"["):
+        return None
+    return out

@@ -101,6 +101,8 @@ class ListingReport:
     incomplete: list[str] = field(default_factory=list)
     filters: Filters = field(default_factory=Filters)
     notices: Notices = field(default_factory=lambda: Notices(log))
+    repaired: int = 0
+    """Listing entries that were not UTF-8, listed with U+FFFD in place of the bad bytes."""
 
 
 @dataclass
@@ -112,6 +114,8 @@ class WindowListing:
     capped: str | None = None
     ignored: str | None = None
     """The matching key the server ignored for this window (its listing was given up)."""
+    unreadable: int = 0
+    """Listing entries that could not be read, nor their study named."""
     undated: int = 0
     untimed: int = 0
     dates: array | None = None
@@ -157,6 +161,31 @@ def _stray(window: Window, items: list[dict[str, Any]]) -> str | None:
         if missed:
             return missed
     return None
+
+
+def _mended(items: list[dict[str, Any]], state: WindowListing, report: ListingReport) -> None:
+    """Entries of an answer that was decoded entry by entry (dicomjson.salvage_listing): those
+    decoded with U+FFFD are listed, with a bounded warning naming the study; unreadable ones
+    that name their study stay in the page, for the run to fail that study alone; unreadable
+    ones that do not are dropped, and leave the window incomplete."""
+    if not any(dj.REPAIRED in item or dj.UNREADABLE in item for item in items):
+        return
+    kept = []
+    for item in items:
+        offset = item.pop(dj.REPAIRED, None)
+        if offset is not None:
+            report.repaired += 1
+            report.notices.emit(
+                "listing entries not UTF-8",
+                f"study {_text(item, Tag.StudyInstanceUID) or '(no Study Instance UID)'}: listing entry not UTF-8 at byte {offset}; "
+                "listed with U+FFFD in place of the bad bytes",
+            )
+        if dj.UNREADABLE in item and not _text(item, Tag.StudyInstanceUID):
+            state.unreadable += 1
+            report.notices.emit("unreadable listing entries", f"{state.window}: a listing entry could not be read: {item[dj.UNREADABLE]}", logging.ERROR)
+            continue
+        kept.append(item)
+    items[:] = kept
 
 
 def _form(report: ListingReport) -> str:
@@ -215,6 +244,7 @@ def list_window(client: QidoClient, state: WindowListing, report: ListingReport,
             return
         if page.items and not window.unfiltered:
             filters.matched()
+        _mended(page.items, state, report)
         for item in page.items:
             day = study_date(item)
             if day is None:
@@ -316,6 +346,8 @@ def follow_up(state: WindowListing, report: ListingReport, undated: UndatedRisk,
     only puts the studies without a StudyDate at risk."""
     if state.undated and not state.window.unfiltered:
         undated.elsewhere = True
+    if state.unreadable:
+        report.incomplete.append(f"{state.window}: {state.unreadable} listing entries could not be read, nor their studies named")
     if state.ignored is not None:
         report.incomplete.append(
             f"{state.window}: the server ignores {state.ignored} (as tags and as keywords: it returned studies outside the window); "

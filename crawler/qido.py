@@ -40,7 +40,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.models import REDIRECT_STATI
 
-from . import leanjson
+from . import dicomjson, leanjson
 from .errors import ConfigError, FatalQidoError, QidoError, RetriableQidoError, SourceUnreachable
 
 RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -654,7 +654,7 @@ class QidoClient:
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise transport_failure(exc, redact(url)) from None
         self.answered = True
-        return page_of(answer, url, keep)
+        return page_of(answer, url, keep, listing=kind == "studies")
 
     def page_size(self, wanted: int) -> int:
         return min(wanted, self.max_limit) if self.max_limit else wanted
@@ -789,9 +789,10 @@ def transport_failure(exc: Exception, shown: str) -> QidoError:
     return RetriableQidoError(f"request failed: {shown}: {_reason(exc)}", url=shown)
 
 
-def page_of(answer: Answer, url: str, keep: leanjson.Selection | None = None) -> Page:
+def page_of(answer: Answer, url: str, keep: leanjson.Selection | None = None, listing: bool = False) -> Page:
     """The answer's items (with only the attributes ``keep`` selects when given); raises QidoError for
-    error statuses and bodies that are no array of objects."""
+    error statuses and bodies that are no array of objects. A study ``listing`` that does not
+    decode as a whole is decoded entry by entry (see dicomjson.salvage_listing)."""
     status, body = answer.status, answer.body
     if status == 204:
         return Page([], status, answer.headers.get("Warning"))
@@ -808,9 +809,11 @@ def page_of(answer: Answer, url: str, keep: leanjson.Selection | None = None) ->
         return Page([], status, answer.headers.get("Warning"))
     try:
         items = orjson.loads(body) if keep is None else leanjson.datasets(body, keep)
-    except orjson.JSONDecodeError:
-        shown = redact(url)
-        raise FatalQidoError(f"malformed JSON from {shown} ({len(body)} bytes)", url=shown, status=status) from None
+    except orjson.JSONDecodeError as exc:
+        items = dicomjson.salvage_listing(body) if listing and keep is None else None
+        if items is None:
+            shown = redact(url)
+            raise FatalQidoError(f"{dicomjson.json_problem(body, exc)} in the answer from {shown} ({len(body)} bytes)", url=shown, status=status) from None
     except leanjson.NotDatasets:
         items = None
     if type(items) is not list or not all(type(item) is dict for item in items):

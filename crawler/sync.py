@@ -85,6 +85,8 @@ class Figures:
     windows_split: int = 0
     warnings_not_shown: int = 0
     """Warnings past the first 20 of their kind (see notices): counted, not logged."""
+    listing_entries_repaired: int = 0
+    """Listing entries that were not UTF-8, listed with U+FFFD in place of the bad bytes."""
     series_without_modality: int = 0
     metadata_unavailable: bool = False
     """The server has no WADO-RS metadata: studies were mapped from QIDO-RS alone."""
@@ -400,6 +402,7 @@ class _Run:
         figures.windows_split = report.windows_split
         for message in report.incomplete:
             self._error(f"not listed completely: {message}", level=logging.ERROR, kind="windows not listed completely")
+        figures.listing_entries_repaired = report.repaired
         figures.warnings_not_shown = report.notices.close()
         return report
 
@@ -431,6 +434,12 @@ class _Run:
         """A listed study: counted and marked seen; returned (with whether the state knew it) when
         it must be crawled, None when it is unchanged, listed already or unusable."""
         figures, state = self.figures, self.state
+        problem = item.get(dj.UNREADABLE)
+        if problem is not None:
+            figures.studies_failed += 1
+            self.listing_errors += 1
+            self._error(f"study {dj.first(item, Tag.StudyInstanceUID)}: listing entry unreadable: {problem}", kind="unusable listing entries")
+            return None
         try:
             summary = summarise(item)
         except ValueError as exc:

@@ -147,7 +147,7 @@ def test_same_as_a_full_parse_selected_by_group(items):
     [
         (b"[{", "malformed JSON"),
         (b'[{"00080018": {"vr": "UI", "Value": ["1"]},}]', "malformed JSON"),
-        (b'[{"00080018": "\xff"}]', "malformed JSON"),
+        (b'[{"00080018": "\xff"}]', "not UTF-8 at byte 15"),
         (b'{"00080018": {}}', "not a JSON array of objects"),
         (b"[1, 2]", "not a JSON array of objects"),
         (b'[{"00080018": {}}, []]', "not a JSON array of objects"),

@@ -193,3 +193,86 @@ def test_warnings_that_recur_per_entry_are_bounded_and_counted(tmp_path):
     assert len(lines) == 20, stderr[-3000:]
     assert "40 more unusable listing entries (not shown; counted)" in stderr
     assert summary["warnings_not_shown"] == 40
+
+
+def sync_in_process(pacs: FakePacs, tmp_path: Path, **overrides):
+    settings = dict(url=pacs.url, out=tmp_path / "out", state=tmp_path / "state.db", page_size=20, workers=2,
+                    retry=FAST_RETRY, timeout=(2.0, 5.0), crawl=CrawlOptions(metadata=MetadataMode.NEVER))
+    settings.update(overrides)
+    return sync(SyncConfig(**settings))
+
+
+def test_a_listing_entry_that_is_not_utf8_is_listed_with_a_replacement_and_a_counted_warning(tmp_path, caplog):
+    with FakePacs(n_studies=40, seed=10, latin1_entries={3, 17}) as pacs:
+        result = sync_in_process(pacs, tmp_path)
+        bad = {pacs.study_uid(3), pacs.study_uid(17)}
+    assert result.exit_code == 0, result.errors
+    assert result.figures.studies_listed == 40
+    assert result.figures.studies_new == 40
+    assert result.figures.listing_entries_repaired == 2
+    warned = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(warned) == 2
+    assert {uid for uid in bad if any(uid in message for message in warned)} == bad
+    assert all("malformed" not in message for message in warned)
+
+
+def test_a_listing_entry_that_is_not_json_fails_its_study_alone(tmp_path):
+    with FakePacs(n_studies=40, seed=11, broken_entries={5}) as pacs:
+        result = sync_in_process(pacs, tmp_path)
+        broken = pacs.study_uid(5)
+    assert result.exit_code == 1
+    assert result.figures.studies_failed == 1
+    assert result.figures.studies_new == 39
+    assert result.figures.windows_incomplete == 0
+    assert [e for e in result.errors if broken in e] == [e for e in result.errors if "unreadable" in e]
+    assert any(f"study {broken}: listing entry unreadable: malformed JSON near byte" in e for e in result.errors), result.errors
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'[{"a": 1}, 2, {"b": 2}]', [{"a": 1}, "unreadable", {"b": 2}]),
+        (b'[{"a": 1}, {"b": tru}]', [{"a": 1}, "unreadable"]),
+        (b'[{"a": "\xe9"}]', [{"a": "\ufffd", "repaired": 8}]),
+        (b'[{"a": 1}, {"b": 2', None),
+        (b'{"a": 1}', None),
+        (b'"x"', None),
+    ],
+    ids=["a-number-among-objects", "bad-literal", "latin1", "cut-short", "an-object", "a-string"],
+)
+def test_a_listing_is_salvaged_entry_by_entry_only_when_its_array_is_whole(body, expected):
+    from crawler import dicomjson as dj
+
+    salvaged = dj.salvage_listing(body)
+    if expected is None:
+        assert salvaged is None
+        return
+    assert [("unreadable" if dj.UNREADABLE in item else item) for item in salvaged] == expected
+
+
+def test_an_unreadable_entry_without_a_uid_leaves_its_window_incomplete():
+    from crawler.qido import Answer, page_of
+
+    body = (
+        b'[{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00080020": {"vr": "DA", "Value": ["20240101"]}},'
+        b' {"x": tru}, {"0020000D": {"vr": "UI", "Value": ["1.2.4"]}, "x": tru}]'
+    )
+
+    class OnePage:
+        """Answers every study search with ``body`` (a stand-in for the client: no server involved)."""
+
+        max_limit = None
+
+        def page_size(self, wanted: int) -> int:
+            return wanted
+
+        def get(self, kind: str, path: str, params=()):
+            return page_of(Answer(200, {}, body, None), "http://pacs/dicom-web/studies", listing=kind == "studies")
+
+    report = ListingReport(page_size=20)
+    items = list(iter_studies(OnePage(), [Window("20240101", "20240101")], report, verify=False))
+    assert [item.get("unreadable") is not None for item in items] == [False, True]
+    assert items[1]["0020000D"]["Value"] == ["1.2.4"]
+    assert report.incomplete == ["StudyDate 20240101: 1 listing entries could not be read, nor their studies named"]
+    with pytest.raises(Exception, match="malformed JSON"):
+        page_of(Answer(200, {}, body, None), "http://pacs/dicom-web/studies/1.2.3/instances")

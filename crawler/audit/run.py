@@ -22,6 +22,7 @@ from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any
 
+from .. import dicomjson as dj
 from ..crawl import includefields, summarise
 from ..dicomjson import Tag
 from ..errors import ConfigError, QidoError, SourceUnreachable
@@ -282,6 +283,9 @@ def _crawl(
     with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="audit") as pool:
         try:
             for item in iter_studies(client, windows, report, max_offset=config.max_offset):
+                if dj.UNREADABLE in item:
+                    report.incomplete.append(f"study {dj.first(item, Tag.StudyInstanceUID)}: listing entry unreadable: {item[dj.UNREADABLE]}")
+                    continue
                 try:
                     summary = summarise(item)
                 except ValueError as exc:
