@@ -276,3 +276,37 @@ def test_an_unreadable_entry_without_a_uid_leaves_its_window_incomplete():
     assert report.incomplete == ["StudyDate 20240101: 1 listing entries could not be read, nor their studies named"]
     with pytest.raises(Exception, match="malformed JSON"):
         page_of(Answer(200, {}, body, None), "http://pacs/dicom-web/studies/1.2.3/instances")
+
+
+def test_audit_writes_its_report_when_the_fhir_search_pages_to_another_host(tmp_path):
+    import contextlib
+    import io
+
+    from crawler.cli import main
+    from fixtures.audit_corpus import SearchableFakeFhir
+
+    class OtherHostNext(SearchableFakeFhir):
+        """A search whose next links name another host (``localhost`` for ``127.0.0.1``)."""
+
+        def _send(self, h, status, answer, headers=()):  # type: ignore[no-untyped-def]
+            if isinstance(answer, dict) and answer.get("type") == "searchset":
+                for link in answer.get("link", []):
+                    if link.get("relation") == "next":
+                        link["url"] = link["url"].replace("127.0.0.1", "localhost")
+            return super()._send(h, status, answer, headers)
+
+    with FakePacs(n_studies=230, seed=12) as pacs, OtherHostNext() as fhir:
+        first = sync_in_process(pacs, tmp_path, fhir_url=fhir.url, full=True, page_size=100, workers=4)
+        assert first.exit_code == 0, first.errors
+        fhir.reset_counts()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["audit", pacs.url, "--report", str(tmp_path / "report"), "--json", "--retries", "0", "--fhir-url", fhir.url])
+        searches = [r.path for r in fhir.requests if r.path.startswith("/ImagingStudy?")]
+    assert code == 1
+    document = json.loads((tmp_path / "report" / "findings.json").read_text())
+    findings = {f["code"]: f for f in document["findings"]}
+    assert set(findings) == {"WINDOW_INCOMPLETE"}, findings
+    assert any("another origin" in window and "localhost" in window for window in findings["WINDOW_INCOMPLETE"]["windows"])
+    assert "MISSING_FROM_FHIR" in document["checked"] and "EXTRA_IN_FHIR" not in document["checked"]
+    assert len(searches) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -99,6 +100,14 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _origin(url: str) -> str:
+    """scheme://host:port of a URL, with any character that has no place there replaced (the
+    URL came from a remote server)."""
+    parts = urlsplit(url)
+    host = re.sub(r"[^A-Za-z0-9.:\-\[\]]", "?", parts.netloc.rpartition("@")[2])[:100]
+    return f"{re.sub(r'[^a-z+]', '?', parts.scheme.lower())[:10]}://{host}"
+
+
 class FhirReader:
     """Reads ImagingStudy resources of one source from a FHIR server (plain GETs)."""
 
@@ -127,6 +136,8 @@ class FhirReader:
         self._sleep = sleep
         self.requests = 0
         self.searched = False
+        self.problems: list[str] = []
+        """What kept the search from being read to its end (the audit reports it as incomplete)."""
 
     def close(self) -> None:
         self.session.close()
@@ -162,6 +173,7 @@ class FhirReader:
     def rows(self, source: str, uids: Iterable[str]) -> dict[str, CopyRow]:
         """ImagingStudy rows by Study UID: by search when the server can, else by id for ``uids``
         (``searched`` then stays False: extras cannot be known)."""
+        uids = list(uids)
         url = f"{self.base_url}/ImagingStudy?_count={SEARCH_COUNT}&_elements={ELEMENTS}"
         first = self._get(url, allowed=NO_SEARCH)
         if first.status_code != 200:
@@ -191,10 +203,17 @@ class FhirReader:
             if not following:
                 self.searched = True
                 return out
+            refused = None
             if not self._same_origin(following):
-                raise SinkError(f"FHIR server {redact(self.base_url)} pages its search to another host: not followed")
-            if following in seen_urls:
-                raise SinkError(f"FHIR server {redact(self.base_url)} returned the same search page twice")
+                refused = f"pages its ImagingStudy search to another origin ({_origin(following)}, not {_origin(self.base_url)}): not followed"
+            elif following in seen_urls:
+                refused = "returned the same ImagingStudy search page twice"
+            if refused is not None:
+                problem = f"FHIR server {redact(self.base_url)} {refused}; the studies it did not show were read by id, extra resources not looked for"
+                log.warning("%s", problem)
+                self.problems.append(problem)
+                out.update(self._by_id(source, [uid for uid in uids if uid not in out]))
+                return out
             seen_urls.add(following)
             response = self._get(following)
         raise SinkError(f"FHIR server {redact(self.base_url)}: search has too many pages")

@@ -201,6 +201,8 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
         report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
         _crawl(client, config, windows, report, collector, figures, progress)
         fhir_rows = fhir.rows(source, collector.studies) if fhir is not None else None
+        if fhir is not None:
+            report.incomplete.extend(fhir.problems)
         evaluation = evaluate(
             collector.studies,
             today=today,
