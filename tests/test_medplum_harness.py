@@ -183,6 +183,34 @@ def test_no_update_create_refuses_a_put_of_a_new_id(medplum: Callable[..., Medpl
     assert read(server, "Patient", assigned).json()["gender"] == "other"
 
 
+def test_medplum_refuses_large_conditional_transactions_and_deletes_of_unknown_ids(medplum: Callable[..., MedplumServer]) -> None:
+    """Two limits of Medplum's batch.ts a sink meets: conditional writes need a serializable
+    transaction of at most 8 entries, and a DELETE of an id it does not have fails the whole
+    transaction (404), while a batch applies the rest."""
+    server = medplum()
+    conditional = {
+        "resource": {"resourceType": "Patient", "identifier": [{"system": "urn:test", "value": "c"}]},
+        "request": {"method": "PUT", "url": "Patient?identifier=urn:test|c"},
+    }
+    others = [put_entry(patient(new_id())) for _ in range(8)]
+    response = post(server, transaction(conditional, *others))
+    assert response.status_code == 400
+    assert response.json()["issue"][0]["details"]["text"] == "Transaction requires strict isolation but has too many entries"
+    assert post(server, transaction(conditional, *others[:7])).status_code == 200
+    found = requests.get(f"{server.url}/Patient", params={"identifier": "urn:test|c"}, timeout=30).json()
+    assert found["total"] == 1
+
+    pid = new_id()
+    unknown = {"request": {"method": "DELETE", "url": f"Patient/{new_id()}"}}
+    response = post(server, transaction(put_entry(patient(pid)), unknown))
+    assert response.status_code == 404
+    assert read(server, "Patient", pid).status_code == 404
+    batches = medplum("--transactions-as-batches")
+    answer = post(batches, transaction(put_entry(patient(pid)), unknown)).json()
+    assert [e["response"]["status"] for e in answer["entry"]] == ["200", "404"]
+    assert read(batches, "Patient", pid).status_code == 200
+
+
 # --- the sink against it ------------------------------------------------------------------------
 
 
