@@ -270,7 +270,7 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
             retry=replace(config.retry, attempts=config.retries + 1),
             verify=config.verify,
             server_text=config.log_server_text,
-            max_answer=getattr(config, "max_response_mb", 64) * 2**20,
+            max_answer=config.max_response_mb * 2**20,
             written_types=("Endpoint", "ImagingStudy", *(("Patient",) if config.patients else ())),
         )
         fhir.check()
