@@ -497,11 +497,16 @@ class State:
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
-        """A connection lost mid-run (PostgreSQL) is a StateError, not a traceback."""
+        """A connection lost mid-run (PostgreSQL) or a damaged file (SQLite: a page found corrupt
+        only when a statement reads it) is a StateError, not a traceback."""
         try:
             yield
         except self._dialect.lost as exc:
             raise StateError(f"lost the state {self._dialect.shown}: {_one_line(exc)}") from None
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", None) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                raise
+            raise StateError(f"cannot read state {self._dialect.shown}: {_one_line(exc)}") from None
 
     def _migrate(self) -> None:
         with self._dialect.migrating(self.db):
@@ -715,9 +720,10 @@ class State:
 
     def iter_resources(self) -> Iterator[tuple[str, str, bytes]]:
         """(type, id, JSON bytes) of every resource, ordered by type then id."""
-        rows = self._dialect.stream(self.db, self._dialect.sql("SELECT type, id, body FROM resources ORDER BY type, id"), ())
-        for resource_type, resource_id, body in rows:
-            yield resource_type, resource_id, zlib.decompress(body)
+        with self._guard():
+            rows = self._dialect.stream(self.db, self._dialect.sql("SELECT type, id, body FROM resources ORDER BY type, id"), ())
+            for resource_type, resource_id, body in rows:
+                yield resource_type, resource_id, zlib.decompress(body)
 
     def iter_studies(self, source: str) -> Iterator[tuple[str, int | None, int | None, str | None, str, str | None]]:
         """(UID, series, instances, study-level hash, status, StudyDate) of every study of ``source``."""

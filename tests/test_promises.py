@@ -108,3 +108,69 @@ def test_undated_studies_hidden_behind_a_cap_are_not_deleted(tmp_path, capsys):
         code, stdout, stderr = run_cli(capsys, "sync", *common, "--full", "--prune")
         assert json.loads(stdout)["studies_gone"] == 0, stderr
         assert code == 1
+
+
+# --- 3. exit codes: a state that cannot be used is exit 2, one line ------------------------
+
+
+@pytest.fixture(scope="module")
+def good_state(tmp_path_factory) -> Path:
+    """A real state of 200 studies (enough pages to damage some), from a sync of the simulator."""
+    work = tmp_path_factory.mktemp("good-state")
+    with FakePacs(n_studies=200, seed=22) as pacs:
+        code = main(["sync", pacs.url, "--state", str(work / "state.db"), "--out", str(work / "out"), "--metadata", "never", "-q", "--timezone", "UTC"])
+    assert code == 0
+    return work / "state.db"
+
+
+def _damaged(good: Path, target: Path, kind: str) -> Path:
+    data = good.read_bytes()
+    if kind == "not a database":
+        target.write_bytes(b"this is not a SQLite database " * 200)
+    elif kind == "cut in half":
+        target.write_bytes(data[: len(data) // 2])
+    elif kind == "damaged pages":
+        damaged = bytearray(data)
+        for page in range(4096, len(damaged), 4096):   # every page but the first (the header)
+            damaged[page + 100:page + 200] = b"\xff" * 100
+        target.write_bytes(bytes(damaged))
+    elif kind == "newer schema":
+        import sqlite3
+
+        target.write_bytes(data)
+        db = sqlite3.connect(target)
+        db.execute("INSERT INTO migrations (version, name) VALUES (999, 'from the future')")
+        db.commit()
+        db.close()
+    elif kind == "a folder":
+        target.mkdir()
+    return target
+
+
+STATE_KINDS = ["not a database", "cut in half", "damaged pages", "newer schema", "a folder"]
+# audit reads a state read-only and only the rows it compares: a state whose damage lies
+# elsewhere, or that a newer version wrote, can still be compared
+AUDIT_STATE_KINDS = ["not a database", "cut in half", "a folder"]
+COMMANDS = ["sync", "export", "status", "audit"]
+
+
+STATE_CASES = [(kind, command) for kind in STATE_KINDS for command in COMMANDS if command != "audit" or kind in AUDIT_STATE_KINDS]
+
+
+@pytest.mark.parametrize(("kind", "command"), STATE_CASES, ids=[f"{k}-{c}" for k, c in STATE_CASES])
+def test_a_state_that_cannot_be_used_is_exit_2_with_one_line(kind, command, good_state, tmp_path, capsys):
+    state = _damaged(good_state, tmp_path / "state.db", kind)
+    with FakePacs(n_studies=5, seed=23) as pacs:
+        args = {
+            "sync": ["sync", pacs.url, "--out", str(tmp_path / "out"), "--metadata", "never"],
+            "export": ["export", "--out", str(tmp_path / "export")],
+            "status": ["status"],
+            "audit": ["audit", pacs.url, "--report", str(tmp_path / "report")],
+        }[command]
+        code = main([*args, "--state", str(state)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("qido-crawler: error:") and str(state) in lines[0], err
+    if command == "export":
+        assert not (tmp_path / "export" / "manifest.json").exists()
