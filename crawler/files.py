@@ -8,6 +8,7 @@ the operator's.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import IO
@@ -28,7 +29,8 @@ def make_folder(path: Path) -> None:
             os.mkdir(folder, FOLDER_MODE)
         except FileExistsError:
             if not folder.is_dir():
-                raise
+                # a file where a folder must go: not the "exists already" of a run folder
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)) from None
 
 
 def make_new_folder(path: Path) -> None:

@@ -174,3 +174,27 @@ def test_a_state_that_cannot_be_used_is_exit_2_with_one_line(kind, command, good
     assert len(lines) == 1 and lines[0].startswith("qido-crawler: error:") and str(state) in lines[0], err
     if command == "export":
         assert not (tmp_path / "export" / "manifest.json").exists()
+
+
+# --- 3. exit 3 when the output folder cannot be written -------------------------------------
+# Tests run as root, where file modes do not stop writes: the folders below cannot be made by
+# anyone (a path through a regular file; /proc takes no new entries).
+
+UNWRITABLE = {
+    "under a file": ("a-file/out", "Not a directory"),
+    "in /proc": ("/proc/qido-crawler-test-out", "No such file or directory"),
+}
+
+
+@pytest.mark.parametrize(("out", "reason"), UNWRITABLE.values(), ids=UNWRITABLE.keys())
+def test_an_output_folder_that_cannot_be_written_is_exit_3_and_nothing_is_recorded(out, reason, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    with FakePacs(n_studies=10, seed=24) as pacs:
+        code = main(["sync", pacs.url, "--state", "state.db", "--out", out, "--metadata", "never", "--timezone", "UTC"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert code == 3, err
+    assert len(lines) == 1 and f"cannot write to {out}/" in lines[0] and reason in lines[0], err
+    assert "exists already" not in err
+    assert not any(status == "synced" for status in study_rows(tmp_path / "state.db").values())
