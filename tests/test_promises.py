@@ -198,3 +198,26 @@ def test_an_output_folder_that_cannot_be_written_is_exit_3_and_nothing_is_record
     assert len(lines) == 1 and f"cannot write to {out}/" in lines[0] and reason in lines[0], err
     assert "exists already" not in err
     assert not any(status == "synced" for status in study_rows(tmp_path / "state.db").values())
+
+
+# --- 3. audit: MISSING_FROM_STATE for a study the state records as gone ----------------------
+
+
+def test_a_study_back_in_the_pacs_that_the_state_records_as_gone_is_missing_from_the_state(tmp_path, capsys):
+    state = tmp_path / "state.db"
+    with FakePacs(n_studies=20, seed=25) as pacs:
+        port, back = pacs.port, pacs.study_uid(6)
+        common = ("--state", str(state), "--metadata", "never", "--retries", "0", "--timezone", "UTC")
+        assert main(["sync", pacs.url, *common]) == 0
+        pacs.delete_study(6)
+        assert main(["sync", pacs.url, "--full", *common]) == 0
+    assert study_rows(state)[back] == "gone"
+    # the same server (same URL) with the study back, as after a restore
+    with FakePacs(n_studies=20, seed=25, port=port) as pacs:
+        assert pacs.study_uid(6) == back
+        report = tmp_path / "report"
+        code = main(["audit", pacs.url, "--report", str(report), "--state", str(state), "--retries", "0", "--timezone", "UTC"])
+    capsys.readouterr()
+    findings = {f["code"]: set(f["studies"]) for f in json.loads((report / "findings.json").read_text())["findings"]}
+    assert findings == {"MISSING_FROM_STATE": {back}}
+    assert code == 0
