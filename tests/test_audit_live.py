@@ -198,3 +198,14 @@ def test_state_of_a_sync_of_the_same_pacs_agrees(pacs, tmp_path):
     assert not set(found(document)) & {"MISSING_FROM_STATE", "EXTRA_IN_STATE", "STALE_IN_STATE"}
     assert {"MISSING_FROM_STATE", "EXTRA_IN_STATE", "STALE_IN_STATE"} <= set(document["checked"])
     assert code == 0
+
+
+@pytest.mark.parametrize("phi", [(), ("--include-phi",)], ids=["default", "include-phi"])
+def test_audit_stderr_holds_no_patient_data(planted_pacs, tmp_path, capsys, phi):
+    """Whatever the report may hold (--include-phi), the log lines on stderr never carry names or
+    Patient IDs, even at debug level and with findings and unreadable studies to report."""
+    code, document, _ = run_audit(planted_pacs.dicomweb, tmp_path, "-vv", *phi)
+    err = capsys.readouterr().err
+    assert code == 1 and document["findings"] and len(err.splitlines()) > 5
+    for secret in _secrets(corpus.PATIENTS + audit_corpus.PATIENTS):
+        assert secret not in err, "stderr contains patient data"

@@ -146,3 +146,14 @@ def test_fhir_server_without_search_is_read_by_id(tmp_path):
 def test_fhir_server_refusing_credentials_exits_3(tmp_path):
     with FakePacs(n_studies=2, seed=11) as pacs, SearchableFakeFhir(auth=("u", "p")) as fhir:
         assert main(["audit", pacs.url, "--report", str(tmp_path), "--fhir-url", fhir.url, "--fhir-user", "u", "--fhir-password", "wrong", "-q"]) == 3
+
+
+def test_audit_stderr_holds_no_patient_data_with_hostile_answers(tmp_path, capsys):
+    """Studies with wrongly typed values, cut JSON, object UIDs and wrong counts are reported on
+    stderr by Study Instance UID and cause, never with the patient's name or ID."""
+    with FakePacs(n_studies=30, seed=12, bad_values={2}, malformed={3}, object_uids={4}, inconsistent={5: 1}) as pacs:
+        code, document, _ = run_audit(pacs.url, tmp_path, "-vv", "--include-phi")
+    err = capsys.readouterr().err
+    assert code == 1 and document["findings"]
+    assert pacs.study_uid(3) in err   # the unreadable study is named
+    assert "SIMULATED" not in err and "PATIENT0" not in err and "SIM0" not in err
