@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 from .config import SyncConfig
 from .crawl import Learned, StudySummary
 from .errors import ConfigError, QidoError, SourceUnreachable
-from .listing import Filters, ListingReport, UndatedRisk, WindowListing, follow_up, list_window, study_date, verify_cap
+from .listing import (
+    Filters, ListingReport, UndatedRisk, WindowListing, follow_up, list_window, study_date, sweep_undated, verify_cap,
+)
 from .mapping import MappingOptions
 from .planner import Window
 from .qido import QidoClient, RequestCounts, client_from
@@ -124,6 +126,8 @@ def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, ver
     state = WindowListing(window, budget=budget)
     if verify and cap is None:
         state.dates = array("L")
+    if window.unfiltered:
+        state.undated_seen, state.id_chars = {}, set()
     items: list[dict[str, Any]] = []
     error, status, unreachable = None, None, False
     try:
@@ -263,6 +267,11 @@ class Coordinator:
             else:
                 self.windows.extend((w, False) for w in spread(windows, threads))
             self._pump(client)
+            if self.undated.sweep_needed and not self.unreachable:
+                for page in sweep_undated(self.run.client, self.undated, self.report, self.config.max_offset):
+                    for item in page:
+                        self._consider(item)
+                self._pump(client)
             self.undated.close(self.report)
             if not self.unreachable:
                 try:

@@ -116,6 +116,11 @@ class WindowListing:
     """The matching key the server ignored for this window (its listing was given up)."""
     unreadable: int = 0
     """Listing entries that could not be read, nor their study named."""
+    undated_seen: dict[str, str] | None = None
+    """Kept for the unfiltered window (from its first SAMPLE studies): the Patient ID of each
+    study without a StudyDate it returned, by Study UID, for the undated sweep to check itself."""
+    id_chars: set[str] | None = None
+    """Kept with ``undated_seen``: the characters seen in Patient IDs, for the sweep's alphabet."""
     undated: int = 0
     untimed: int = 0
     dates: array | None = None
@@ -192,10 +197,12 @@ def _form(report: ListingReport) -> str:
     return "keywords (StudyDate=)" if report.filters.keywords else "tags (00080020=)"
 
 
-def list_window(client: QidoClient, state: WindowListing, report: ListingReport, max_offset: int) -> Iterator[list[dict[str, Any]]]:
-    """The study-level results of ``state.window``, a page at a time, until the window ends or
-    hits a cap (then ``state.capped`` says which) or the server ignores its filter (then
-    ``state.ignored`` names the matching key)."""
+def list_window(
+    client: QidoClient, state: WindowListing, report: ListingReport, max_offset: int, extra: Sequence[tuple[str, str]] = ()
+) -> Iterator[list[dict[str, Any]]]:
+    """The study-level results of ``state.window`` (and the matching keys ``extra``), a page at
+    a time, until the window ends or hits a cap (then ``state.capped`` says which) or the server
+    ignores its filter (then ``state.ignored`` names the matching key)."""
     window = state.window
     cap = report.cap
     filters = report.filters
@@ -207,7 +214,7 @@ def list_window(client: QidoClient, state: WindowListing, report: ListingReport,
             state.capped = f"more than --max-offset {max_offset} results"
             return
         page_size = client.page_size(report.page_size)
-        params = [*window.params(filters.keywords), *includefields(STUDY_FIELDS), ("limit", page_size)]
+        params = [*window.params(filters.keywords), *extra, *includefields(STUDY_FIELDS), ("limit", page_size)]
         if offset:
             params.append(("offset", offset))
         try:
@@ -245,6 +252,8 @@ def list_window(client: QidoClient, state: WindowListing, report: ListingReport,
         if page.items and not window.unfiltered:
             filters.matched()
         _mended(page.items, state, report)
+        if state.undated_seen is not None:
+            _sample(state, page.items)
         for item in page.items:
             day = study_date(item)
             if day is None:
@@ -316,6 +325,13 @@ class UndatedRisk:
 
     at_risk: str | None = None
     elsewhere: bool = False
+    seen: dict[str, str] = field(default_factory=dict)
+    """Studies without a StudyDate the capped unfiltered window returned: Patient ID by UID."""
+    chars: set[str] = field(default_factory=set)
+
+    @property
+    def sweep_needed(self) -> bool:
+        return bool(self.at_risk) and not self.elsewhere
 
     def close(self, report: ListingReport) -> None:
         if self.at_risk and not self.elsewhere:
@@ -360,6 +376,7 @@ def follow_up(state: WindowListing, report: ListingReport, undated: UndatedRisk,
     if parts_listed:
         if state.undated:
             undated.at_risk = f"{state.window}: {state.capped}; studies without StudyDate past the cap cannot be listed"
+            undated.seen, undated.chars = state.undated_seen or {}, state.id_chars or set()
         return []
     if state.capped == "the server ignores offset":
         report.cap = min(report.cap or page_size, page_size)
@@ -374,6 +391,7 @@ def follow_up(state: WindowListing, report: ListingReport, undated: UndatedRisk,
     report.windows_split += 1
     if state.window.unfiltered and state.undated:
         undated.at_risk = f"{state.window}: {state.capped}; studies without StudyDate past the cap cannot be listed"
+        undated.seen, undated.chars = state.undated_seen or {}, state.id_chars or set()
     elif state.window.since is not None and state.window.since == state.window.until and state.window.time_from is None and state.untimed:
         report.incomplete.append(f"{state.window}: {state.capped}; studies without StudyTime on that day past the cap cannot be listed")
     return children
@@ -413,6 +431,8 @@ def iter_study_pages(
             continue
         if first and verify and report.cap is None:
             state.dates = array("L")
+        if state.window.unfiltered:
+            state.undated_seen, state.id_chars = {}, set()
         report.windows_listed += 1
         try:
             yield from list_window(client, state, report, max_offset)
@@ -428,4 +448,100 @@ def iter_study_pages(
         verify_cap(client, state, report)
         first = False
         queue.extendleft(reversed(follow_up(state, report, undated, client.page_size(report.page_size))))
+    if undated.sweep_needed:
+        yield from sweep_undated(client, undated, report, max_offset)
     undated.close(report)
+
+
+# --- the undated sweep ------------------------------------------------------------------------
+
+SAMPLE = 10_000
+SWEEP_MAX_REQUESTS = 2_000
+SWEEP_MAX_LENGTH = 16
+_BASE = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_NOT_IN_PARTS = frozenset("*?\\,")
+"""Characters a prefix cannot hold: the wildcards, the value and list separators."""
+
+
+def _sample(state: WindowListing, items: list[dict[str, Any]]) -> None:
+    seen, chars = state.undated_seen, state.id_chars
+    if seen is None or chars is None or state.total >= SAMPLE:
+        return
+    for item in items:
+        pid = _text(item, Tag.PatientID) or ""
+        chars.update(pid)
+        if study_date(item) is None:
+            uid = _text(item, Tag.StudyInstanceUID)
+            if uid:
+                seen[uid] = pid
+
+
+def sweep_undated(client: QidoClient, undated: UndatedRisk, report: ListingReport, max_offset: int) -> Iterator[list[dict[str, Any]]]:
+    """The studies without a StudyDate that a capped unfiltered listing could not reach, listed
+    by Patient ID prefix (``PatientID=A*``: wildcard matching, PS3.4 C.2.2.2.4; UIDs cannot be
+    matched by wildcard), a part split by one more character while it is capped.
+
+    Best effort: the alphabet at each position is 0-9 A-Z plus the characters seen in the
+    Patient IDs listed; studies without a Patient ID cannot be reached. The sweep checks itself
+    by the undated studies the capped listing did return: if one of them is not found, a part is
+    still capped, the server ignores PatientID, or more than SWEEP_MAX_REQUESTS are needed, the
+    undated studies stay reported as at risk. Patient IDs and prefixes are patient data: only
+    counts are logged."""
+    key = "PatientID" if report.filters.keywords else Tag.PatientID
+    queue: deque[tuple[str, bool]] = deque((c, False) for c in sorted((_BASE | undated.chars) - _NOT_IN_PARTS))
+    found: set[str] = set()
+    requests = parts = 0
+    failure: str | None = None
+    if any(not pid for pid in undated.seen.values()):
+        failure = "studies without StudyDate and without PatientID cannot be swept by PatientID"
+    while queue and failure is None:
+        prefix, exact = queue.popleft()
+        if requests >= SWEEP_MAX_REQUESTS:
+            failure = f"the sweep by PatientID stopped at {SWEEP_MAX_REQUESTS} requests ({len(queue) + 1} parts left)"
+            break
+        parts += 1
+        state = WindowListing(Window())
+        sample: set[str] = set()
+        requests += 1
+        try:
+            for number, page in enumerate(list_window(client, state, report, max_offset, [(key, prefix if exact else prefix + "*")])):
+                requests += number > 0
+                kept = []
+                for item in page:
+                    pid = _text(item, Tag.PatientID) or ""
+                    if (pid != prefix) if exact else not pid.startswith(prefix):
+                        failure = "the server ignores PatientID (or its wildcards)"
+                        break
+                    if len(pid) > len(prefix):
+                        sample.add(pid[len(prefix)])
+                    if study_date(item) is None:
+                        uid = _text(item, Tag.StudyInstanceUID)
+                        if uid:
+                            found.add(uid)
+                        kept.append(item)
+                if kept:
+                    yield kept
+                if failure:
+                    break
+        except QidoError as exc:
+            if exc.status in (401, 403) or isinstance(exc, SourceUnreachable):
+                raise
+            failure = f"a part of the sweep by PatientID failed: {exc}"
+        if failure or state.capped is None:
+            continue
+        if exact:
+            failure = "more studies share one PatientID than the server answers at once"
+        elif len(prefix) >= SWEEP_MAX_LENGTH:
+            failure = f"a part of the sweep by PatientID is still capped at {SWEEP_MAX_LENGTH} characters"
+        else:
+            children = [(prefix + c, False) for c in sorted((_BASE | undated.chars | sample) - _NOT_IN_PARTS)]
+            queue.extendleft(reversed([(prefix, True), *children]))
+    missed = sum(1 for uid in undated.seen if uid not in found)
+    if failure is None and missed:
+        failure = f"the sweep by PatientID did not find {missed} of the {len(undated.seen)} studies without StudyDate listed before"
+    if failure is None:
+        log.info("studies without StudyDate past the cap: swept by PatientID in %d parts (%d requests), %d found", parts, requests, len(found))
+        undated.at_risk = None
+    else:
+        log.info("studies without StudyDate past the cap: the sweep by PatientID gave up after %d parts (%d requests, %d found)", parts, requests, len(found))
+        undated.at_risk = f"{undated.at_risk} ({failure})"

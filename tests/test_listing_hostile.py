@@ -310,3 +310,46 @@ def test_audit_writes_its_report_when_the_fhir_search_pages_to_another_host(tmp_
     assert any("another origin" in window and "localhost" in window for window in findings["WINDOW_INCOMPLETE"]["windows"])
     assert "MISSING_FROM_FHIR" in document["checked"] and "EXTRA_IN_FHIR" not in document["checked"]
     assert len(searches) == 1
+
+
+def test_undated_studies_behind_a_cap_are_found_by_a_sweep_by_patient_id(tmp_path, caplog):
+    caplog.set_level("INFO", logger="crawler")
+    with FakePacs(n_studies=300, seed=13, no_date_fraction=0.2, max_results=40, newest_first=True) as pacs:
+        result = sync_in_process(pacs, tmp_path, page_size=100, workers=4)
+        truth = set(pacs.study_uids())
+        undated = {pacs.study_uid(i) for i in range(pacs.n_dated, pacs.n_studies)}
+        patient_ids = {pacs.patient_id(i) for i in range(pacs.n_studies)}
+        searches = [r.query for r in pacs.requests if r.kind == "studies"]
+    assert result.exit_code == 0, result.errors
+    assert result.figures.windows_incomplete == 0
+    assert result.figures.studies_new == len(truth) == 300
+    assert len(undated) == 60
+    swept = [q for q in searches if "00100020=" in q]
+    assert swept and len(swept) < 2_000
+    assert any("swept by PatientID" in r.getMessage() for r in caplog.records)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert not any(pid[:4] in logged for pid in patient_ids)
+
+
+def test_an_undated_sweep_over_its_request_bound_keeps_the_honest_exit_1(tmp_path, monkeypatch):
+    from crawler import listing
+
+    monkeypatch.setattr(listing, "SWEEP_MAX_REQUESTS", 10)
+    with FakePacs(n_studies=300, seed=13, no_date_fraction=0.2, max_results=40, newest_first=True) as pacs:
+        result = sync_in_process(pacs, tmp_path, page_size=100, workers=4)
+        swept = [r.query for r in pacs.requests if r.kind == "studies" and "00100020=" in r.query]
+    assert result.exit_code == 1
+    assert result.figures.windows_incomplete == 1
+    assert any("studies without StudyDate past the cap cannot be listed" in e and "stopped at 10 requests" in e for e in result.errors), result.errors
+    assert 0 < len(swept) <= 10
+
+
+def test_dask_runs_the_undated_sweep_too(tmp_path):
+    pytest.importorskip("dask.distributed")
+    with FakePacs(n_studies=300, seed=13, no_date_fraction=0.2, max_results=40, newest_first=True) as pacs:
+        code, summary, stderr, _, _ = run_cli(
+            pacs, tmp_path, "--executor", "dask", "--workers", "2", "--worker-threads", "2", "--page-size", "100", deadline=90
+        )
+    assert code == 0, stderr[-2000:]
+    assert summary["studies_new"] == 300
+    assert summary["windows_incomplete"] == 0
