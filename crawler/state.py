@@ -609,6 +609,16 @@ class State:
     def mark_seen(self, source: str, study_uid: str, run_id: int) -> None:
         self._q("UPDATE studies SET last_seen_run = ? WHERE source = ? AND study_uid = ?", (run_id, source, study_uid))
 
+    def studies_to_retry(self, source: str, run_id: int, limit: int) -> list[str]:
+        """UIDs of the source's failed or inconsistent studies that run ``run_id`` has not listed,
+        those tried longest ago first, at most ``limit``."""
+        rows = self._q(
+            "SELECT study_uid FROM studies WHERE source = ? AND status IN ('failed', 'inconsistent') "
+            "AND (last_seen_run IS NULL OR last_seen_run != ?) ORDER BY last_run, study_uid LIMIT ?",
+            (source, run_id, limit),
+        ).fetchall()
+        return [row[0] for row in rows]
+
     def iter_unseen(self, source: str, run_id: int, since: str | None, until: str | None) -> Iterator[tuple[str, str | None]]:
         """(UID, resource id) of studies not listed by run ``run_id`` whose StudyDate lies in
         [since, until] (open ends unbounded; both None: every study, dated or not)."""

@@ -52,6 +52,8 @@ Resource = tuple[str, str, bytes]
 LISTING_AHEAD = 1000
 """Listed studies held ahead of the crawl, at most this many plus one page (a few MB): enough
 for the crawl threads to stay busy while the listing pauses (see readahead)."""
+RETRY_PER_RUN = 1000
+"""Failed studies outside the run's windows asked for again per run (one request each)."""
 
 
 def digest(body: bytes) -> str:
@@ -488,6 +490,23 @@ class _Run:
         yield from self._changed_items()
 
     def _changed_items(self) -> Iterator[dict[str, Any]]:
+        """The studies to crawl that the windows' listing did not show: those Orthanc's change feed
+        names (with --changes orthanc), then those an earlier run failed (see ``_retried_items``)."""
+        yield from self._fed_items()
+        yield from self._retried_items()
+
+    def _retried_items(self) -> Iterator[dict[str, Any]]:
+        """Studies the state holds as failed or inconsistent that this run has not listed (their
+        StudyDate is outside an incremental window): each asked for by UID, so that a study the
+        server or a sink refused is sent again by the next run, not only by the next --full one.
+        At most RETRY_PER_RUN per run, the longest untried first."""
+        if self.full_listing:
+            return
+        for uid in self.state.studies_to_retry(self.source, self.run_id, RETRY_PER_RUN):
+            if uid not in self.pending:
+                yield from self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
+
+    def _fed_items(self) -> Iterator[dict[str, Any]]:
         """With --changes orthanc: the studies Orthanc's change feed names that the listing did not show."""
         if self.config.changes != "orthanc":
             return
