@@ -20,12 +20,17 @@ exceptions, so that other HTTP clients of the crawler can use them.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import functools
+import heapq
+import itertools
 import random
 import re
+import socket
 import threading
 import time
+import weakref
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -289,7 +294,135 @@ def requests_body_error(exc: urllib3.exceptions.HTTPError) -> Exception:
     return exc
 
 
-class LeanAdapter(HTTPAdapter):
+class Watchdog:
+    """Shuts a request's socket down when the request's total deadline passes, wherever it waits.
+
+    Reading the body piece by piece bounds a trickling body (``read_capped``), but http.client
+    reads the status line, the headers and each chunk-size line in loops of reads that no single
+    timeout covers: a server sending one header byte a second would hold a request forever. One
+    daemon thread keeps the deadlines of the requests in flight (``deadline``) and shuts down the
+    socket of any request past its own (connections made through ``DeadlineAdapter``), so that
+    the blocked read ends at once.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Watched]] = []
+        self._live = 0
+        self._order = itertools.count()
+        self._local = threading.local()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def deadline(self, deadline: float) -> Iterator[_Watched]:
+        """Watch the connections this thread uses until the block ends; ``.fired`` tells afterwards
+        whether the watchdog cut one of them."""
+        watched = _Watched(deadline)
+        outer = getattr(self._local, "watched", None)
+        self._local.watched = watched
+        try:
+            yield watched
+        finally:
+            self._local.watched = outer
+            with self._cond:
+                if watched.sockets and not watched.done:
+                    self._live -= 1
+                watched.done = True
+                watched.sockets.clear()
+
+    def watch(self, sock: socket.socket | None) -> None:
+        """Called by a connection about to wait for an answer: watch ``sock`` for this thread's request."""
+        watched = getattr(self._local, "watched", None)
+        if watched is None or sock is None:
+            return
+        with self._cond:
+            if watched.done:
+                return
+            if not watched.sockets:
+                self._live += 1
+                heapq.heappush(self._heap, (watched.deadline, next(self._order), watched))
+                if len(self._heap) > 2 * self._live + 1000:
+                    self._heap = [entry for entry in self._heap if not entry[2].done]
+                    heapq.heapify(self._heap)
+            watched.sockets.append(weakref.ref(sock))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="qido-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                wait = self._heap[0][0] - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                watched = heapq.heappop(self._heap)[2]
+                watched.done = watched.fired = True
+                self._live -= 1
+                for ref in watched.sockets:
+                    sock = ref()
+                    if sock is not None:
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+
+
+@dataclass(eq=False)
+class _Watched:
+    deadline: float
+    sockets: list[weakref.ref] = field(default_factory=list)
+    done: bool = False
+    fired: bool = False
+
+
+WATCHDOG = Watchdog()
+
+
+class _WatchedConnection:
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        WATCHDOG.watch(getattr(self, "sock", None))
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+
+
+class _WatchedHTTPConnection(_WatchedConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class DeadlineAdapter(HTTPAdapter):
+    """requests' adapter whose connections ``WATCHDOG`` can cut: requests sent through it inside
+    ``with WATCHDOG.deadline(...)`` end at that deadline, headers included."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.PoolManager:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+        return manager
+
+
+class LeanAdapter(DeadlineAdapter):
     """requests' adapter with a plain GET beside ``send``: straight to the urllib3 pool, the body
     read and decoded in one piece, no Request or Response objects, and the same exceptions as
     ``send``. requests' own work per request (merging settings, reading the environment,
@@ -414,6 +547,8 @@ def read_capped(response: urllib3.BaseHTTPResponse, limit: int, deadline: float,
                 raise DeadlineExceeded from None
             raise
         if not piece:
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded
             break
         size += len(piece)
         if size > limit:
@@ -679,11 +814,19 @@ class QidoClient:
         another origin, BodyTooLarge, DeadlineExceeded)."""
         timeout = self._urllib3_timeout()
         deadline = time.monotonic() + (timeout.total or total_deadline(self.timeout))
-        for _ in range(MAX_REDIRECTS + 1):
-            answer, location = self._fetch_one(url, timeout, deadline)
-            if location is None:
-                return answer
-            url = follow_redirect(url, location)
+        with WATCHDOG.deadline(deadline) as watched:
+            try:
+                for _ in range(MAX_REDIRECTS + 1):
+                    answer, location = self._fetch_one(url, timeout, deadline)
+                    if watched.fired:
+                        raise DeadlineExceeded
+                    if location is None:
+                        return answer
+                    url = follow_redirect(url, location)
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError):
+                if watched.fired:
+                    raise DeadlineExceeded from None
+                raise
         raise requests.exceptions.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
 
     def _fetch_one(self, url: str, timeout: urllib3.Timeout, deadline: float) -> tuple[Answer, str | None]:

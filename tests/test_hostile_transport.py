@@ -68,8 +68,9 @@ def test_a_trickling_answer_does_not_hold_the_run(tmp_path):
     assert len(server.seen) == 2, "a timeout is retried as usual"
 
 
-def test_the_deadline_bounds_the_whole_answer_not_each_read():
-    with Hostile("trickle", interval=0.2) as server:
+@pytest.mark.parametrize("mode", ["trickle", "trickle-headers"])
+def test_the_deadline_bounds_the_whole_answer_not_each_read(mode):
+    with Hostile(mode, interval=0.2) as server:
         client = qido.QidoClient(server.url, timeout=(1.0, 1.0), retry=qido.RetryPolicy(attempts=1))
         client.answered = True
         started = qido.time.monotonic()
