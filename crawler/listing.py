@@ -234,7 +234,30 @@ def list_window(
             if not long_pages:
                 state.capped = "the server ignores offset"
             return
-        missed = _stray(window, page.items)
+        _mended(page.items, state, report)
+        if state.undated_seen is not None:
+            _sample(state, page.items)
+        filtered = not window.unfiltered
+        missed = None
+        for item in page.items:
+            day = study_date(item)
+            if day is None:
+                state.undated += 1
+            else:
+                time = _text(item, Tag.StudyTime)
+                if not time:
+                    state.untimed += 1
+                if filtered and missed is None:
+                    missed = window.stray(day, time)
+            if state.dates is not None:
+                if day is not None:
+                    state.dates.append(int(day))
+                uid = _text(item, Tag.StudyInstanceUID)
+                if uid:
+                    state.uids.append(hash(uid))
+                if len(state.dates) > VERIFY_MAX:
+                    state.dates = None
+                    state.uids = array("q")
         if missed:
             if filters.stray(missed):
                 report.notices.emit(
@@ -249,26 +272,8 @@ def list_window(
                 continue
             state.ignored = missed
             return
-        if page.items and not window.unfiltered:
+        if page.items and filtered:
             filters.matched()
-        _mended(page.items, state, report)
-        if state.undated_seen is not None:
-            _sample(state, page.items)
-        for item in page.items:
-            day = study_date(item)
-            if day is None:
-                state.undated += 1
-            elif not _text(item, Tag.StudyTime):
-                state.untimed += 1
-            if state.dates is not None:
-                if day is not None:
-                    state.dates.append(int(day))
-                uid = _text(item, Tag.StudyInstanceUID)
-                if uid:
-                    state.uids.append(hash(uid))
-                if len(state.dates) > VERIFY_MAX:
-                    state.dates = None
-                    state.uids = array("q")
         yield page.items
         state.total += len(page.items)
         if len(page.items) > page_size and not long_pages:
