@@ -316,4 +316,5 @@ def _crawl(
     if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0 and not report.filters.ignored:
         raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
     for message in report.incomplete:
-        log.error("not listed completely: %s", message)
+        report.notices.emit("windows not listed completely", f"not listed completely: {message}", logging.ERROR)
+    report.notices.close()
