@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("dask.distributed")
 
+from distributed import WorkerPlugin  # noqa: E402
+
 from crawler.errors import SourceUnreachable  # noqa: E402
 from fixtures.fakepacs import FakePacs  # noqa: E402
 
@@ -144,3 +146,76 @@ def test_the_first_windows_are_spread_over_the_cluster():
     assert len(spread([Window("20240101", "20240103")], 8)) == 3
     full = spread(Window().split(), 16)
     assert len(full) == 16 and full[0].since is None and full[-1].until is None
+
+
+class PoisonStudy(WorkerPlugin):
+    """A Dask worker plugin (fault injection): the worker process dies at once when asked to
+    crawl the study ``uid``; workers the nanny restarts get the plugin again, so the task keeps
+    killing workers until the scheduler gives it up."""
+
+    name = "poison-study"
+
+    def __init__(self, uid: str) -> None:
+        self.uid = uid
+
+    def setup(self, worker) -> None:
+        import importlib
+        import os
+
+        sync = importlib.import_module("crawler.sync")
+        crawl_one, uid = sync._crawl_one, self.uid
+
+        def dying(client, summary, *args, **kwargs):
+            if summary.uid == uid:
+                os._exit(1)
+            return crawl_one(client, summary, *args, **kwargs)
+
+        sync._crawl_one = dying
+
+
+def test_a_task_that_keeps_killing_workers_fails_its_studies_and_the_run_goes_on(tmp_path):
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
+                Client(cluster, set_as_default=False) as client, FakePacs(n_studies=30, seed=13) as pacs:
+            poison = pacs.study_uid(5)
+            client.register_plugin(PoisonStudy(poison))
+            result, rows = run(pacs, tmp_path, cluster.scheduler_address)
+    failed = {uid for uid, status in rows.items() if status == "failed"}
+    assert result.exit_code == 1
+    # the poisoned batch fails; tasks queued on the dying workers may fail with it (the scheduler
+    # counts them as suspects too), but never everything
+    assert poison in failed and len(failed) < 30 and result.figures.studies_failed == len(failed)
+    assert any(poison in e and "the crawl task failed" in e for e in result.errors)
+    assert set(written_study_uids(result)) == set(rows) - failed
+    assert {uid for uid, status in rows.items() if status == "synced"} == set(rows) - failed
+    assert len(rows) == 30
+
+
+class TimedPacs(FakePacs):
+    """The simulator, also noting when each request arrived."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrivals: list[float] = []
+
+    def _record(self, *args, **kwargs):
+        import time
+
+        self.arrivals.append(time.monotonic())
+        return super()._record(*args, **kwargs)
+
+
+def test_max_rps_is_shared_out_among_the_worker_processes(tmp_path, scheduler):
+    """Two worker processes with --max-rps R send at most about R requests a second together,
+    so N requests take at least about N/R seconds (a busy machine only makes that longer); a
+    limit each process applied whole would take about half that."""
+    rate = 10.0
+    with TimedPacs(n_studies=40, seed=14) as pacs:
+        result, rows = run(pacs, tmp_path, scheduler, max_rps=rate)
+        assert_complete(pacs, result, rows)
+        n, span = len(pacs.arrivals), pacs.arrivals[-1] - pacs.arrivals[0]
+    assert n >= 40
+    assert span >= 0.85 * (n - 6) / rate, f"{n} requests in {span:.2f} s"
