@@ -221,3 +221,31 @@ def test_a_study_back_in_the_pacs_that_the_state_records_as_gone_is_missing_from
     findings = {f["code"]: set(f["studies"]) for f in json.loads((report / "findings.json").read_text())["findings"]}
     assert findings == {"MISSING_FROM_STATE": {back}}
     assert code == 0
+
+
+# --- 3. exit 3 when the FHIR server goes away after the start-up check ------------------------
+
+
+class PacsThatStopsTheFhirServer(FakePacs):
+    """The simulator, stopping a FHIR server when the first PACS request arrives: after the
+    sync's start-up check of the FHIR server (which comes first) and before anything is sent."""
+
+    fhir: FakeFhir | None = None
+
+    def _record(self, *args, **kwargs):
+        fhir, self.fhir = self.fhir, None
+        if fhir is not None:
+            fhir.stop()
+        return super()._record(*args, **kwargs)
+
+
+def test_a_fhir_server_gone_after_the_check_is_exit_3_and_nothing_is_recorded(tmp_path, capsys):
+    state = tmp_path / "state.db"
+    with PacsThatStopsTheFhirServer(n_studies=10, seed=26) as pacs, FakeFhir() as fhir:
+        pacs.fhir = fhir
+        code = main(["sync", pacs.url, "--state", str(state), "--fhir-url", fhir.url, "--metadata", "never", "--retries", "0", "--timezone", "UTC"])
+        assert [r.method for r in fhir.requests] == ["GET"]   # the check, nothing after it
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "cannot reach FHIR server" in err and len(err.strip().splitlines()) == 1, err
+    assert study_rows(state) == {}
