@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
     p.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
     p.add_argument("--fhir-token", default=os.environ.get("QIDO_CRAWLER_FHIR_TOKEN"), help="bearer token for the FHIR server (env QIDO_CRAWLER_FHIR_TOKEN)")
+    p.add_argument("--fhir-ids", choices=["ours", "server"], default="ours", help="ours: PUT by the crawler's ids (the server must allow update as create); server: conditional updates by identifier, the server's ids kept in the state (default: ours)")
     p.add_argument("--log-server-text", action="store_true", help="keep the FHIR server's error texts (OperationOutcome diagnostics) in logs and the state: they may contain patient data (default: status, issue codes and element paths only)")
     p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once; with --executor dask and no --scheduler, the local cluster's worker processes (default: 4)")
     p.add_argument("--executor", choices=["threads", "dask"], default="threads", help="crawl in this process's threads, or on a Dask cluster (needs the dask extra) (default: threads)")
@@ -293,6 +294,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         fhir_password=args.fhir_password,
         fhir_token=args.fhir_token,
         log_server_text=getattr(args, "log_server_text", False),
+        fhir_ids=getattr(args, "fhir_ids", "ours"),
         orthanc_url=check_base_url(args.orthanc_url) if args.orthanc_url else None,
         checkpoint_every=args.checkpoint_every,
         page_size=args.page_size,

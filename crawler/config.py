@@ -36,6 +36,9 @@ class SyncConfig:
     fhir_user: str | None = None
     fhir_password: str | None = field(default=None, repr=False)
     fhir_token: str | None = field(default=None, repr=False)
+    fhir_ids: str = "ours"
+    """``ours``: PUT [type]/[id] with the crawler's ids (the server must allow update as create);
+    ``server``: conditional updates by identifier, the server's ids kept in the state."""
     log_server_text: bool = False
     """Keep the free text of the FHIR server's OperationOutcomes in logs and the state (it may
     hold patient data); by default only the HTTP status, issue codes and element paths."""

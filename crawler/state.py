@@ -130,6 +130,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             base TEXT PRIMARY KEY,
             max_entries INTEGER
         );
+        CREATE TABLE fhir_ids (
+            base TEXT NOT NULL,
+            type TEXT NOT NULL,
+            id TEXT NOT NULL,
+            server_id TEXT NOT NULL,
+            PRIMARY KEY (base, type, id)
+        );
         """,
     ),
     (
@@ -715,6 +722,18 @@ class State:
         self._q(
             "INSERT INTO fhir_servers (base, max_entries) VALUES (?, ?) ON CONFLICT (base) DO UPDATE SET max_entries = excluded.max_entries",
             (base, max_entries),
+        )
+
+    def fhir_server_id(self, base: str, resource_type: str, resource_id: str) -> str | None:
+        """With --fhir-ids server: the id the FHIR server gave one of our resources."""
+        row = self._q("SELECT server_id FROM fhir_ids WHERE base = ? AND type = ? AND id = ?", (base, resource_type, resource_id)).fetchone()
+        return row[0] if row else None
+
+    def set_fhir_server_id(self, base: str, resource_type: str, resource_id: str, server_id: str) -> None:
+        self._q(
+            "INSERT INTO fhir_ids (base, type, id, server_id) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (base, type, id) DO UPDATE SET server_id = excluded.server_id",
+            (base, resource_type, resource_id, server_id),
         )
 
     def resource_hash(self, resource_type: str, resource_id: str) -> str | None:

@@ -274,6 +274,7 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
             server_text=config.log_server_text,
             max_answer=config.max_response_mb * 2**20,
             written_types=("Endpoint", "ImagingStudy", *(("Patient",) if config.patients else ())),
+            ids=config.fhir_ids,
         )
         fhir.check()
         outputs.append(fhir)
@@ -282,6 +283,8 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
         learned = state.fhir_max_entries(output.base_url) if hasattr(output, "learned_max_entries") else None
         if learned is not None and learned < output.max_entries:
             output.max_entries = learned
+        if getattr(output, "ids", None) == "server":
+            output.server_id_lookup = functools.partial(state.fhir_server_id, output.base_url)
     thresholds = gc.get_threshold()
     # a run allocates millions of short-lived dicts (parsed answers, resources): the default
     # collection thresholds spend a quarter of the crawler's CPU scanning them
@@ -634,6 +637,9 @@ class _Run:
             learned = getattr(sink, "learned_max_entries", None)
             if learned is not None:
                 state.set_fhir_max_entries(sink.base_url, learned)
+            if hasattr(sink, "take_server_ids"):
+                for (resource_type, resource_id), server_id in sink.take_server_ids().items():
+                    state.set_fhir_server_id(sink.base_url, resource_type, resource_id, server_id)
         state.checkpoint()
         self.last_checkpoint = time.monotonic()
 

@@ -172,3 +172,36 @@ def test_sixty_studies_to_a_server_taking_fifty_updates(medplum, tmp_path, capsy
         assert code == 0 and summary["studies_new"] == 60, err
         assert len(refusals) == 1 and bundles and all(n <= 50 for n in bundles)
         assert len(held(server, "ImagingStudy")) == 120
+
+
+@pytest.mark.parametrize("flags", [("--no-update-create",), ("--no-update-create", "--transactions-as-batches", "--minimal")],
+                         ids=["transactions", "batches-minimal"])
+def test_server_ids_on_medplum_without_update_as_create(live, corpus_files, medplum, flags, tmp_path, capsys):
+    server = medplum(*flags)
+    state = tmp_path / "state.db"
+    base = ["sync", live.dicomweb, "--state", str(state), "--fhir-url", server.url, "--fhir-version", "R4", "--fhir-ids", "server",
+            "--json", *ZONE]
+    code, summary, err = run(capsys, *base)
+    assert code == 0 and summary["studies_failed"] == 0, err
+    if "--transactions-as-batches" not in flags:    # Medplum: conditional writes, 8 entries per transaction
+        assert "at most 8 entries per Bundle" in err
+
+    def held_by_uid() -> dict[str, dict]:
+        return {r["identifier"][0]["value"][8:]: r for r in held(server, "ImagingStudy").values()}
+
+    first = {uid: r["id"] for uid, r in held_by_uid().items()}
+    assert len(first) == summary["studies_new"] and not any(i == study_id(live.dicomweb, uid) for uid, i in first.items())
+    by_study = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID: p for p in corpus_files}
+    changed, gone = corpus.uid("study", "09"), corpus.uid("study", "03")
+    live.upload([_copy_with(by_study[changed], tmp_path / "extra.dcm", SOPInstanceUID=corpus.uid("instance", "extra8"), InstanceNumber=96)])
+    live.rest("DELETE", f"/studies/{live.rest('POST', '/tools/lookup', data=gone).json()[0]['ID']}")
+    code, summary, err = run(capsys, *base, "--full", "--prune")
+    assert code == 0 and (summary["studies_changed"], summary["resources_deleted"]) == (1, 1), err
+    now = held_by_uid()
+    assert {uid: r["id"] for uid, r in now.items()} == {uid: i for uid, i in first.items() if uid != gone}
+    (endpoint,) = held(server, "Endpoint").values()
+    expected = exported(state, tmp_path / "export", capsys)
+    for uid, resource in now.items():
+        ours = expected[("ImagingStudy", study_id(live.dicomweb, uid))]
+        assert fhir_sink._same(resource, json.dumps(ours).encode(), references=False), uid
+        assert resource["endpoint"][0]["reference"] == f"Endpoint/{endpoint['id']}"

@@ -63,6 +63,7 @@ import http
 import logging
 import re
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -95,9 +96,17 @@ MAX_ANSWER = 64 * 2**20
 Bundle's resources is about the Bundle's size (``MAX_BYTES``)."""
 READ_BACK_IDS = 50
 """Ids per ``_id`` search when reading back resources whose outcome the answer did not give."""
-KNOWN_SIZE_LIMITS = {"Transaction contains more update operations than allowed": 50}
+KNOWN_SIZE_LIMITS = {
+    "Transaction contains more update operations than allowed": 50,
+    "Transaction requires strict isolation but has too many entries": 8,
+}
 """Refusal texts of known servers and the entries per transaction they allow (Medplum: its
-``maxUpdates``, packages/fhir-router/src/batch.ts)."""
+``maxUpdates``, and ``maxSerializableTransactionEntries`` for transactions with conditional
+writes, packages/fhir-router/src/batch.ts)."""
+STUDY_SYSTEM = "urn:dicom:uid"
+_REFERENCE = re.compile(r"(Endpoint|Patient|ImagingStudy)/([A-Za-z0-9\-.]{1,64})")
+_LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?/?$")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _SIZE_TEXT = re.compile(r"too (many|large|big)|exceed|limit|maximum|more .{0,40} than allowed|size", re.IGNORECASE)
 _PATH = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*|\[[0-9]{1,6}\])*")
 """An element path (``Bundle.entry[2].resource.subject``): what is kept of ``expression`` and
@@ -213,6 +222,7 @@ class FhirServer:
         max_answer: int = MAX_ANSWER,
         server_text: bool = False,
         written_types: Sequence[str] = WRITTEN_TYPES,
+        ids: str = "ours",
     ) -> None:
         parts = urlsplit(base_url)
         if parts.query or parts.fragment:
@@ -240,6 +250,14 @@ class FhirServer:
         self.max_answer = max_answer
         self.server_text = server_text
         self.written_types = tuple(written_types)
+        if ids not in ("ours", "server"):
+            raise ConfigError(f"--fhir-ids must be ours or server, not {ids!r}")
+        self.ids = ids
+        self.server_id_lookup: Callable[[str, str], str | None] = lambda resource_type, resource_id: None
+        """With ids="server": the server id of one of our resources that an earlier run learned."""
+        self._server_ids: dict[tuple[str, str], str] = {}
+        self._new_server_ids: dict[tuple[str, str], str] = {}
+        self._conditions: dict[tuple[str, str], str] = {}
         self.learned_max_entries: int | None = None
         """Set when the server refused a Bundle for its size: the entries per Bundle it takes."""
         self.retry = retry
@@ -279,6 +297,13 @@ class FhirServer:
             if not (_TYPE.fullmatch(resource_type) and _ID.fullmatch(resource_id)):
                 self._refuse(key, f"not a valid FHIR type/id: {resource_type[:64]!r}/{resource_id[:64]!r}")
                 return
+        if self.ids == "server":
+            for resource_type, resource_id, body in resources:
+                condition = _condition(orjson.loads(body))
+                if condition is None:
+                    self._refuse(key, f"its {resource_type} has no identifier with a system to find it by (--fhir-ids server)")
+                    return
+                self._conditions[(resource_type, resource_id)] = condition
         self._queue.append(_Unit(key, tuple(resources)))
         if len(self._queue) >= self.batch_size:
             self._send_queue()
@@ -288,6 +313,9 @@ class FhirServer:
         if not (_TYPE.fullmatch(resource_type) and _ID.fullmatch(resource_id)):
             self._refuse(key, f"not a valid FHIR type/id: {resource_type[:64]!r}/{resource_id[:64]!r}")
             return
+        if self.ids == "server":
+            # the study's own resource, found by its Study Instance UID (``key``)
+            self._conditions[(resource_type, resource_id)] = _token("identifier", f"{STUDY_SYSTEM}|urn:oid:{key}")
         self._queue.append(_Unit(key, delete=(resource_type, resource_id)))
         if len(self._queue) >= self.batch_size:
             self._send_queue()
@@ -317,6 +345,25 @@ class FhirServer:
         if not self._closed and self._own_session:
             self.session.close()
         self._closed = True
+
+    def take_server_ids(self) -> dict[tuple[str, str], str]:
+        """With ids="server": the server ids learned since the last call, for the state to keep."""
+        taken, self._new_server_ids = self._new_server_ids, {}
+        return taken
+
+    def _server_id(self, resource_type: str, resource_id: str) -> str | None:
+        key = (resource_type, resource_id)
+        if key not in self._server_ids:
+            known = self.server_id_lookup(resource_type, resource_id)
+            if known is None:
+                return None
+            self._server_ids[key] = known
+        return self._server_ids[key]
+
+    def _learn_server_id(self, identity: tuple[str, str], server_id: str) -> None:
+        if self._server_id(*identity) != server_id:
+            self._server_ids[identity] = server_id
+            self._new_server_ids[identity] = server_id
 
     def figures(self) -> dict[str, int]:
         return {
@@ -370,11 +417,11 @@ class FhirServer:
                 f"but --fhir-version {self.fhir_version} writes FHIR {wanted}{hint}"
             )
         no_update_create = _check_capabilities(statement, self.base_url, self.written_types)
-        if no_update_create:
+        if no_update_create and self.ids == "ours":
             raise ConfigError(
                 f"FHIR server {self.base_url} does not allow update as create (PUT of a new id) for "
                 f"{', '.join(no_update_create)} (CapabilityStatement updateCreate: false); qido-crawler assigns the "
-                "resource ids itself and needs it: allow client-assigned ids on the server"
+                "resource ids itself and needs it: allow client-assigned ids on the server, or use --fhir-ids server"
             )
         self.server_version = found
         return found
@@ -401,6 +448,8 @@ class FhirServer:
 
     def _send_in_chunks(self, units: list[_Unit]) -> None:
         """Bundles cut one at a time, so that a limit learned while sending one applies to the rest."""
+        if self.ids == "server":
+            units = [unit for unit in units if self._references_known(unit)]
         while units:
             chunk = self._chunks(units)[0]
             units = units[len(chunk):]
@@ -429,6 +478,35 @@ class FhirServer:
             chunks.append(chunk)
         return chunks
 
+    def _references_known(self, unit: _Unit) -> bool:
+        """With ids="server": whether every resource a study's resources reference is either sent
+        with it or has a known server id; if not the study is refused (its reference would dangle)."""
+        carried = {(t, i) for t, i, _ in unit.puts}
+        for _, _, body in unit.puts:
+            for target in sorted(_references(orjson.loads(body))):
+                if target not in carried and self._server_id(*target) is None:
+                    self._refuse(unit.key, f"the server id of its {target[0]} is not known (sent before without --fhir-ids server?)")
+                    return False
+        return True
+
+    def _server_entry(self, resource_type: str, resource_id: str, body: bytes, in_bundle: set[tuple[str, str]]) -> bytes:
+        """A resource as sent with server-assigned ids: no id, references to resources in the same
+        Bundle by their ``urn:uuid`` fullUrl, to others by their server id."""
+        resource = orjson.loads(body)
+        resource.pop("id", None)
+
+        def target(reference: str) -> str:
+            found = _REFERENCE.fullmatch(reference)
+            if found is None:
+                return reference
+            identity = (found[1], found[2])
+            if identity in in_bundle:
+                return _placeholder(found[2])
+            known = self._server_id(*identity)
+            return f"{found[1]}/{known}" if known else reference
+
+        return orjson.dumps(_rewrite_references(resource, target))
+
     def _build(self, units: Sequence[_Unit]) -> _Bundle:
         """The transaction Bundle's bytes: shared resources first (each once, the latest
         version queued), then the studies' own, then the deletions. The resources' bytes are
@@ -445,11 +523,17 @@ class FhirServer:
         methods: list[str] = []
         identities: list[tuple[str, str]] = []
         bodies: list[bytes | None] = []
+        server = self.ids == "server"
+        in_bundle = {*shared, *own}
         for (resource_type, resource_id), body in (*shared.items(), *own.items()):
             path = f"{resource_type}/{resource_id}"
+            full_url = f"{self.base_url}/{path}"
+            if server:
+                body = self._server_entry(resource_type, resource_id, body, in_bundle)
+                path, full_url = f"{resource_type}?{self._conditions[(resource_type, resource_id)]}", _placeholder(resource_id)
             parts += (
                 b"," if methods else b"",
-                b'{"fullUrl":', orjson.dumps(f"{self.base_url}/{path}"),
+                b'{"fullUrl":', orjson.dumps(full_url),
                 b',"resource":', body.strip(),
                 b',"request":{"method":"PUT","url":', orjson.dumps(path), b"}}",
             )
@@ -458,6 +542,8 @@ class FhirServer:
             bodies.append(body)
         for resource_type, resource_id in deletes:
             path = f"{resource_type}/{resource_id}"
+            if server:
+                path = f"{resource_type}?{self._conditions[(resource_type, resource_id)]}"
             parts += (b"," if methods else b"", b'{"request":{"method":"DELETE","url":', orjson.dumps(path), b"}}")
             methods.append("DELETE")
             identities.append((resource_type, resource_id))
@@ -539,7 +625,14 @@ class FhirServer:
             raise _Exhausted(exc.reason) from None
         status = answer.status
         if 200 <= status < 300:
-            outcomes = _entry_outcomes(answer.content, bundle, self.server_text)
+            outcomes, locations = _entry_outcomes(answer.content, bundle, self.server_text)
+            if self.ids == "server":
+                for n, (outcome, location) in enumerate(zip(outcomes, locations)):
+                    if outcome is None and bundle.methods[n] == "PUT":
+                        if location is not None and location[0] == bundle.identities[n][0]:
+                            self._learn_server_id(bundle.identities[n], location[1])
+                        else:
+                            outcomes[n] = _UNKNOWN    # accepted, but where? read back to learn its id
             unknown = [n for n, outcome in enumerate(outcomes) if outcome is _UNKNOWN]
             if unknown:
                 self._read_back(bundle, unknown, outcomes)
@@ -565,6 +658,9 @@ class FhirServer:
         """Settle the entries the answer gave no status for by reading them back: a PUT is
         confirmed when the server holds what was sent (``meta`` and ``text`` aside), a DELETE
         when it holds nothing under that id. Fills in ``outcomes``."""
+        if self.ids == "server":
+            self._read_back_by_condition(bundle, unknown, outcomes)
+            return
         by_type: dict[str, list[int]] = {}
         for n in unknown:
             by_type.setdefault(bundle.identities[n][0], []).append(n)
@@ -585,9 +681,39 @@ class FhirServer:
                     else:
                         outcomes[n] = None if _same(found, body) else "no outcome in the answer, and the server holds another version"
 
+    def _read_back_by_condition(self, bundle: _Bundle, unknown: list[int], outcomes: list[Any]) -> None:
+        """``_read_back`` with server-assigned ids: each resource is searched by what it is
+        addressed by (its identifier, the Endpoint's name), one search per resource; a PUT's
+        content is compared with references aside (the server rewrites them), and its id is learned."""
+        for n in unknown:
+            self.read_back += 1
+            resource_type = bundle.identities[n][0]
+            condition = self._conditions[bundle.identities[n]]
+            found, failure = self._search(f"{self.base_url}/{resource_type}?{condition}&_count=2", resource_type, None)
+            body = bundle.bodies[n]
+            if failure is not None:
+                outcomes[n] = f"no outcome in the answer, and reading it back failed: {failure}"
+            elif len(found) > 1:
+                outcomes[n] = f"several {resource_type} resources on the server have its identifier"
+            elif body is None:
+                outcomes[n] = None if not found else "no outcome in the answer, and the server still holds it"
+            elif not found:
+                outcomes[n] = "no outcome in the answer, and the server does not hold it"
+            else:
+                (held_id, held), = found.items()
+                if _same(held, body, references=False):
+                    outcomes[n] = None
+                    self._learn_server_id(bundle.identities[n], held_id)
+                else:
+                    outcomes[n] = "no outcome in the answer, and the server holds another version"
+
     def _search_ids(self, resource_type: str, ids: list[str]) -> tuple[dict[str, dict[str, Any]], str | None]:
         """``GET [base]/[type]?_id=a,b,...``: the resources found by id, or a reason it failed."""
         url = f"{self.base_url}/{resource_type}?_id={quote(','.join(ids), safe=',')}&_count={len(ids)}"
+        return self._search(url, resource_type, ids)
+
+    def _search(self, url: str, resource_type: str, ids: list[str] | None) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """The resources of ``resource_type`` a search answers (only those in ``ids`` if given), by id."""
         try:
             answer = self._send("GET", url)
         except _Retriable as exc:
@@ -605,7 +731,8 @@ class FhirServer:
         held: dict[str, dict[str, Any]] = {}
         for entry in found.get("entry") or []:
             resource = entry.get("resource") if isinstance(entry, dict) else None
-            if isinstance(resource, dict) and resource.get("resourceType") == resource_type and resource.get("id") in ids:
+            if (isinstance(resource, dict) and resource.get("resourceType") == resource_type and isinstance(resource.get("id"), str)
+                    and (ids is None or resource["id"] in ids)):
                 held[resource["id"]] = resource
         return held, None
 
@@ -741,8 +868,9 @@ _UNKNOWN = object()
 """An entry whose outcome the answer does not give."""
 
 
-def _entry_outcomes(content: bytes | None, bundle: _Bundle, server_text: bool) -> list[Any]:
-    """Per entry of ``bundle``: None (accepted), a one-line reason (refused) or _UNKNOWN.
+def _entry_outcomes(content: bytes | None, bundle: _Bundle, server_text: bool) -> tuple[list[Any], list[tuple[str, str] | None]]:
+    """Per entry of ``bundle``: None (accepted), a one-line reason (refused) or _UNKNOWN; and
+    the (type, id) its ``response.location`` names, if any.
 
     A conformant server never answers 200 with failed entries; one that ran the transaction as
     a batch does. An answer that is no Bundle, or has fewer entries, or entries without a
@@ -755,10 +883,14 @@ def _entry_outcomes(content: bytes | None, bundle: _Bundle, server_text: bool) -
     if isinstance(answer, dict) and answer.get("resourceType") == "Bundle" and isinstance(answer.get("entry"), list):
         entries = answer["entry"]
     outcomes: list[Any] = []
+    locations: list[tuple[str, str] | None] = []
     for n, method in enumerate(bundle.methods):
         entry = entries[n] if n < len(entries) else None
         response = entry.get("response") if isinstance(entry, dict) else None
         status = _status_of(response.get("status")) if isinstance(response, dict) else None
+        location = response.get("location") if isinstance(response, dict) else None
+        found = _LOCATION.search(location) if isinstance(location, str) else None
+        locations.append((found[1], found[2]) if found else None)
         if status is None or 300 <= status < 400:
             outcomes.append(_UNKNOWN)
         elif 200 <= status < 300 or (method == "DELETE" and status in GONE):
@@ -767,14 +899,60 @@ def _entry_outcomes(content: bytes | None, bundle: _Bundle, server_text: bool) -
             outcome = response.get("outcome") if isinstance(response, dict) else None
             summary = _issue_summary(outcome, server_text) if isinstance(outcome, dict) else None
             outcomes.append(_one_line(_status_line(status), summary))
-    return outcomes
+    return outcomes, locations
 
 
-def _same(held: dict[str, Any], sent: bytes) -> bool:
-    def content(resource: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in resource.items() if k not in ("meta", "text")}
+def _same(held: dict[str, Any], sent: bytes, references: bool = True) -> bool:
+    """Whether the server holds what was sent, ``meta`` and ``text`` aside (and ``id`` and the
+    references' targets when the server assigns ids)."""
+    def content(resource: dict[str, Any]) -> Any:
+        kept = {k: v for k, v in resource.items() if k not in ("meta", "text") and (references or k != "id")}
+        return kept if references else _rewrite_references(kept, lambda reference: "")
 
     return content(held) == content(orjson.loads(sent))
+
+
+def _condition(resource: dict[str, Any]) -> str | None:
+    """The search a resource is addressed by with server-assigned ids: the Endpoint by its name
+    (which holds its address; R4 and R5 have no search parameter for the address), the others
+    by their first identifier with a system (one without a system could match another issuer's)."""
+    if resource.get("resourceType") == "Endpoint":
+        name = resource.get("name")
+        return f"name:exact={quote(name, safe='')}" if isinstance(name, str) and name else None
+    for identifier in resource.get("identifier") or []:
+        if isinstance(identifier, dict) and isinstance(identifier.get("system"), str) and isinstance(identifier.get("value"), str):
+            return _token("identifier", f"{identifier['system']}|{identifier['value']}")
+    return None
+
+
+def _token(name: str, value: str) -> str:
+    return f"{name}={quote(value.replace(',', chr(92) + ','), safe=':/')}"
+
+
+def _placeholder(resource_id: str) -> str:
+    """The ``urn:uuid`` fullUrl of an entry (our ids are UUIDs; anything else gets one made from it)."""
+    return f"urn:uuid:{resource_id if _UUID.fullmatch(resource_id) else uuid.uuid5(uuid.NAMESPACE_URL, resource_id)}"
+
+
+def _references(resource: Any) -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+
+    def note(reference: str) -> str:
+        match = _REFERENCE.fullmatch(reference)
+        if match:
+            found.add((match[1], match[2]))
+        return reference
+
+    _rewrite_references(resource, note)
+    return found
+
+
+def _rewrite_references(value: Any, change: Callable[[str], str]) -> Any:
+    if isinstance(value, dict):
+        return {k: (change(v) if k == "reference" and isinstance(v, str) else _rewrite_references(v, change)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rewrite_references(v, change) for v in value]
+    return value
 
 
 def _status_of(value: Any) -> int | None:
