@@ -353,3 +353,20 @@ def test_dask_runs_the_undated_sweep_too(tmp_path):
     assert code == 0, stderr[-2000:]
     assert summary["studies_new"] == 300
     assert summary["windows_incomplete"] == 0
+
+
+def test_audit_of_a_server_that_ignores_StudyDate_ends_with_the_window_reported(tmp_path):
+    with FakePacs(n_studies=300, seed=14, ignore_filters=True, ignore_offset=True) as pacs:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "crawler", "audit", pacs.url, "--report", str(tmp_path / "report"), "--page-size", "20", "--json"],
+                capture_output=True, text=True, timeout=60, cwd=ROOT,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the audit was still running after 60 s ({pacs.counts()['studies']} study searches)")
+        searches = pacs.counts()["studies"]
+    assert done.returncode == 1, done.stderr[-2000:]
+    document = json.loads((tmp_path / "report" / "findings.json").read_text())
+    windows = next(f["windows"] for f in document["findings"] if f["code"] == "WINDOW_INCOMPLETE")
+    assert any("ignores StudyDate" in window for window in windows)
+    assert searches < 100 and len(done.stderr) < 20_000
