@@ -151,6 +151,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        9,
+        "the form of matching keys each source honours (tags or keywords)",
+        """
+        ALTER TABLE sources ADD COLUMN key_form TEXT;
+        """,
+    ),
 ]
 
 MIGRATIONS_TABLE = "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
@@ -691,6 +698,17 @@ class State:
             "INSERT INTO sources (source, cap, verified_uncapped) VALUES (?, ?, ?) "
             "ON CONFLICT (source) DO UPDATE SET cap = excluded.cap, verified_uncapped = excluded.verified_uncapped",
             (source, cap, verified),
+        )
+
+    def key_form(self, source: str) -> str | None:
+        """How the source takes matching keys, as learned by a listing: "tags", "keywords" or None."""
+        row = self._q("SELECT key_form FROM sources WHERE source = ?", (source,)).fetchone()
+        return row[0] if row else None
+
+    def set_key_form(self, source: str, form: str) -> None:
+        self._q(
+            "INSERT INTO sources (source, key_form) VALUES (?, ?) ON CONFLICT (source) DO UPDATE SET key_form = excluded.key_form",
+            (source, form),
         )
 
     def changes_position(self, source: str) -> int | None:

@@ -389,6 +389,7 @@ class _Run:
         config, state, figures = self.config, self.state, self.figures
         known_cap, verified = state.source_facts(self.source)
         report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
+        report.filters.keywords = state.key_form(self.source) == "keywords"
         self.notices = report.notices
         if config.executor == "dask":
             from .distributed import Coordinator
@@ -399,6 +400,8 @@ class _Run:
         if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0 and not report.filters.ignored:
             raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
         state.set_source_facts(self.source, report.cap if config.max_results is None else known_cap, report.verified)
+        if report.filters.tried:
+            state.set_key_form(self.source, "keywords" if report.filters.keywords else "tags")
         if config.full and self.crawled_ok:
             state.set_fallbacks(self.source, self.fallbacks_used)
         elif self.fallbacks_used.keys() - self.remembered.keys():

@@ -370,3 +370,17 @@ def test_audit_of_a_server_that_ignores_StudyDate_ends_with_the_window_reported(
     windows = next(f["windows"] for f in document["findings"] if f["code"] == "WINDOW_INCOMPLETE")
     assert any("ignores StudyDate" in window for window in windows)
     assert searches < 100 and len(done.stderr) < 20_000
+
+
+def test_the_form_of_matching_keys_learned_is_kept_for_the_source(tmp_path):
+    with FakePacs(n_studies=120, seed=15, keyword_only=True, max_results=50) as pacs:
+        first = sync_in_process(pacs, tmp_path, page_size=100)
+        assert first.exit_code == 0, first.errors
+        assert any(re.search(r"(^|&)00080020=", r.query) for r in pacs.requests if r.kind == "studies")
+        pacs.reset_counts()
+        second = sync_in_process(pacs, tmp_path, page_size=100, full=True)
+        queries = [r.query for r in pacs.requests if r.kind == "studies"]
+    assert second.exit_code == 0, second.errors
+    assert second.figures.studies_unchanged == 120
+    assert not [q for q in queries if re.search(r"(^|&)00080020=", q)]
+    assert [q for q in queries if re.search(r"(^|&)StudyDate=", q)]
