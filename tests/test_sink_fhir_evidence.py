@@ -244,3 +244,12 @@ def test_a_transaction_answer_that_trickles_refuses_its_studies_in_bounded_time(
         refused = send(sink, 2, 2)
         assert set(refused) == {key(0), key(1)} and all("not complete within 0.5 s" in r for r in refused.values())
         assert time.monotonic() - started < 15
+
+
+def test_an_answer_whose_headers_trickle_is_cut_at_the_deadline():
+    with FakeFhir(trickle_headers=0.05) as server:
+        sink = make_sink(server, deadline=0.5)
+        started = time.monotonic()
+        with pytest.raises(SinkError, match="within 0.5 s"):
+            sink.check()
+        assert time.monotonic() - started < 5 and sink.requests == FAST.attempts

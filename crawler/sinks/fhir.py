@@ -76,7 +76,7 @@ import tenacity
 import urllib3
 
 from ..errors import ConfigError, SinkError
-from ..qido import RETRIABLE_STATUS, RetryPolicy, check_base_url, redact, retry_after_seconds, retry_wait
+from ..qido import WATCHDOG, RETRIABLE_STATUS, DeadlineAdapter, RetryPolicy, check_base_url, redact, retry_after_seconds, retry_wait
 from .base import Resource
 
 log = logging.getLogger("crawler")
@@ -264,7 +264,7 @@ class FhirServer:
         self._sleep = sleep
         self._own_session = session is None
         self.session = session or requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
+        adapter = DeadlineAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.verify = verify
@@ -758,14 +758,24 @@ class FhirServer:
     def _send_once(self, method: str, url: str, body: bytes | None) -> _Answer:
         started = time.monotonic()
         target = url
-        for _ in range(MAX_REDIRECTS + 1):
-            answer = self._exchange(method, target, body, started)
-            location = answer.headers.get("Location")
-            if answer.status not in REDIRECTS or not location:
-                break
-            target = self._follow(method, target, location, answer.status)
-        else:
-            raise SinkError(f"FHIR server {self.base_url} redirected {method} more than {MAX_REDIRECTS} times")
+        # the watchdog shuts the socket at the deadline wherever the request waits: a server
+        # sending its status line or headers a byte at a time is cut too (read timeouts are not)
+        with WATCHDOG.deadline(started + self.deadline) as watched:
+            for _ in range(MAX_REDIRECTS + 1):
+                try:
+                    answer = self._exchange(method, target, body, started)
+                except _Retriable:
+                    if watched.fired:
+                        raise _Retriable(f"the answer was not complete within {self.deadline:g} s") from None
+                    raise
+                if watched.fired:
+                    raise _Retriable(f"the answer was not complete within {self.deadline:g} s")
+                location = answer.headers.get("Location")
+                if answer.status not in REDIRECTS or not location:
+                    break
+                target = self._follow(method, target, location, answer.status)
+            else:
+                raise SinkError(f"FHIR server {self.base_url} redirected {method} more than {MAX_REDIRECTS} times")
         status = answer.status
         if status in (401, 403):
             raise SinkError(
