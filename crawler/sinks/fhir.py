@@ -64,7 +64,6 @@ import logging
 import re
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,10 +72,22 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import orjson
 import requests
 import tenacity
-import urllib3
 
 from ..errors import ConfigError, SinkError
-from ..qido import WATCHDOG, RETRIABLE_STATUS, DeadlineAdapter, RetryPolicy, check_base_url, redact, retry_after_seconds, retry_wait
+from ..qido import (
+    RETRIABLE_STATUS,
+    WATCHDOG,
+    BodyTooLarge,
+    DeadlineAdapter,
+    DeadlineExceeded,
+    RetryPolicy,
+    UnsupportedEncoding,
+    check_base_url,
+    read_answer,
+    redact,
+    retry_after_seconds,
+    retry_wait,
+)
 from .base import Resource
 
 log = logging.getLogger("crawler")
@@ -833,43 +844,17 @@ class FhirServer:
             raise _Retriable(f"request failed: {_reason(exc)}") from None
 
     def _read(self, response: requests.Response, started: float) -> bytes:
-        """The body, decoded (identity, gzip, x-gzip, deflate) with a cap on its decoded size, and
-        read piece by piece against the request's deadline (a server sending a byte at a time
-        would outlast any per-read timeout)."""
-        encoding = response.headers.get("Content-Encoding", "").strip().lower()
-        if encoding in ("", "identity"):
-            decoder = None
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > self.max_answer:
-                raise _AnswerTooLarge
-        elif encoding in ("gzip", "x-gzip", "deflate"):
-            decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
-        else:
-            raise _AnswerTooLarge
-        pieces: list[bytes] = []
-        size = 0
-        raw = response.raw
-        while True:
-            if time.monotonic() - started > self.deadline:
-                raise _Retriable(f"the answer was not complete within {self.deadline:g} s")
-            try:
-                piece = raw.read1(65536, decode_content=False)
-            except urllib3.exceptions.ReadTimeoutError:
-                raise _Retriable(f"no answer within {min(self.timeout[1], self.deadline):g} s") from None
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise _Retriable(f"the answer was cut short: {_reason(exc)}") from None
-            if not piece:
-                break
-            if decoder is not None:
-                try:
-                    piece = decoder.decompress(piece, self.max_answer - size + 1)
-                except zlib.error:
-                    raise _AnswerTooLarge from None
-            size += len(piece)
-            if size > self.max_answer:
-                raise _AnswerTooLarge
-            pieces.append(piece)
-        return b"".join(pieces)
+        """The body, decoded, by the QIDO client's ``read_answer``: piece by piece against the
+        request's deadline, capped at ``max_answer`` on the wire and after decoding (identity,
+        gzip, x-gzip, deflate; other encodings are not read). _AnswerTooLarge when it is not read."""
+        try:
+            return read_answer(response.raw, self.max_answer, started + self.deadline, self.timeout[1])
+        except (BodyTooLarge, UnsupportedEncoding, requests.exceptions.ContentDecodingError):
+            raise _AnswerTooLarge from None
+        except DeadlineExceeded:
+            raise _Retriable(f"the answer was not complete within {self.deadline:g} s") from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            raise _Retriable(f"the answer was cut short: {_reason(exc)}") from None
 
 
 # --- reading answers -----------------------------------------------------------------------
