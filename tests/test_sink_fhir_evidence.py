@@ -253,3 +253,24 @@ def test_an_answer_whose_headers_trickle_is_cut_at_the_deadline():
         with pytest.raises(SinkError, match="within 0.5 s"):
             sink.check()
         assert time.monotonic() - started < 5 and sink.requests == FAST.attempts
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    from fixtures.hostile import self_signed
+
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_ca_bundle_and_insecure_win_over_the_environment(certificate, variable, monkeypatch, tmp_path):
+    monkeypatch.setenv(variable, str(tmp_path / "no-such-bundle.pem"))
+    cert, key = certificate
+    with FakeFhir(tls=(str(cert), str(key))) as server:
+        assert server.url.startswith("https://")
+        assert make_sink(server, verify=str(cert)).check() == "5.0.0"
+        assert make_sink(server, verify=False).check() == "5.0.0"
+        monkeypatch.delenv(variable)
+        with pytest.raises(SinkError, match="TLS error"):
+            make_sink(server).check()

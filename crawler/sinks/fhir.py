@@ -819,8 +819,11 @@ class FhirServer:
         timeout = (min(self.timeout[0], remaining), min(self.timeout[1], remaining))
         self.requests += 1
         try:
+            # passed per request, --ca-bundle and --insecure win over REQUESTS_CA_BUNDLE and
+            # CURL_CA_BUNDLE (requests lets the environment win over the session's setting)
+            verify = None if self.session.verify is True else self.session.verify
             response = self.session.request(
-                method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+                method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False, stream=True, verify=verify
             )
             try:
                 if response.status_code in REDIRECTS:
