@@ -271,6 +271,9 @@ def test_ca_bundle_and_insecure_win_over_the_environment(certificate, variable, 
         assert server.url.startswith("https://")
         assert make_sink(server, verify=str(cert)).check() == "5.0.0"
         assert make_sink(server, verify=False).check() == "5.0.0"
+        if variable == "REQUESTS_CA_BUNDLE":      # with the default verification the environment counts
+            with pytest.raises(ConfigError, match="cannot set up TLS .*no-such-bundle"):
+                make_sink(server).check()
         monkeypatch.delenv(variable)
         with pytest.raises(SinkError, match="TLS error"):
             make_sink(server).check()

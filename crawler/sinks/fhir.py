@@ -845,6 +845,8 @@ class FhirServer:
             raise _Retriable(f"no answer within {min(self.timeout[1], self.deadline):g} s") from None
         except requests.exceptions.RequestException as exc:
             raise _Retriable(f"request failed: {_reason(exc)}") from None
+        except OSError as exc:   # requests' own: a CA bundle (e.g. from REQUESTS_CA_BUNDLE) it cannot read
+            raise ConfigError(f"cannot set up TLS for FHIR server {self.base_url}: {' '.join(str(exc).split())[:300]}") from None
 
     def _read(self, response: requests.Response, started: float) -> bytes:
         """The body, decoded, by the QIDO client's ``read_answer``: piece by piece against the
