@@ -15,8 +15,10 @@ against the window (StudyDate, and StudyTime in a time range): a server that ign
 would otherwise look capped in every part and be split down to single seconds, from 1900 to
 2099. On the first stray study the other form of the matching keys is tried once (keywords
 ``StudyDate=`` instead of tags ``00080020=``; PS3.18 allows both and some servers honour one),
-and kept for the run if it works; otherwise the window is not split any further and is reported
-incomplete, and windows relying on the ignored key are not listed. A page longer than ``limit``
+and kept if it works: its answers match, and the day of a study the server just showed, asked
+for in that form, lists that study (a server may answer a form it does not know with nothing,
+which would otherwise pass for an empty window). Otherwise the window is not split any further
+and is reported incomplete, and windows relying on the ignored key are not listed. A page longer than ``limit``
 (a server that ignores it) is the server's whole answer, not a sign of a cap. Warnings that could
 recur per window are bounded (see notices).
 """
@@ -79,6 +81,13 @@ class Filters:
     def matched(self) -> None:
         """A page matched its window: the form in use is kept."""
         self.trying = None
+
+    def lost(self, key: str) -> None:
+        """The other form, just tried, did not return studies of the window that the first form
+        returned: the first form is kept, and ``key`` is ignored in it."""
+        self.keywords = not self.keywords
+        self.trying = None
+        self.ignored.add(key)
 
     def merge(self, other: Filters) -> None:
         """What a listing task (distributed) learned: the first task to try the other form
@@ -193,6 +202,29 @@ def _mended(items: list[dict[str, Any]], state: WindowListing, report: ListingRe
     items[:] = kept
 
 
+def _form_works(client: QidoClient, report: ListingReport, items: list[dict[str, Any]], pages: int = 10) -> bool:
+    """Whether the form of matching keys now in use finds a study the server just showed: the
+    day of a dated study among ``items``, asked for in that form, must list it. (A server may
+    answer an unknown form with nothing at all, which no window could tell from an empty one.)"""
+    for item in items:
+        day, uid = study_date(item), _text(item, Tag.StudyInstanceUID)
+        if day is not None and uid:
+            break
+    else:
+        return True
+    page_size = client.page_size(report.page_size)
+    params = [*Window(day, day).params(report.filters.keywords), ("limit", page_size)]
+    offset = 0
+    for _ in range(pages):
+        found = client.get("studies", "studies", params + ([("offset", offset)] if offset else [])).items
+        if any(_text(other, Tag.StudyInstanceUID) == uid for other in found):
+            return True
+        if len(found) < page_size:
+            return False
+        offset += len(found)
+    return True
+
+
 def _form(report: ListingReport) -> str:
     return "keywords (StudyDate=)" if report.filters.keywords else "tags (00080020=)"
 
@@ -265,6 +297,10 @@ def list_window(
                     f"{window}: the server returned studies that do not match {missed} sent as "
                     f"{'tags' if filters.keywords else 'keywords'}: trying {_form(report)} for this run",
                 )
+                if not _form_works(client, report, page.items):
+                    filters.lost(missed)
+                    state.ignored = missed
+                    return
                 offset, previous, long_pages = 0, None, False
                 state.total = state.undated = state.untimed = 0
                 if state.dates is not None:
@@ -297,9 +333,12 @@ def list_window(
         offset += len(page.items)
 
 
-def _probe(client: QidoClient, window: Window, dates: array, uid_hashes: array, page_size: int, filters: Filters) -> bool | str:
+def _probe(
+    client: QidoClient, window: Window, dates: array, uid_hashes: array, page_size: int, filters: Filters
+) -> bool | tuple[str, list[dict[str, Any]]]:
     """True when a half of ``window`` holds a study that the window's own listing did not
-    return; the matching key a half's studies do not match when the server ignores it."""
+    return; the matching key a half's studies do not match (and those studies) when the server
+    ignores it."""
     ordered = sorted(dates)
     median = f"{ordered[(len(ordered) - 1) // 2]:08d}"
     uids = set(uid_hashes)
@@ -311,7 +350,7 @@ def _probe(client: QidoClient, window: Window, dates: array, uid_hashes: array, 
             items = client.get("studies", "studies", params).items
             missed = _stray(half, items)
             if missed:
-                return missed
+                return missed, items
             for item in items:
                 uid = _text(item, Tag.StudyInstanceUID)
                 if uid and hash(uid) not in uids:
@@ -347,11 +386,16 @@ def verify_cap(client: QidoClient, state: WindowListing, report: ListingReport) 
     """The silent-cap check of a window listed with ``state.dates`` kept (see the module docstring)."""
     if state.capped is None and state.ignored is None and state.dates and state.total > max(report.verified, 1) and state.window.splittable:
         found = _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size), report.filters)
-        while isinstance(found, str):
-            if not report.filters.stray(found):
-                state.ignored = found
+        while isinstance(found, tuple):
+            missed, items = found
+            if not report.filters.stray(missed):
+                state.ignored = missed
                 return
-            report.notices.emit("filter warnings", f"{state.window}: the server returned studies that do not match {found}: trying {_form(report)} for this run")
+            report.notices.emit("filter warnings", f"{state.window}: the server returned studies that do not match {missed}: trying {_form(report)} for this run")
+            if not _form_works(client, report, items):
+                report.filters.lost(missed)
+                state.ignored = missed
+                return
             found = _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size), report.filters)
         if found:
             report.cap = state.total if report.cap is None else min(report.cap, state.total)

@@ -384,3 +384,21 @@ def test_the_form_of_matching_keys_learned_is_kept_for_the_source(tmp_path):
     assert second.figures.studies_unchanged == 120
     assert not [q for q in queries if re.search(r"(^|&)00080020=", q)]
     assert [q for q in queries if re.search(r"(^|&)StudyDate=", q)]
+
+
+def test_the_other_form_must_return_what_the_first_showed_of_the_window(tmp_path):
+    """Tags ignored, keywords matching nothing: switching to keywords must not pass for a fix."""
+    with FakePacs(n_studies=300, seed=16, keyword_only=True, keywords_match_nothing=True, max_results=50) as pacs:
+        code, summary, stderr, _, _ = run_cli(pacs, tmp_path, "--page-size", "100")
+    assert code == 1, stderr[-2000:]
+    assert summary["windows_incomplete"] >= 1
+    assert "ignores StudyDate" in stderr
+
+
+def test_a_switch_of_form_found_by_the_silent_cap_check_is_verified_too(tmp_path):
+    with FakePacs(n_studies=300, seed=17, keyword_only=True, keywords_match_nothing=True) as pacs:
+        code, summary, stderr, _, _ = run_cli(pacs, tmp_path, "--page-size", "100")
+    # uncapped: the full listing is whole, but neither form can be trusted for windows
+    assert code == 1, stderr[-2000:]
+    assert summary["studies_listed"] == 300
+    assert "ignores StudyDate" in stderr
