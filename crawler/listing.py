@@ -414,10 +414,7 @@ def follow_up(state: WindowListing, report: ListingReport, undated: UndatedRisk,
     if state.unreadable:
         report.incomplete.append(f"{state.window}: {state.unreadable} listing entries could not be read, nor their studies named")
     if state.ignored is not None:
-        report.incomplete.append(
-            f"{state.window}: the server ignores {state.ignored} (as tags and as keywords: it returned studies outside the window); "
-            "not split further"
-        )
+        report.incomplete.append(f"{state.window}: the server ignores {state.ignored}, as a tag and as a keyword; not split further")
         return []
     if state.capped is None:
         report.windows_complete += 1
