@@ -505,8 +505,13 @@ SAMPLE = 10_000
 SWEEP_MAX_REQUESTS = 2_000
 SWEEP_MAX_LENGTH = 16
 _BASE = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_NOT_IN_PARTS = frozenset("*?\\,")
-"""Characters a prefix cannot hold: the wildcards, the value and list separators."""
+
+
+def _alphabet(*sets: frozenset[str] | set[str]) -> list[str]:
+    """The characters a prefix may end with: letters, digits and ``-._``, which travel in a
+    query string as they are (servers that do not percent-decode values, like Orthanc 1.10,
+    would match anything else literally), and are neither wildcards nor separators."""
+    return sorted(c for c in set().union(*sets) if c.isascii() and (c.isalnum() or c in "-._"))
 
 
 def _sample(state: WindowListing, items: list[dict[str, Any]]) -> None:
@@ -527,14 +532,15 @@ def sweep_undated(client: QidoClient, undated: UndatedRisk, report: ListingRepor
     by Patient ID prefix (``PatientID=A*``: wildcard matching, PS3.4 C.2.2.2.4; UIDs cannot be
     matched by wildcard), a part split by one more character while it is capped.
 
-    Best effort: the alphabet at each position is 0-9 A-Z plus the characters seen in the
-    Patient IDs listed; studies without a Patient ID cannot be reached. The sweep checks itself
+    Best effort: the alphabet at each position is 0-9 A-Z plus the letters, digits and ``-._``
+    seen in the Patient IDs listed; studies without a Patient ID, or with another character at
+    a position that must be split, cannot be reached. The sweep checks itself
     by the undated studies the capped listing did return: if one of them is not found, a part is
     still capped, the server ignores PatientID, or more than SWEEP_MAX_REQUESTS are needed, the
     undated studies stay reported as at risk. Patient IDs and prefixes are patient data: only
     counts are logged."""
     key = "PatientID" if report.filters.keywords else Tag.PatientID
-    queue: deque[tuple[str, bool]] = deque((c, False) for c in sorted((_BASE | undated.chars) - _NOT_IN_PARTS))
+    queue: deque[tuple[str, bool]] = deque((c, False) for c in _alphabet(_BASE, undated.chars))
     found: set[str] = set()
     requests = parts = 0
     failure: str | None = None
@@ -555,7 +561,8 @@ def sweep_undated(client: QidoClient, undated: UndatedRisk, report: ListingRepor
                 kept = []
                 for item in page:
                     pid = _text(item, Tag.PatientID) or ""
-                    if (pid != prefix) if exact else not pid.startswith(prefix):
+                    # servers may match case-insensitively: parts then overlap, merged by UID
+                    if (pid.upper() != prefix.upper()) if exact else not pid.upper().startswith(prefix.upper()):
                         failure = "the server ignores PatientID (or its wildcards)"
                         break
                     if len(pid) > len(prefix):
@@ -580,7 +587,7 @@ def sweep_undated(client: QidoClient, undated: UndatedRisk, report: ListingRepor
         elif len(prefix) >= SWEEP_MAX_LENGTH:
             failure = f"a part of the sweep by PatientID is still capped at {SWEEP_MAX_LENGTH} characters"
         else:
-            children = [(prefix + c, False) for c in sorted((_BASE | undated.chars | sample) - _NOT_IN_PARTS)]
+            children = [(prefix + c, False) for c in _alphabet(_BASE, undated.chars, sample)]
             queue.extendleft(reversed([(prefix, True), *children]))
     missed = sum(1 for uid in undated.seen if uid not in found)
     if failure is None and missed:
