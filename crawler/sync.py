@@ -356,8 +356,8 @@ class _Run:
             report = self._list_and_crawl(windows)
             listing_clean = not report.incomplete and not self.listing_errors
             if listing_clean:
-                self._find_gone(windows)
-                if self.changes_position is not None:
+                listing_clean = self._find_gone(windows)
+                if listing_clean and self.changes_position is not None:
                     state.set_changes_position(self.source, self.changes_position)
             self._checkpoint()
             run_dir = self.ndjson.finish() if self.ndjson else None
@@ -646,11 +646,18 @@ class _Run:
         state.checkpoint()
         self.last_checkpoint = time.monotonic()
 
-    def _find_gone(self, windows: list[Window]) -> None:
-        """Studies the state holds in the listed windows that the listing no longer showed: marked
-        gone, and with --prune sent to the sinks as deletions (recorded at the checkpoint)."""
+    def _find_gone(self, windows: list[Window]) -> bool:
+        """Studies the state holds in the listed windows that the listing no longer showed and
+        that the server, asked by UID, no longer has: marked gone, and with --prune sent to the
+        sinks as deletions (recorded at the checkpoint). False when the server still has one: the
+        listing missed studies (a cap it did not announce, a new cap the state had verified
+        absent, studies without StudyDate past a cap) and is counted incomplete."""
+        missed = 0
         for window in windows:
             for uid, resource_id in list(self.state.iter_unseen(self.source, self.run_id, window.since, window.until)):
+                if not self._absent(uid):
+                    missed += 1
+                    continue
                 self.figures.studies_gone += 1
                 log.warning("study %s is no longer in the PACS%s", uid, "; deleting it" if self.config.prune else "")
                 if self.config.prune and resource_id:
@@ -659,6 +666,25 @@ class _Run:
                     self.deleting.append((uid, resource_id))
                 else:
                     self.state.mark_gone(self.source, uid, self.run_id)
+        if missed:
+            self.figures.windows_incomplete += 1
+            self._error(f"not listed completely: the listing missed {missed} studies the server still has; none of them is marked gone",
+                        level=logging.ERROR)
+        return not missed
+
+    def _absent(self, uid: str) -> bool:
+        """Whether the server answers a search for this Study Instance UID with no study at all (a
+        deletion never rests on the listing alone; an answer holding other studies means the
+        server ignores the key, and proves nothing)."""
+        try:
+            items = self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid)]).items
+        except QidoError as exc:
+            self._error(f"study {uid}: not listed, and the search for it failed: {exc}", kind="studies not listed")
+            return False
+        if items:
+            self._error(f"study {uid}: not listed, but the server still has it", kind="studies not listed")
+            return False
+        return True
 
 
 def _now() -> str:
