@@ -552,7 +552,7 @@ class _Run:
             self.pending.discard(outcome.summary.uid)
             return
         digests = [digest(r[2]) for r in outcome.resources]
-        send = [(r, d) for r, d in zip(outcome.resources, digests) if self._stored_hash(r[0], r[1]) != d]
+        send = [(r, d) for r, d in zip(outcome.resources, digests) if self._stored_hash(r[0], r[1]) != d or self._unknown_to_server(r)]
         if send:
             for sink in self.sinks:
                 sink.add(outcome.summary.uid, [r for r, _ in send])
@@ -574,6 +574,11 @@ class _Run:
             elif name == SERIES_LEVEL_INSTANCES:
                 self.figures.instances_by_series = True
                 log.info("the server refuses study-level instance searches (%s%s): instances are asked for series by series", reason, since)
+
+    def _unknown_to_server(self, resource: Resource) -> bool:
+        """With --fhir-ids server: a resource the FHIR server holds under no id the state knows
+        (e.g. sent before without the option) is sent again, so that references to it resolve."""
+        return any(sink.unknown_to_server(resource[0], resource[1]) for sink in self.sinks if getattr(sink, "ids", None) == "server")
 
     def _stored_hash(self, resource_type: str, resource_id: str) -> str | None:
         """The state's hash of a resource; the Endpoint's (the same in every study) kept in memory."""

@@ -155,3 +155,22 @@ def test_a_sync_with_server_ids_follows_updates_and_deletions(tmp_path, capsys):
                 assert held.fhir_server_id(server.url, "ImagingStudy", ours) == first[f"urn:oid:{pacs.study_uid(i)}"]
         finally:
             held.close()
+
+
+def test_switching_a_state_to_server_ids_sends_the_shared_resources_again(tmp_path, capsys):
+    from crawler.cli import main
+    from fixtures.fakepacs import FakePacs
+
+    state = tmp_path / "state.db"
+    with FakePacs(n_studies=4, seed=22) as pacs, FakeFhir() as before, FakeFhir(update_create=False) as server:
+        common = ["sync", pacs.url, "--state", str(state), "--metadata", "never", "-q", "--timezone", "UTC"]
+        assert main([*common, "--fhir-url", before.url]) == 0
+        pacs.add_instances(1)
+        code = main([*common, "--fhir-url", server.url, "--fhir-ids", "server", "--full"])
+        assert code == 0, capsys.readouterr().err
+        held = server.resources
+        assert sum(t == "Endpoint" for t, _ in held) == 1
+        (study,) = [r for (t, _), (_, r) in held.items() if t == "ImagingStudy"]
+        endpoint_id = next(i for t, i in held if t == "Endpoint")
+        assert study["identifier"][0]["value"] == f"urn:oid:{pacs.study_uid(1)}"
+        assert study["endpoint"][0]["reference"] == f"Endpoint/{endpoint_id}"

@@ -362,6 +362,11 @@ class FhirServer:
         taken, self._new_server_ids = self._new_server_ids, {}
         return taken
 
+    def unknown_to_server(self, resource_type: str, resource_id: str) -> bool:
+        """With ids="server": whether no server id is known for one of our resources (it must be
+        sent, even unchanged, before others can reference it)."""
+        return self.ids == "server" and self._server_id(resource_type, resource_id) is None
+
     def _server_id(self, resource_type: str, resource_id: str) -> str | None:
         key = (resource_type, resource_id)
         if key not in self._server_ids:
