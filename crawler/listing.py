@@ -40,6 +40,7 @@ from .errors import FatalQidoError, QidoError, SourceUnreachable
 from .notices import Notices
 from .planner import Window
 from .qido import QidoClient
+from .uids import shown
 
 log = logging.getLogger("crawler")
 TRUNCATION = re.compile(r"additional results|exceeded the maximum", re.IGNORECASE)
@@ -191,7 +192,7 @@ def _mended(items: list[dict[str, Any]], state: WindowListing, report: ListingRe
             report.repaired += 1
             report.notices.emit(
                 "listing entries not UTF-8",
-                f"study {_text(item, Tag.StudyInstanceUID) or '(no Study Instance UID)'}: listing entry not UTF-8 at byte {offset}; "
+                f"study {shown(_text(item, Tag.StudyInstanceUID) or '') or '(no Study Instance UID)'}: listing entry not UTF-8 at byte {offset}; "
                 "listed with U+FFFD in place of the bad bytes",
             )
         if dj.UNREADABLE in item and not _text(item, Tag.StudyInstanceUID):
