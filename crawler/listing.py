@@ -190,9 +190,10 @@ def _mended(items: list[dict[str, Any]], state: WindowListing, report: ListingRe
         offset = item.pop(dj.REPAIRED, None)
         if offset is not None:
             report.repaired += 1
+            uid = _text(item, Tag.StudyInstanceUID)
             report.notices.emit(
                 "listing entries not UTF-8",
-                f"study {shown(_text(item, Tag.StudyInstanceUID) or '') or '(no Study Instance UID)'}: listing entry not UTF-8 at byte {offset}; "
+                f"study {shown(uid) if uid else '(no Study Instance UID)'}: listing entry not UTF-8 at byte {offset}; "
                 "listed with U+FFFD in place of the bad bytes",
             )
         if dj.UNREADABLE in item and not _text(item, Tag.StudyInstanceUID):
