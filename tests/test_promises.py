@@ -254,3 +254,35 @@ def test_a_fhir_server_gone_after_the_check_is_exit_3_and_nothing_is_recorded(tm
     assert code == 3, err
     assert "cannot reach FHIR server" in err and len(err.strip().splitlines()) == 1, err
     assert study_rows(state) == {}
+
+
+class PacsFailingUidSearches(FakePacs):
+    """The simulator, answering 503 to every study search by Study Instance UID (the listing
+    itself works): a deletion that cannot be confirmed."""
+
+    def _answer(self, b, route, params):
+        if route[0] == "studies" and any(key.lower() in ("studyinstanceuid", "0020000d") for key, _ in params):
+            return 503, [("Content-Type", "text/plain")], b"unavailable"
+        return super()._answer(b, route, params)
+
+
+@pytest.mark.parametrize("answer", ["fails", "ignores the UID"])
+def test_a_deletion_the_server_cannot_confirm_is_not_made(answer, tmp_path, capsys):
+    """A study missing from a complete-looking listing is deleted only when the search for its
+    UID answers no match: not when that search fails, nor when it answers other studies."""
+    state = tmp_path / "state.db"
+    cls = PacsFailingUidSearches if answer == "fails" else FakePacs
+    behaviour = {"ignore_uid_filter": True} if answer == "ignores the UID" else {}
+    with cls(n_studies=20, seed=27) as pacs, FakeFhir() as fhir:
+        common = (pacs.url, "--state", str(state), "--fhir-url", fhir.url, "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        assert run_cli(capsys, "sync", *common)[0] == 0
+        missing = pacs.study_uid(4)
+        pacs.delete_study(4)
+        if behaviour:
+            pacs.behaviour = Behaviour(**behaviour)
+        code, stdout, stderr = run_cli(capsys, "sync", *common, "--full", "--prune")
+        assert code == 1, stderr
+        assert json.loads(stdout)["studies_gone"] == 0
+        assert f"study {missing}: not listed" in stderr
+        assert study_rows(state)[missing] == "synced"
+        assert fhir_deletes(fhir) == []
