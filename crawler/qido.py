@@ -25,6 +25,7 @@ import email.utils
 import functools
 import heapq
 import itertools
+import math
 import random
 import re
 import socket
@@ -339,16 +340,18 @@ class Watchdog:
             if watched.done:
                 return
             if not watched.sockets:
+                earliest = self._heap[0][0] if self._heap else math.inf
                 self._live += 1
                 heapq.heappush(self._heap, (watched.deadline, next(self._order), watched))
                 if len(self._heap) > 2 * self._live + 1000:
                     self._heap = [entry for entry in self._heap if not entry[2].done]
                     heapq.heapify(self._heap)
+                if watched.deadline < earliest:  # else the thread wakes early enough by itself
+                    self._cond.notify()
             watched.sockets.append(weakref.ref(sock))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="qido-deadlines", daemon=True)
                 self._thread.start()
-            self._cond.notify()
 
     def _run(self) -> None:
         with self._cond:
