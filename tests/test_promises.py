@@ -96,6 +96,8 @@ def test_a_complete_listing_does_mark_the_missing_study_gone(tmp_path, capsys):
         assert json.loads(stdout)["studies_gone"] == 1
         assert study_rows(state)[gone] != "synced"
         assert len(fhir_deletes(fhir)) == 1
+        (deleted,) = [folder / "deleted.ndjson" for folder in out.iterdir() if (folder / "deleted.ndjson").exists()]
+        assert len(deleted.read_text().splitlines()) == 1
 
 
 def test_undated_studies_hidden_behind_a_cap_are_not_deleted(tmp_path, capsys):
