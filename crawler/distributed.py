@@ -112,6 +112,7 @@ class Listed:
     status: int | None = None
     unreachable: bool = False
     filters: Filters | None = None
+    repaired: int = 0
 
 
 def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, verified: int, verify: bool,
@@ -137,7 +138,7 @@ def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, ver
     except QidoError as exc:
         error, status, unreachable = str(exc), exc.status, isinstance(exc, SourceUnreachable)
     state.dates, state.uids = None, array("q")
-    return Listed(window, items, state, report.cap, report.verified, client.max_limit, Counted.of(client), error, status, unreachable, report.filters)
+    return Listed(window, items, state, report.cap, report.verified, client.max_limit, Counted.of(client), error, status, unreachable, report.filters, report.repaired)
 
 
 def crawl_task(key: str, config: SyncConfig, options: MappingOptions, summaries: list[StudySummary]) -> tuple[list[Outcome], Counted]:
@@ -361,6 +362,7 @@ class Coordinator:
         self._count(listed.counted)
         if listed.filters is not None:
             self.report.filters.merge(listed.filters)
+        self.report.repaired += listed.repaired
         if listed.max_limit and (not self.run.client.max_limit or listed.max_limit < self.run.client.max_limit):
             self.run.client.max_limit = listed.max_limit
         for item in listed.items:

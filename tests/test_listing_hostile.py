@@ -402,3 +402,12 @@ def test_a_switch_of_form_found_by_the_silent_cap_check_is_verified_too(tmp_path
     assert code == 1, stderr[-2000:]
     assert summary["studies_listed"] == 300
     assert "ignores StudyDate" in stderr
+
+
+def test_dask_counts_repaired_listing_entries(tmp_path):
+    pytest.importorskip("dask.distributed")
+    with FakePacs(n_studies=40, seed=10, latin1_entries={3, 17}) as pacs:
+        code, summary, stderr, _, _ = run_cli(pacs, tmp_path, "--executor", "dask", "--workers", "1", "--worker-threads", "2", deadline=90)
+    assert code == 0, stderr[-2000:]
+    assert summary["studies_new"] == 40
+    assert summary["listing_entries_repaired"] >= 2
