@@ -13,8 +13,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+import requests
+import urllib3
+
 from .errors import FatalQidoError, RetriableQidoError
-from .qido import QidoClient, redact
+from .qido import QidoClient, redact, transport_failure
 
 STUDY_CHANGES = frozenset({"NewStudy", "StableStudy"})
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
@@ -34,16 +38,18 @@ def orthanc_base(dicomweb_url: str) -> str:
 
 def _get(client: QidoClient, url: str) -> dict:
     client.counts.add("changes")
-    try:
-        response = client.session.get(url, timeout=client.timeout, headers={"Accept": "application/json"})
-    except Exception as exc:  # noqa: BLE001 - requests raises many kinds; all mean "not reached"
+    try:  # through the client's fetch: its deadline, size cap and same-origin redirects apply
+        response = client.fetch(url, accept="application/json")
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+        raise transport_failure(exc, redact(url)) from None
+    except Exception as exc:  # noqa: BLE001 - anything else also means "not reached"
         raise RetriableQidoError(f"cannot read {redact(url)}: {type(exc).__name__}", url=redact(url)) from None
-    if response.status_code == 404:
+    if response.status == 404:
         return {}
-    if response.status_code >= 400:
-        raise FatalQidoError(f"HTTP {response.status_code} from {redact(url)}", url=redact(url), status=response.status_code)
+    if response.status >= 400:
+        raise FatalQidoError(f"HTTP {response.status} from {redact(url)}", url=redact(url), status=response.status)
     try:
-        return response.json()
+        return orjson.loads(response.body)
     except ValueError:
         raise FatalQidoError(f"malformed JSON from {redact(url)}", url=redact(url)) from None
 

@@ -811,16 +811,17 @@ class QidoClient:
         self.counts.add(kind)
         return self.fetch(url)
 
-    def fetch(self, url: str) -> Answer:
+    def fetch(self, url: str, accept: str | None = None) -> Answer:
         """One GET, no retries, following redirects within the origin (at most MAX_REDIRECTS), all
         within one total deadline; raises requests' exceptions (RedirectRefused for a redirect to
-        another origin, BodyTooLarge, DeadlineExceeded)."""
+        another origin, BodyTooLarge, DeadlineExceeded). ``accept`` replaces the Accept header
+        (e.g. for Orthanc's REST API)."""
         timeout = self._urllib3_timeout()
         deadline = time.monotonic() + (timeout.total or total_deadline(self.timeout))
         with WATCHDOG.deadline(deadline) as watched:
             try:
                 for _ in range(MAX_REDIRECTS + 1):
-                    answer, location = self._fetch_one(url, timeout, deadline)
+                    answer, location = self._fetch_one(url, timeout, deadline, accept)
                     if watched.fired:
                         raise DeadlineExceeded
                     if location is None:
@@ -832,13 +833,15 @@ class QidoClient:
                 raise
         raise requests.exceptions.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
 
-    def _fetch_one(self, url: str, timeout: urllib3.Timeout, deadline: float) -> tuple[Answer, str | None]:
+    def _fetch_one(self, url: str, timeout: urllib3.Timeout, deadline: float, accept: str | None = None) -> tuple[Answer, str | None]:
         """The answer, and where it redirects to (None when it does not)."""
         origin = self._direct_origin()
         session = self.session
         if origin is None or not url.startswith(origin.prefix + "/") or session.cookies:
-            return self._fetch_by_session(url, timeout, deadline)
+            return self._fetch_by_session(url, timeout, deadline, accept)
         headers = session.headers.copy()
+        if accept:
+            headers["Accept"] = accept
         if origin.authorization:
             headers["Authorization"] = origin.authorization
         if None in headers.values():
@@ -848,9 +851,10 @@ class QidoClient:
             requests.cookies.extract_cookies_to_jar(session.cookies, requests.Request("GET", url, headers=headers).prepare(), response)
         return Answer(response.status, response.headers, body, headers.get("Authorization")), _location(response.status, response.headers)
 
-    def _fetch_by_session(self, url: str, timeout: urllib3.Timeout, deadline: float) -> tuple[Answer, str | None]:
+    def _fetch_by_session(self, url: str, timeout: urllib3.Timeout, deadline: float, accept: str | None = None) -> tuple[Answer, str | None]:
         verify = None if self.session.verify is True else self.session.verify
-        response = self.session.get(url, timeout=timeout, verify=verify, stream=True, allow_redirects=False)
+        headers = {"Accept": accept} if accept else None
+        response = self.session.get(url, timeout=timeout, verify=verify, stream=True, allow_redirects=False, headers=headers)
         body = read_answer(response.raw, self.max_body, deadline, self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout)
         answer = Answer(response.status_code, response.headers, body, response.request.headers.get("Authorization"))
         return answer, _location(response.status_code, response.headers)

@@ -291,7 +291,7 @@ def test_the_audit_never_asks_a_path_built_from_an_unsafe_uid(tmp_path):
 
 
 class FeedStandIn:
-    """A stand-in client whose session answers Orthanc REST paths from a dict (path -> JSON)."""
+    """A stand-in client whose fetch answers Orthanc REST paths from a dict (path -> JSON)."""
 
     timeout = (1.0, 1.0)
 
@@ -316,6 +316,14 @@ class FeedStandIn:
                 return answer
 
         return Response()
+
+    def fetch(self, url: str, accept: str | None = None) -> Any:
+        import orjson
+
+        from crawler.qido import Answer
+
+        response = self.get(url)
+        return Answer(response.status_code, {}, orjson.dumps(response.json()) if response.status_code == 200 else b"", None)
 
 
 GOOD_ID = "6b9e19d9-62094390-5f9ddb01-4a191ae7-9766b715"

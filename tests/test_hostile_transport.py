@@ -257,3 +257,15 @@ def test_a_token_with_a_line_break_is_a_usage_error(tmp_path, capsys, monkeypatc
     assert "tok-SECRET-2" not in text and "tok-first" not in text
     assert len(error_lines(text)) == 1, text
     assert server.seen == []
+
+
+def test_the_change_feed_is_held_to_the_same_redirect_rule(tmp_path, capsys):
+    with Hostile("json", body=b'{"Changes": [], "Done": true, "Last": 0}') as other:
+        with Hostile("redirect", location=other.origin) as feed, Hostile("json") as source:
+            feed.location = other.origin
+            code, text = run_cli(capsys, "sync", source.url, "--state", str(tmp_path / "s.db"), "--changes", "orthanc", "--orthanc-url", feed.origin,
+                                 "--header", "X-Api-Key: k-SECRET-8", "--retries", "0")  # fmt: skip
+    assert len(feed.seen) >= 1 and feed.seen[0]["x-api-key"] == "k-SECRET-8"
+    assert other.seen == [], "nothing may reach the other origin"
+    assert code != 0 and "k-SECRET-8" not in text
+    assert f"redirect from {feed.origin} to {other.origin} refused" in text, text
