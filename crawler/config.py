@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .crawl import CrawlOptions
 from .errors import ConfigError
-from .qido import RetryPolicy
+from .qido import RetryPolicy, check_header_value
 from .state import state_location
 
 DEFAULT_STATE = "qido-crawler.db"
@@ -88,6 +88,8 @@ class SyncConfig:
             raise ConfigError(f"max-results must be at least 1, not {self.max_results}")
         if (self.fhir_user is None) != (self.fhir_password is None):
             raise ConfigError("--fhir-user and --fhir-password go together")
+        if self.fhir_token is not None:
+            check_header_value("the FHIR bearer token (--fhir-token or QIDO_CRAWLER_FHIR_TOKEN)", self.fhir_token)
         if self.executor not in ("threads", "dask"):
             raise ConfigError(f"--executor must be threads or dask, not {self.executor!r}")
         if self.scheduler and self.executor != "dask":

@@ -269,3 +269,13 @@ def test_the_change_feed_is_held_to_the_same_redirect_rule(tmp_path, capsys):
     assert other.seen == [], "nothing may reach the other origin"
     assert code != 0 and "k-SECRET-8" not in text
     assert f"redirect from {feed.origin} to {other.origin} refused" in text, text
+
+
+@pytest.mark.parametrize("command", ["sync", "audit"])
+def test_a_fhir_token_with_a_line_break_is_a_usage_error(tmp_path, capsys, command):
+    with Hostile("json") as server:
+        where = ["--state", str(tmp_path / "s.db")] if command == "sync" else ["--report", str(tmp_path / "r")]
+        code, text = run_cli(capsys, command, server.url, *where, "--fhir-url", server.origin + "/fhir", "--fhir-token", "tok-first\ntok-SECRET-3", "--retries", "0")
+    assert code == 2, text
+    assert "tok-SECRET-3" not in text and len(error_lines(text)) == 1, text
+    assert server.seen == []

@@ -30,7 +30,7 @@ from ..files import make_folder
 from ..listing import ListingReport, iter_studies
 from ..mapping.ids import normalise_base
 from ..planner import Window, plan
-from ..qido import QidoClient, RetryPolicy, client_from, redact
+from ..qido import QidoClient, RetryPolicy, check_header_value, client_from, redact
 from ..sync import EXIT_OK, EXIT_PARTIAL, study_hash
 from ..uids import path_uid, shown
 from .copies import FhirReader, read_state
@@ -80,6 +80,8 @@ class AuditConfig:
             raise ConfigError(f"--since {self.since} is after --until {self.until}")
         if (self.fhir_user is None) != (self.fhir_password is None):
             raise ConfigError("--fhir-user and --fhir-password go together")
+        if self.fhir_token is not None:
+            check_header_value("the FHIR bearer token (--fhir-token or QIDO_CRAWLER_FHIR_TOKEN)", self.fhir_token)
         if (self.user is None) != (self.password is None):
             raise ConfigError("--user and --password go together")
         for name in ("page_size", "workers", "instance_page_size", "max_offset"):
