@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigError, StateError
 from .files import FILE_MODE, make_folder, make_private
@@ -246,6 +246,7 @@ class _Sqlite:
             raise StateError(f"cannot create the folder of state {path}: {exc.strerror}") from None
 
     def connect(self) -> sqlite3.Connection:
+        self._refuse_foreign()
         # SQLite gives its -wal and -shm files the database file's mode: create it 0600 first
         try:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
@@ -258,6 +259,22 @@ class _Sqlite:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         return db
+
+    def _refuse_foreign(self) -> None:
+        """A SQLite file of another program (tables, but not a state's) is left as it is: not
+        migrated into a state, not switched to WAL, its mode not changed. Read-only look first."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        try:
+            probe = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True, timeout=30)
+            try:
+                tables = {row[0] for row in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            finally:
+                probe.close()
+        except sqlite3.Error:
+            return  # not a database, or damaged: connect() and the first query say so
+        if tables and "migrations" not in tables:
+            raise StateError(f"{self.shown} is a SQLite database of another program, not a qido-crawler state; it was left as it is")
 
     @staticmethod
     def sql(statement: str) -> str:

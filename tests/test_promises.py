@@ -136,10 +136,19 @@ def _damaged(good: Path, target: Path, kind: str) -> Path:
         target.write_bytes(b"this is not a SQLite database " * 200)
     elif kind == "cut in half":
         target.write_bytes(data[: len(data) // 2])
-    elif kind == "damaged pages":
+    elif kind.startswith("damaged "):
+        import sqlite3
+
+        table = kind.split()[1]   # every page of that table and of its indexes, overwritten
+        db = sqlite3.connect(f"file:{good}?mode=ro", uri=True)
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        names = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE tbl_name = ? AND type IN ('table', 'index')", (table,))]
+        pages = [n for name in names for (n,) in db.execute("SELECT pageno FROM dbstat WHERE name = ?", (name,))]
+        db.close()
+        assert pages
         damaged = bytearray(data)
-        for page in range(4096, len(damaged), 4096):   # every page but the first (the header)
-            damaged[page + 100:page + 200] = b"\xff" * 100
+        for n in pages:
+            damaged[(n - 1) * size:n * size] = b"\xff" * size
         target.write_bytes(bytes(damaged))
     elif kind == "newer schema":
         import sqlite3
@@ -151,22 +160,33 @@ def _damaged(good: Path, target: Path, kind: str) -> Path:
         db.close()
     elif kind == "a folder":
         target.mkdir()
+    elif kind == "another program's database":
+        import sqlite3
+
+        db = sqlite3.connect(target)
+        db.execute("CREATE TABLE invoices (number INTEGER PRIMARY KEY, amount TEXT)")
+        db.execute("INSERT INTO invoices VALUES (1, '12.50')")
+        db.commit()
+        db.close()
     return target
 
 
-STATE_KINDS = ["not a database", "cut in half", "damaged pages", "newer schema", "a folder"]
-# audit reads a state read-only and only the rows it compares: a state whose damage lies
-# elsewhere, or that a newer version wrote, can still be compared
-AUDIT_STATE_KINDS = ["not a database", "cut in half", "a folder"]
+STATE_KINDS = ["not a database", "cut in half", "newer schema", "a folder", "another program's database"]
 COMMANDS = ["sync", "export", "status", "audit"]
-
-
-STATE_CASES = [(kind, command) for kind in STATE_KINDS for command in COMMANDS if command != "audit" or kind in AUDIT_STATE_KINDS]
+# Damage found only when a page is read: each command meets the table it reads (sync both;
+# export the resources; status and audit the studies). audit reads a state read-only and only
+# the rows it compares, so a state that a newer version wrote can still be compared.
+STATE_CASES = [
+    *[(kind, command) for kind in STATE_KINDS for command in COMMANDS if (kind, command) != ("newer schema", "audit")],
+    *[("damaged resources", command) for command in ("sync", "export")],
+    *[("damaged studies", command) for command in ("sync", "status", "audit")],
+]
 
 
 @pytest.mark.parametrize(("kind", "command"), STATE_CASES, ids=[f"{k}-{c}" for k, c in STATE_CASES])
 def test_a_state_that_cannot_be_used_is_exit_2_with_one_line(kind, command, good_state, tmp_path, capsys):
     state = _damaged(good_state, tmp_path / "state.db", kind)
+    before = state.read_bytes() if state.is_file() else None
     with FakePacs(n_studies=5, seed=23) as pacs:
         args = {
             "sync": ["sync", pacs.url, "--out", str(tmp_path / "out"), "--metadata", "never"],
@@ -181,6 +201,8 @@ def test_a_state_that_cannot_be_used_is_exit_2_with_one_line(kind, command, good
     assert len(lines) == 1 and lines[0].startswith("qido-crawler: error:") and str(state) in lines[0], err
     if command == "export":
         assert not (tmp_path / "export" / "manifest.json").exists()
+    if kind == "another program's database":
+        assert state.read_bytes() == before, "the other program's database was changed"
 
 
 # --- 3. exit 3 when the output folder cannot be written -------------------------------------
