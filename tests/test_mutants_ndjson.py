@@ -135,3 +135,13 @@ def test_abort_keeps_the_last_checkpoint(tmp_path: Path):
     sink.abort()
     assert (target / "ImagingStudy.ndjson").read_bytes() == A + b"\n"
     assert os.path.exists(target / "manifest.json")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_sink_error_naming_the_folder(tmp_path: Path):
+    target = tmp_path / "run"
+    sink = NdjsonFolder(target, transaction_time="t", request="r", fresh=True)
+    sink.add("1.1", [("ImagingStudy", "a", A)])
+    (target / f"{CHECKPOINT}.part").mkdir()
+    with pytest.raises(SinkError, match=f"^cannot write to {target}: "):
+        sink.flush()
+    assert not (target / CHECKPOINT).exists()
