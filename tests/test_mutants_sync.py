@@ -39,12 +39,34 @@ def test_a_bounded_sync_looks_for_gone_studies_only_inside_its_window(tmp_path, 
         dates = {i: pacs.study_date(i) for i in range(40)}
         inside = [i for i, d in dates.items() if "20200110" <= d <= "20200120"]
         assert inside and any(d < "20200110" for d in dates.values()) and any(d > "20200120" for d in dates.values())
-        gone = pacs.study_uid(inside[0])
-        pacs.delete_study(inside[0])
+        assert len(inside) >= 2
+        gone = sorted(pacs.study_uid(i) for i in inside[:2])
+        for i in inside[:2]:
+            pacs.delete_study(i)
         code, summary, err = run_cli(capsys, "sync", *common, "--since", "20200110", "--until", "20200120", "--prune")
         assert code == 0, err
-        assert summary["studies_gone"] == 1
+        assert summary["studies_gone"] == 2
         assert summary["windows_incomplete"] == 0
+        assert [line for line in err.splitlines() if "no longer" in line] == [
+            f"qido-crawler: WARNING: study {uid} is no longer in the PACS; deleting it" for uid in gone]
         rows = study_rows(state)
-        assert rows.pop(gone) == "gone"
-        assert set(rows.values()) == {"synced"} and len(rows) == 39
+        assert [rows.pop(uid) for uid in gone] == ["gone", "gone"]
+        assert set(rows.values()) == {"synced"} and len(rows) == 38
+
+
+def test_without_prune_a_gone_study_is_marked_gone_and_nothing_is_deleted(tmp_path, capsys):
+    state, out = tmp_path / "state.db", tmp_path / "out"
+    with FakePacs(n_studies=12, seed=32) as pacs:
+        common = (pacs.url, "--state", str(state), "--out", str(out), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        assert run_cli(capsys, "sync", *common)[0] == 0
+        gone = pacs.study_uid(3)
+        pacs.delete_study(3)
+        code, summary, err = run_cli(capsys, "sync", *common, "--full")
+        assert code == 0, err
+        assert (summary["studies_gone"], summary["studies_unchanged"], summary["resources_deleted"]) == (1, 11, 0)
+        assert [line for line in err.splitlines() if "no longer" in line] == [
+            f"qido-crawler: WARNING: study {gone} is no longer in the PACS"]
+        assert study_rows(state)[gone] == "gone"
+        assert not list(out.glob("*/deleted.ndjson"))
+        code, summary, err = run_cli(capsys, "sync", *common, "--full")
+        assert (code, summary["studies_gone"], summary["studies_unchanged"]) == (0, 0, 11)
