@@ -15,13 +15,19 @@ What it does:
    minute or two for that (progress on stderr); remove the folder to start over.
 2. **Warm-up**: one quick study listing, and one study's instances and metadata.
 3. **Variants**, one after the other, against the same Orthanc, each ``--repeat`` times (the run
-   with the best wall time is reported):
+   with the best wall time is reported; every run's wall time and CPU share is printed below the
+   table). The four first crawls run in the order below in odd-numbered repeats and in the
+   reverse order in even-numbered ones, so that neither a warming cache nor a change in the
+   host's load favours one of them; the steady-state runs follow, on that repeat's state:
 
    ``naive``          dicomweb-client, one thread: ``search_for_studies()`` (one call: Orthanc
                       answers all), then ``search_for_series(study)`` per study and
                       ``search_for_instances(study, series)`` per series.
-   ``first-auto``     ``crawler.sync`` on a fresh state (``--metadata auto``, ``--workers N``,
-                      NDJSON out to a temporary folder).
+   ``first-auto-w1``  ``crawler.sync`` on a fresh state (``--metadata auto``, ``--workers 1``,
+                      NDJSON out to a temporary folder): one thread, as the naive crawl, so
+                      that naive / first-auto-w1 is the gain from the request strategy alone.
+   ``first-auto``     the same with ``--workers N``: first-auto-w1 / first-auto is the gain
+                      from concurrency.
    ``first-never``    the same with ``--metadata never`` (QIDO only).
    ``steady``         a second sync on ``first-auto``'s state, nothing changed: the default
                       incremental run (lists only since the last run's mark minus the lookback).
@@ -32,7 +38,9 @@ What it does:
    Orthanc's CPU seconds (utime + stime from ``/proc/<pid>/stat``), the CPU the host's other
    processes used meanwhile (``/proc/stat``; contention), naive wall / our wall, naive server
    CPU / our server CPU (the work ratio, which contention hardly changes), and client CPU /
-   server CPU. Our requests are seen by timing ``QidoClient.fetch``, which every GET of the
+   server CPU; below the table, the two gains apart (strategy: naive / first-auto-w1, both one
+   thread; concurrency: first-auto-w1 / first-auto) and first-auto's CPU per instance, client
+   and server. Our requests are seen by timing ``QidoClient.fetch``, which every GET of the
    crawler goes through (observation only); the naive crawl's through a response hook on its
    session.
 4. **Checks**: every variant must find the corpus's studies, and naive and ours the same studies
@@ -403,7 +411,7 @@ def check(results: dict[str, Measured], expected_studies: int, expected_instance
     if len(reference) != expected_studies or sum(reference.values()) != expected_instances:
         problems.append(f"naive found {len(reference)} studies / {sum(reference.values())} instances, "
                         f"the corpus has {expected_studies} / {expected_instances}")
-    for name in ("first-auto", "first-never"):
+    for name in ("first-auto-w1", "first-auto", "first-never"):
         m = results[name]
         if m.extra.get("exit_code"):
             problems.append(f"{name}: exit code {m.extra['exit_code']}: {m.extra.get('errors')}")
@@ -487,6 +495,43 @@ def table(results: dict[str, Measured], goals: dict[str, dict[str, Any]], header
     return "\n".join(out)
 
 
+def _loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
+
+
+def run_figures(m: Measured) -> dict[str, float]:
+    return {"wall_seconds": round(m.wall, 3), "client_cpu_seconds": round(m.cpu, 3), "server_cpu_seconds": round(m.server_cpu, 3),
+            "client_server_cpu": round(m.cpu / m.server_cpu, 4) if m.server_cpu else None}
+
+
+def gains(results: dict[str, Measured]) -> dict[str, float]:
+    """The gain from the request strategy (both one thread) and from concurrency, apart."""
+    naive_wall, one, many = results["naive"].wall, results["first-auto-w1"].wall, results["first-auto"].wall
+    return {"strategy": round(naive_wall / one, 2), "concurrency": round(one / many, 2), "both": round(naive_wall / many, 2)}
+
+
+def details(results: dict[str, Measured], runs: dict[str, list[Measured]], order: list[list[str]], load_before: list[float]) -> str:
+    """The gains apart, first-auto's CPU per instance, and every run of every variant."""
+    g = gains(results)
+    first = results["first-auto"]
+    instances = sum(first.studies.values()) or 1
+    out = [f"gain from the request strategy (naive / first-auto-w1, both one thread): {g['strategy']:.2f}x",
+           f"gain from concurrency (first-auto-w1 / first-auto):                     {g['concurrency']:.2f}x",
+           f"both (naive / first-auto):                                              {g['both']:.2f}x",
+           f"first-auto CPU per instance: client {first.cpu / instances * 1e6:.0f} us, Orthanc {first.server_cpu / instances * 1e6:.0f} us",
+           "", "every run (wall s, client/server CPU):"]
+    for name, measured in runs.items():
+        cells = [f"{m.wall:.2f} s, {m.cpu / m.server_cpu:.1%}" if m.server_cpu else f"{m.wall:.2f} s, n/a" for m in measured]
+        out.append(f"  {name:<14} " + "; ".join(cells))
+    if len(order) > 1:
+        out.append("order of the first crawls: " + " | ".join(" > ".join(o) for o in order))
+    out.append(f"load average {' '.join(f'{x:.2f}' for x in load_before)} before, {' '.join(f'{x:.2f}' for x in _loadavg())} after")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=300)
@@ -500,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("sizes, --workers and --repeat must be at least 1")
 
     started = time.monotonic()
+    load_before = _loadavg()
     server, folder, load_seconds = prepare(args.studies, args.series, args.instances)
     workdir = Path(tempfile.mkdtemp(prefix="qido-crawler-bench-"))
     try:
@@ -507,22 +553,31 @@ def main(argv: list[str] | None = None) -> int:
         url = server.dicomweb
         warm_up(server)
         runs: dict[str, list[Measured]] = defaultdict(list)
+        firsts: list[tuple[str, str, Callable[[], Callable[[Recorder], tuple[dict[str, int], dict[str, Any]]]]]] = [
+            ("naive", "naive crawl", lambda: naive(url)),
+            ("first-auto-w1", "qido-crawler first sync, --metadata auto --workers 1",
+             lambda: ours(url, workdir, MetadataMode.AUTO, 1)),
+            ("first-auto", f"qido-crawler first sync, --metadata auto --workers {args.workers}",
+             lambda: ours(url, workdir, MetadataMode.AUTO, args.workers)),
+            ("first-never", f"qido-crawler first sync, --metadata never --workers {args.workers}",
+             lambda: ours(url, workdir, MetadataMode.NEVER, args.workers)),
+        ]
+        order: list[list[str]] = []
         for attempt in range(args.repeat):
             tag = f" ({attempt + 1}/{args.repeat})" if args.repeat > 1 else ""
-            log(f"naive crawl{tag} ...")
-            runs["naive"].append(measure("naive", pid, naive(url)))
-            log(f"qido-crawler first sync, --metadata auto{tag} ...")
-            first = measure("first-auto", pid, ours(url, workdir, MetadataMode.AUTO, args.workers))
-            runs["first-auto"].append(first)
-            log(f"qido-crawler first sync, --metadata never{tag} ...")
-            runs["first-never"].append(measure("first-never", pid, ours(url, workdir, MetadataMode.NEVER, args.workers)))
-            state = Path(first.extra["state"])
+            sequence = firsts if attempt % 2 == 0 else firsts[::-1]
+            order.append([name for name, _, _ in sequence])
+            for name, what, body in sequence:
+                log(f"{what}{tag} ...")
+                runs[name].append(measure(name, pid, body()))
+            state = Path(runs["first-auto"][-1].extra["state"])
             log(f"qido-crawler steady-state sync (incremental: since the last run's mark){tag} ...")
             runs["steady"].append(measure("steady", pid, ours(url, workdir, MetadataMode.AUTO, args.workers, state)))
             if HAS_FULL:
                 log(f"qido-crawler steady-state sync --full{tag} ...")
                 runs["steady-full"].append(measure("steady-full", pid, ours(url, workdir, MetadataMode.AUTO, args.workers, state, True)))
-        results = {name: best(measured) for name, measured in runs.items()}
+        names = ["naive", "first-auto-w1", "first-auto", "first-never", "steady", "steady-full"]
+        results = {name: best(runs[name]) for name in names if name in runs}
         version = server.rest("GET", "/system").json()
         plugins = {"dicom-web": server.rest("GET", "/plugins/dicom-web").json().get("Version")}
     finally:
@@ -544,15 +599,23 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "workers": args.workers,
             "repeat": args.repeat,
+            "loadavg_before": load_before,
+            "loadavg_after": _loadavg(),
+            "order": order,
             "variants": {name: m.figures() for name, m in results.items()},
+            "runs": {name: [run_figures(m) for m in measured] for name, measured in runs.items()},
+            "gains": gains(results),
             "targets": goals,
             "checks": problems or "ok",
         }, indent=2))
     else:
         header = (f"qido-crawler crawl benchmark: {args.studies} studies x {args.series} series x {args.instances} instances "
                   f"= {expected_instances} instances; Orthanc {version.get('Version')}, DICOMweb {plugins.get('dicom-web')}; "
-                  f"{os.cpu_count()} CPUs; --workers {args.workers}; best of {args.repeat}")
+                  f"{os.cpu_count()} CPUs; --workers {args.workers}; best of {args.repeat}; "
+                  f"load average {' '.join(f'{x:.2f}' for x in load_before)} before")
         print(table(results, goals, header))
+        print()
+        print(details(results, runs, order, load_before))
         print(f"\ncache: {folder}" + (f" (loaded in {load_seconds:.0f} s)" if load_seconds else ""))
         print(f"checks: {'ok (same studies and instances per study in naive and ours; steady-state wrote nothing)' if not problems else 'FAILED'}")
         print(f"benchmark took {total_seconds:.0f} s")
