@@ -18,8 +18,11 @@ What it does:
    - ``dask P``: ``--executor dask --workers P --worker-threads T`` for P in ``--workers``: a local
      cluster of P worker processes of T threads, started by the sync itself (its start-up is in
      the time);
-   - ``threads``: the default executor, one process, ``--workers T`` and ``--workers T x max(P)``
-     (the same concurrency as one Dask worker, and as the largest cluster), for reference.
+   - ``threads N``: the default executor, one process, ``--workers N`` with N = P x T for each
+     ``dask P`` row: the same number of requests in flight (4 x 4 -> 16, 2 x 4 -> 8, 1 x 4 -> 4),
+     against the same simulator, latency and sample, in the same run. Each Dask row and its
+     thread-pool twin run back to back, in alternating order (dask first for the first pair,
+     threads first for the next, ...), so that a change in the machine's load falls on both.
 
    By default the syncs cover StudyDates 2023-01-01 to 2024-12-31 of the 100,000 studies (about
    8,000 studies; ``--since``/``--until`` choose another range): at 50 ms a request one worker
@@ -31,7 +34,10 @@ What it does:
    studies per second, requests per second against the ideal (``processes x threads /
    latency``), the coordinator's CPU, and the **speed-up** over one Dask worker process
    (studies per second, and on the crawl phase alone: instance requests between the first and
-   the last one, timed by the simulator, which leaves out the cluster's start-up).
+   the last one, timed by the simulator, which leaves out the cluster's start-up), and
+   **threads / dask**: the thread pool's studies per second over the Dask row's at the same
+   concurrency (above 1: the thread pool is faster on this machine). The load average is printed
+   before the run and after each sync.
 4. **Checks** (exit status 1 when one fails): every sync finds exactly the simulator's studies in
    the range, all new, none failed, exit status 0.
 5. **Target** (from the issue): at least 3x with 4 worker processes.
@@ -118,15 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         with simulator(args.studies, args.seed, args.latency) as sim:
-            for n in processes:
-                extra = [*scope, "--executor", "dask", "--worker-threads", str(threads)]
-                row = one_sync(sim.url, base, f"dask {n}", extra, n, expected, args.latency, sim)
-                row.update(kind="dask", processes=n, threads=threads, ideal_rps=round(n * threads / args.latency, 1))
-                rows.append(row)
-            if not args.no_threads:
-                for n in sorted({threads, threads * max(processes)}):
-                    row = one_sync(sim.url, base, f"threads {n}", list(scope), n, expected, args.latency, sim)
-                    row.update(kind="threads", processes=1, threads=n, ideal_rps=round(n / args.latency, 1))
+            for index, n in enumerate(processes):
+                pair = [("dask", n)] + ([] if args.no_threads else [("threads", n * threads)])
+                if index % 2:
+                    pair.reverse()
+                for kind, count in pair:
+                    if kind == "dask":
+                        extra = [*scope, "--executor", "dask", "--worker-threads", str(threads)]
+                        row = one_sync(sim.url, base, f"dask {count}", extra, count, expected, args.latency, sim)
+                        row.update(kind="dask", processes=count, threads=threads, ideal_rps=round(count * threads / args.latency, 1))
+                    else:
+                        row = one_sync(sim.url, base, f"threads {count}", list(scope), count, expected, args.latency, sim)
+                        row.update(kind="threads", processes=1, threads=count, ideal_rps=round(count / args.latency, 1))
+                    row.update(pair=index, loadavg_after=_loadavg())
                     rows.append(row)
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -136,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             row["speedup"] = round(row["studies_per_s"] / one["studies_per_s"], 2)
         if one and one["crawl_rps"] and row["crawl_rps"]:
             row["crawl_speedup"] = round(row["crawl_rps"] / one["crawl_rps"], 2)
+    for row in rows:
+        twin = next((r for r in rows if r["pair"] == row["pair"] and r["kind"] == "threads"), None)
+        if row["kind"] == "dask" and twin and row["studies_per_s"] and twin["studies_per_s"]:
+            row["threads_over_dask"] = twin["threads_over_dask"] = round(twin["studies_per_s"] / row["studies_per_s"], 2)
     four = next((r for r in rows if r["kind"] == "dask" and r["processes"] == 4), None)
     target = {
         "target": f"speed-up with 4 Dask worker processes >= {TARGET_SPEEDUP:.0f}x one",
@@ -163,18 +177,24 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"simulated PACS: {report['studies_in_pacs']:,} studies, {report['latency'] * 1000:.0f} ms per request; "
           f"each sync: a first sync of StudyDates {report['range']} ({report['synced_studies']:,} studies), --metadata never")
     print()
-    head = f"{'executor':>10} {'procs':>5} {'threads':>7} {'wall s':>7} {'studies/s':>9} {'req/s':>6} {'ideal/s':>7} {'crawl/s':>7} {'speed-up':>8} {'crawl x':>7} {'coord CPU s':>11} {'sim CPU s':>9}  check"
+    head = (f"{'executor':>10} {'procs':>5} {'threads':>7} {'in flight':>9} {'wall s':>7} {'studies/s':>9} {'req/s':>6} {'ideal/s':>7} {'crawl/s':>7} "
+            f"{'speed-up':>8} {'crawl x':>7} {'threads/dask':>12} {'coord CPU s':>11} {'sim CPU s':>9} {'load after':>10}  check")
     print(head)
     print("-" * len(head))
     for r in report["rows"]:
-        print(f"{r['kind']:>10} {r['processes']:>5} {r['threads']:>7} {r['wall']:>7.1f} {r['studies_per_s'] or 0:>9.1f} {r['requests_per_s'] or 0:>6.0f} "
-              f"{r['ideal_rps']:>7.0f} {r['crawl_rps'] or 0:>7.0f} {str(r.get('speedup', '-')) + 'x':>8} {str(r.get('crawl_speedup', '-')) + 'x':>7} "
-              f"{r['coordinator_cpu']:>11.1f} {r['simulator_cpu']:>9.1f}  {'ok' if not r['checks'] else 'FAILED'}")
+        ratio = f"{r['threads_over_dask']}x" if "threads_over_dask" in r else "-"
+        load = f"{r['loadavg_after'][0]:.2f}" if r.get("loadavg_after") else "-"
+        print(f"{r['kind']:>10} {r['processes']:>5} {r['threads']:>7} {r['processes'] * r['threads']:>9} {r['wall']:>7.1f} {r['studies_per_s'] or 0:>9.1f} "
+              f"{r['requests_per_s'] or 0:>6.0f} {r['ideal_rps']:>7.0f} {r['crawl_rps'] or 0:>7.0f} {str(r.get('speedup', '-')) + 'x':>8} "
+              f"{str(r.get('crawl_speedup', '-')) + 'x':>7} {ratio:>12} {r['coordinator_cpu']:>11.1f} {r['simulator_cpu']:>9.1f} {load:>10}  "
+              f"{'ok' if not r['checks'] else 'FAILED'}")
         for check in r["checks"]:
             print(f"{'':>10} ! {check}")
     print()
     print("studies/s: studies / the sync's wall time (cluster start-up included); crawl/s: instance requests between the first and")
-    print("the last one, timed by the simulator; speed-up: against one Dask worker process; coord CPU: the coordinator process only.")
+    print("the last one, timed by the simulator; speed-up: against one Dask worker process; threads/dask: the thread pool's studies/s")
+    print("over the Dask row's at the same number of requests in flight (above 1x: the thread pool is faster); coord CPU: the")
+    print("coordinator process only; load after: the 1-minute load average when the sync ended.")
     t = report["target"]
     print()
     print(f"Target: {'met' if t['met'] else 'MISSED' if t['met'] is False else '-'}  {t['target']}: {t['value']}")
