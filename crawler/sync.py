@@ -672,6 +672,8 @@ class _Run:
                 else:
                     self.state.mark_gone(self.source, uid, self.run_id)
         if missed:
+            # the mutant '= 1' is equivalent: run() calls this only after a listing with no
+            # incomplete window, so the count is 0 here
             self.figures.windows_incomplete += 1
             self._error(f"not listed completely: the listing missed {missed} studies the server still has; none of them is marked gone",
                         level=logging.ERROR)

@@ -11,13 +11,21 @@ import pytest
 
 from crawler.cli import main
 from crawler.state import State
-from fixtures.fakepacs import FakePacs
+from fixtures.fakepacs import Behaviour, FakePacs
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict, str]:
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, (json.loads(out) if out.strip() else {}), err
+
+
+def query(state_path: Path, sql: str, *args: object) -> list[tuple]:
+    state = State(state_path)
+    try:
+        return state.db.execute(sql, args).fetchall()
+    finally:
+        state.close()
 
 
 def study_rows(state_path: Path) -> dict[str, str]:
@@ -67,6 +75,32 @@ def test_without_prune_a_gone_study_is_marked_gone_and_nothing_is_deleted(tmp_pa
         assert [line for line in err.splitlines() if "no longer" in line] == [
             f"qido-crawler: WARNING: study {gone} is no longer in the PACS"]
         assert study_rows(state)[gone] == "gone"
+        assert query(state, "SELECT last_run FROM studies WHERE study_uid = ?", gone) == query(state, "SELECT max(id) FROM runs")
         assert not list(out.glob("*/deleted.ndjson"))
         code, summary, err = run_cli(capsys, "sync", *common, "--full")
         assert (code, summary["studies_gone"], summary["studies_unchanged"]) == (0, 0, 11)
+
+
+def test_the_mark_moves_only_when_the_listing_missed_nothing(tmp_path, capsys):
+    """A clean run sets the high-water mark; a run whose listing missed studies the server still
+    has (a silent cap set since the last run) is one incomplete window, logged as an error, and
+    leaves the mark where it was. Failed before with `return not missed` -> `return missed` in
+    _find_gone (no mark after the clean run), with `windows_incomplete += 2` and with the error
+    logged at the default level."""
+    state = tmp_path / "state.db"
+    with FakePacs(n_studies=30, seed=33) as pacs:
+        common = (pacs.url, "--state", str(state), "--page-size", "20", "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        code, summary, err = run_cli(capsys, "sync", *common)
+        assert code == 0, err
+        ((mark,),) = query(state, "SELECT mark FROM runs")
+        assert mark is not None and len(mark) == 8
+        pacs.behaviour = Behaviour(max_results=5, cap_mode="silent", newest_first=True)
+        code, summary, err = run_cli(capsys, "sync", *common, "--full", "--prune")
+        assert code == 1, err
+        assert (summary["windows_incomplete"], summary["studies_gone"]) == (1, 0)
+        assert [line for line in err.splitlines() if "not listed completely" in line] == [
+            f"qido-crawler: ERROR: not listed completely: the listing missed {30 - summary['studies_listed']} studies the server still has; "
+            "none of them is marked gone"]
+        assert 0 < summary["studies_listed"] < 30
+        assert query(state, "SELECT mark FROM runs ORDER BY id") == [(mark,), (None,)]
+        assert set(study_rows(state).values()) == {"synced"}
