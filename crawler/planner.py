@@ -21,6 +21,7 @@ DAY_SECONDS = 86400
 
 def parse_day(text: str, option: str) -> str:
     """Validate a ``YYYYMMDD`` option value."""
+    # the mutant 'text or "XXXX"' is equivalent: neither string is a date
     if not _DAY.match(text or ""):
         raise ConfigError(f"{option} takes a date as YYYYMMDD, not {text!r}")
     try:
@@ -152,9 +153,11 @@ def tm_range(value: str | None) -> tuple[int, int] | None:
     and last; None when unreadable."""
     if not value:
         return None
+    # equivalent mutants: any maxsplit (or none) gives the same first part
     whole = value.split(".", 1)[0].strip()
     if len(whole) not in (2, 4, 6) or not whole.isdigit():
         return None
+    # equivalent mutant: whole[4:7] is whole[4:6], as whole has at most 6 characters
     hours, minutes, seconds = int(whole[:2]), int(whole[2:4] or 0), int(whole[4:6] or 0)
     if hours > 23 or minutes > 59 or seconds > 60:
         return None
