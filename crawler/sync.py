@@ -334,6 +334,7 @@ class _Run:
         self.run_id = run_id = state.begin_run(self.source, started.isoformat())
         if state.close_interrupted_runs(run_id):
             log.info("an earlier run was interrupted; its state stands at its last checkpoint")
+        # choose_windows does not read its `today` (yet): the mutant passing None is equivalent
         windows, scope, moves_mark = choose_windows(config, state, self.source, _today(config, started))
         self.full_listing = windows == [Window()]
         completed, removed = recover(state.unfinished_folders(run_id))

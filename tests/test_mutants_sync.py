@@ -104,3 +104,59 @@ def test_the_mark_moves_only_when_the_listing_missed_nothing(tmp_path, capsys):
         assert 0 < summary["studies_listed"] < 30
         assert query(state, "SELECT mark FROM runs ORDER BY id") == [(mark,), (None,)]
         assert set(study_rows(state).values()) == {"synced"}
+
+
+NUL_UID = {3: "1.2\x003"}   # a listing entry whose StudyInstanceUID cannot be used: a listing error
+
+
+def test_a_listing_error_keeps_the_mark_and_the_next_run_lists_everything_again(tmp_path, capsys):
+    """An unusable listing entry makes the listing unclean: no mark, so the next run is a full one
+    that finds the study; after that clean run the mark is set and the run after it is incremental.
+    Failed before with `and not self.listing_errors` -> `or ...` in run (mark set after the
+    unclean run) and with the source not passed to choose_windows (never incremental)."""
+    state = tmp_path / "state.db"
+    with FakePacs(n_studies=10, seed=34, listed_uids=NUL_UID) as pacs:
+        common = (pacs.url, "--state", str(state), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        code, summary, err = run_cli(capsys, "sync", *common)
+        assert (code, summary["studies_failed"], summary["windows_incomplete"]) == (1, 1, 0), err
+        assert query(state, "SELECT mark FROM runs") == [(None,)]
+        pacs.behaviour = Behaviour()
+        code, summary, err = run_cli(capsys, "sync", *common)
+        assert (code, summary["scope"], summary["studies_new"], summary["studies_unchanged"]) == (0, "full (first run)", 1, 9), err
+        ((mark,),) = query(state, "SELECT mark FROM runs WHERE mark IS NOT NULL")
+        code, summary, err = run_cli(capsys, "sync", *common)
+        assert code == 0, err
+        assert summary["scope"].startswith("since ") and summary["scope"].endswith(f"(mark {mark} - 7 days)")
+
+
+def test_the_change_feed_position_is_kept_only_after_a_clean_listing(tmp_path, capsys, monkeypatch):
+    """The feed position is a high-water mark too: stored after a clean run, kept as it was after
+    an unclean one (a listing error, or a listing that missed studies the server still has), and
+    asked from by the next incremental run. The feed itself is stood in for
+    (Orthanc's real one is tested in test_incremental_live.py). Failed before with
+    `listing_clean and ...` -> `or` and with `is not None` -> `is None` in run."""
+    import sys
+
+    from crawler.changes import Changes
+
+    asked: list[int | None] = []
+    positions = [5, 9, 10, 12]
+
+    def feed(client, rest, since, page=1000):
+        asked.append(since)
+        return Changes((), positions.pop(0))
+
+    monkeypatch.setattr(sys.modules["crawler.sync"], "orthanc_changes", feed)
+    state = tmp_path / "state.db"
+    with FakePacs(n_studies=10, seed=35) as pacs:
+        common = (pacs.url, "--state", str(state), "--changes", "orthanc", "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        assert run_cli(capsys, "sync", *common)[0] == 0
+        pacs.behaviour = Behaviour(listed_uids=NUL_UID)
+        assert run_cli(capsys, "sync", *common, "--full")[0] == 1
+        pacs.behaviour = Behaviour(max_results=5, cap_mode="silent", newest_first=True)
+        code, summary, err = run_cli(capsys, "sync", *common, "--full")
+        assert (code, summary["windows_incomplete"]) == (1, 1), err
+        pacs.behaviour = Behaviour()
+        code, summary, err = run_cli(capsys, "sync", *common)
+        assert code == 0, err
+    assert asked == [None, None, None, 5]
