@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from crawler.qido import QidoClient, RetryPolicy
-from fixtures.fakepacs import Behaviour, FakePacs, Request
+from fixtures.fakepacs import FakePacs, Request
 
 UID, DATE, TIME = "0020000D", "00080020", "00080030"
 N_INST, N_SERIES_INST = "00201208", "00201209"

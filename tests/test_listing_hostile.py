@@ -10,11 +10,9 @@ operator would see.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,30 +29,41 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST_RETRY = RetryPolicy(base_delay=0.01, max_delay=0.05, max_seconds=30)
 
 
+_WRAPPER = """
+import json, os, resource, subprocess, sys, time
+argv, stdout, stderr, cwd, deadline = json.loads(sys.argv[1])
+start = time.monotonic()
+with open(stdout, "wb") as out, open(stderr, "wb") as err:
+    process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=cwd)
+    try:
+        code = process.wait(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        code = None
+print(json.dumps({"code": code, "seconds": time.monotonic() - start,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024}))
+"""
+
+
 def run_cli(pacs: FakePacs, work: Path, *extra: str, deadline: float = 60.0) -> tuple[int, dict, str, float, int]:
     """(exit code, --json summary, stderr, seconds, peak RSS in MB) of a sync in a subprocess,
-    killed (and the test failed) past ``deadline`` seconds."""
+    killed (and the test failed) past ``deadline`` seconds. The sync is started by a small
+    wrapper process: a child's peak RSS on Linux includes its parent's at the fork, and the test
+    process may be large by the time this runs."""
     command = [
         sys.executable, "-m", "crawler", "sync", pacs.url, "--state", str(work / "state.db"), "--out", str(work / "out"),
         "--metadata", "never", "--json", "--page-size", "20", *extra,
     ]
-    with open(work / "stdout", "wb") as out, open(work / "stderr", "wb") as err:
-        started = time.monotonic()
-        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=ROOT)
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - started > deadline:
-                process.kill()
-                process.wait()
-                pytest.fail(f"the sync was still running after {deadline} s ({pacs.counts()['studies']} study searches)")
-            time.sleep(0.05)
-        seconds = time.monotonic() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
+    spec = [command, str(work / "stdout"), str(work / "stderr"), str(ROOT), deadline]
+    done = subprocess.run([sys.executable, "-c", _WRAPPER, json.dumps(spec)], capture_output=True, text=True, check=True,
+                          timeout=deadline + 30)
+    measured = json.loads(done.stdout)
+    if measured["code"] is None:
+        pytest.fail(f"the sync was still running after {deadline} s ({pacs.counts()['studies']} study searches)")
     stdout = (work / "stdout").read_text()
     summary = json.loads(stdout) if stdout.strip() else {}
-    return process.returncode, summary, (work / "stderr").read_text(), seconds, usage.ru_maxrss // 1024
+    return measured["code"], summary, (work / "stderr").read_text(), measured["seconds"], measured["rss_mb"]
 
 
 @pytest.mark.parametrize(

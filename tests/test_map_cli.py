@@ -5,7 +5,6 @@ WADO-RS metadata, R5 and R4; bad input fails with one line."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import orjson

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from crawler import qido
-from crawler.errors import FatalQidoError, QidoError, RetriableQidoError
+from crawler.errors import FatalQidoError, RetriableQidoError
 from crawler.qido import QidoClient, RequestCounts, RetryPolicy, resolve_origin
 from fixtures.fakepacs import FakePacs
 

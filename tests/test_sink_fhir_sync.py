@@ -8,9 +8,7 @@ minimal answers, and at most 50 updates per transaction.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 
 from crawler.cli import main
 from crawler.mapping.ids import study_id
