@@ -38,8 +38,9 @@ def study_rows(state_path: Path) -> dict[str, str]:
 
 def test_a_bounded_sync_looks_for_gone_studies_only_inside_its_window(tmp_path, capsys):
     """Studies outside --since/--until are not listed by that run; they are neither asked for nor
-    counted as missed. Mutants that dropped either bound of the window given to iter_unseen in
-    _find_gone made this run exit 1 ("the listing missed N studies")."""
+    counted as missed, and such a run does not move the mark. Mutants that dropped either bound of
+    the window given to iter_unseen in _find_gone made this run exit 1 ("the listing missed N
+    studies"); `moves_mark and listing_clean` -> `or` in run set a mark."""
     state = tmp_path / "state.db"
     with FakePacs(n_studies=40, seed=31, date_from="20200101", date_to="20200131") as pacs:
         common = (pacs.url, "--state", str(state), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
@@ -57,6 +58,7 @@ def test_a_bounded_sync_looks_for_gone_studies_only_inside_its_window(tmp_path, 
         assert summary["windows_incomplete"] == 0
         assert [line for line in err.splitlines() if "no longer" in line] == [
             f"qido-crawler: WARNING: study {uid} is no longer in the PACS; deleting it" for uid in gone]
+        assert [m for (m,) in query(state, "SELECT mark FROM runs ORDER BY id")][1:] == [None]
         rows = study_rows(state)
         assert [rows.pop(uid) for uid in gone] == ["gone", "gone"]
         assert set(rows.values()) == {"synced"} and len(rows) == 38
@@ -160,3 +162,24 @@ def test_the_change_feed_position_is_kept_only_after_a_clean_listing(tmp_path, c
         code, summary, err = run_cli(capsys, "sync", *common)
         assert code == 0, err
     assert asked == [None, None, None, 5]
+
+
+def test_a_finished_run_is_recorded_with_its_end_outcome_folder_figures_and_mark(tmp_path, capsys):
+    """Failed before with each argument of finish_run in run replaced by None (a run without an
+    end is taken for an interrupted one by the next run)."""
+    state, out = tmp_path / "state.db", tmp_path / "out"
+    with FakePacs(n_studies=10, seed=36) as pacs:
+        common = (pacs.url, "--state", str(state), "--out", str(out), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        code, first, err = run_cli(capsys, "sync", *common)
+        assert code == 0, err
+        pacs.behaviour = Behaviour(listed_uids=NUL_UID)
+        code, second, err = run_cli(capsys, "sync", *common, "--full")
+        assert code == 1, err
+        assert "interrupted" not in err
+    rows = query(state, "SELECT id, ended, outcome, folder, figures, mark, windows FROM runs ORDER BY id")
+    assert first["run_dir"]
+    assert [(r[0], r[2], r[3]) for r in rows] == [(1, "ok", first["run_dir"]), (2, "partial", second["run_dir"])]
+    assert all(r[1] for r in rows)
+    assert [json.loads(r[4]) for r in rows] == [first, second]
+    assert rows[0][5] is not None and rows[1][5] is None
+    assert [json.loads(r[6]) for r in rows] == [["all studies"], ["all studies"]]
