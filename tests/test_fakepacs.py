@@ -199,7 +199,7 @@ def test_connection_faults_raise_in_requests():
         started = time.monotonic()
         with pytest.raises(requests.exceptions.ReadTimeout):
             requests.get(f"{pacs.url}/studies", timeout=(1, 0.2))
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 1.9  # before the 2 s stall ends
 
 
 def test_auth():
@@ -281,7 +281,7 @@ def test_a_million_studies_answer_a_day_quickly():
             elapsed = time.perf_counter() - started
         day = r.json()
         assert 90 < len(day) < 130 and {d[DATE]["Value"][0] for d in day} == {"20240229"}
-        assert elapsed < 1.0, elapsed  # ~ 10 ms here; a generous bound, speed goals are not timed tests
+        assert elapsed < 5.0, elapsed  # ~ 10 ms here: generous, for a loaded machine (speed goals are not timed tests)
         assert len(uids(day)) == pacs.n_matching("20240229", "20240229")
         last = date(2024, 12, 31) - timedelta(days=1)
         assert pacs.study_date(999_999) == "20241231" and pacs.study_date(999_999 - 110) >= last.strftime("%Y%m%d")

@@ -93,5 +93,5 @@ def test_a_producer_busy_in_a_request_is_waited_for_a_moment_only():
     assert next(consumer) == 1
     started = time.monotonic()
     consumer.close()
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 8  # not the 10 s the producer's request takes
     release.set()

@@ -105,7 +105,7 @@ def test_unreachable_server_is_a_sink_error_after_retries_without_waiting():
         sink.check()
     assert str(caught.value).startswith("cannot reach FHIR server http://127.0.0.1:")
     assert sink.requests == FAST.attempts and len(waits) == FAST.attempts - 1
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10  # the waits are recorded, not slept
 
 
 def test_unreachable_on_first_flush_without_check():

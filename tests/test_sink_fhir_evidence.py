@@ -217,7 +217,7 @@ def test_a_trickling_answer_is_cut_at_the_deadline():
         started = time.monotonic()
         with pytest.raises(SinkError, match="not complete within 0.5 s"):
             sink.check()
-        assert time.monotonic() - started < 5 and sink.requests == FAST.attempts
+        assert time.monotonic() - started < 10 and sink.requests == FAST.attempts
 
 
 def test_an_answer_over_the_size_cap_is_not_read():
@@ -252,7 +252,7 @@ def test_an_answer_whose_headers_trickle_is_cut_at_the_deadline():
         started = time.monotonic()
         with pytest.raises(SinkError, match="within 0.5 s"):
             sink.check()
-        assert time.monotonic() - started < 5 and sink.requests == FAST.attempts
+        assert time.monotonic() - started < 10 and sink.requests == FAST.attempts
 
 
 @pytest.fixture(scope="module")
