@@ -255,16 +255,41 @@ def test_a_put_and_a_delete_of_one_resource_never_share_a_bundle():
         assert server.get("ImagingStudy", "study-2") is not None
 
 
-@pytest.mark.parametrize("limit", [{"max_entries": 10}, {"max_bytes": 2000}])
-def test_bundles_are_cut_at_the_limits(limit):
+def test_bundles_are_cut_at_the_entry_limit():
     with FakeFhir() as server:
-        sink = make_sink(server, **limit)
+        sink = make_sink(server, max_entries=10)
         for i in range(20):
             sink.add(key(i), resources(i, 20))
         assert sink.flush() == {}
         assert len(posts(server)) > 2 and all(n <= 10 for n in posts(server))
-        assert all(len(orjson.dumps(t)) < 4000 for t in server.transactions) or "max_entries" in limit
+        assert sum(posts(server)) == 40 + len(posts(server))   # the Endpoint once per Bundle
         assert len(server.resources) == 41
+
+
+def test_bundles_are_cut_at_the_byte_limit():
+    with FakeFhir() as server:
+        sink = make_sink(server, max_bytes=2000)
+        for i in range(20):
+            sink.add(key(i), resources(i, 20))
+        assert sink.flush() == {}
+        sizes = [len(orjson.dumps(t)) for t in server.transactions]
+        assert len(sizes) > 2 and max(sizes) < 4000
+        assert sum(posts(server)) == 40 + len(posts(server))
+        assert len(server.resources) == 41
+
+
+def test_the_default_bundle_holds_at_most_500_entries():
+    """200 studies per Bundle, each with a Patient of its own: 401 entries would fit, 600 with a
+    second Patient each do not; the default cap (Azure's 500) cuts the Bundle."""
+    assert fhir.MAX_ENTRIES == 500
+    with FakeFhir() as server:
+        sink = make_sink(server, batch_size=200)
+        for i in range(200):
+            extra = ("Patient", f"other-{i}", orjson.dumps({"resourceType": "Patient", "id": f"other-{i}", "gender": "other"}))
+            sink.add(key(i), [*resources(i, 200), extra])
+        assert sink.flush() == {}
+        assert max(posts(server)) <= 500 and len(posts(server)) == 2
+        assert sum(posts(server)) == 200 * 3 + 2 and len(server.resources) == 601
 
 
 # --- faults --------------------------------------------------------------------------------
