@@ -446,6 +446,8 @@ class _Run:
         problem = item.get(dj.UNREADABLE)
         if problem is not None:
             figures.studies_failed += 1
+            # listing_errors is read only as a flag (run): its '= 1', '-= 1', '+= 2' mutants
+            # here and below are equivalent
             self.listing_errors += 1
             self._error(f"study {dj.first(item, Tag.StudyInstanceUID)}: listing entry unreadable: {problem}", kind="unusable listing entries")
             return None

@@ -183,3 +183,20 @@ def test_a_finished_run_is_recorded_with_its_end_outcome_folder_figures_and_mark
     assert [json.loads(r[4]) for r in rows] == [first, second]
     assert rows[0][5] is not None and rows[1][5] is None
     assert [json.loads(r[6]) for r in rows] == [["all studies"], ["all studies"]]
+
+
+def test_unreadable_listing_entries_fail_their_studies_alone_and_keep_the_mark(tmp_path, capsys):
+    """Listing entries that are not JSON: each fails its study (named by the UID the raw bytes
+    show), the others are synced, and the listing does not count as clean (no mark). Failed before
+    with the UNREADABLE check removed from _consider and with `studies_failed += 1` -> `= 1`,
+    `-= 1`, `+= 2` there."""
+    state = tmp_path / "state.db"
+    with FakePacs(n_studies=20, seed=37, broken_entries={5, 9}) as pacs:
+        common = (pacs.url, "--state", str(state), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        code, summary, err = run_cli(capsys, "sync", *common)
+        broken = {pacs.study_uid(5), pacs.study_uid(9)}
+    assert code == 1, err
+    assert (summary["studies_failed"], summary["studies_new"], summary["studies_listed"]) == (2, 18, 18)
+    assert {uid for uid in broken if f"study {uid}: listing entry unreadable: " in err} == broken
+    assert query(state, "SELECT mark FROM runs") == [(None,)]
+    assert not broken & set(study_rows(state))
