@@ -200,3 +200,22 @@ def test_unreadable_listing_entries_fail_their_studies_alone_and_keep_the_mark(t
     assert {uid for uid in broken if f"study {uid}: listing entry unreadable: " in err} == broken
     assert query(state, "SELECT mark FROM runs") == [(None,)]
     assert not broken & set(study_rows(state))
+
+
+def test_unusable_listing_entries_of_both_kinds_are_counted_and_their_messages_bounded(tmp_path, capsys):
+    """Entries that are not JSON and entries whose UID cannot be used are one kind of problem:
+    each fails its study, the first 20 are logged, the rest counted on one line. Failed before
+    with the kind of either message changed or dropped, and with the message or the count of
+    failed studies mutated in the branch for unusable UIDs."""
+    state = tmp_path / "state.db"
+    nul = {i: f"1.2\x00{i}" for i in range(12, 24)}
+    with FakePacs(n_studies=40, seed=38, broken_entries=frozenset(range(12)), listed_uids=nul) as pacs:
+        common = (pacs.url, "--state", str(state), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        code, summary, err = run_cli(capsys, "sync", *common)
+    assert code == 1, err
+    assert (summary["studies_failed"], summary["studies_new"], summary["warnings_not_shown"]) == (24, 16, 4)
+    lines = err.splitlines()
+    assert sum(": listing entry unreadable: " in line for line in lines) == 12
+    assert sum(line.endswith("listing entry: StudyInstanceUID (0020,000D): contains a NUL character") for line in lines) == 8
+    assert sum("4 more unusable listing entries (not shown; counted)" in line for line in lines) == 1
+    assert query(state, "SELECT mark FROM runs") == [(None,)]
