@@ -657,6 +657,8 @@ class State:
     def iter_unseen(self, source: str, run_id: int, since: str | None, until: str | None) -> Iterator[tuple[str, str | None]]:
         """(UID, resource id) of studies not listed by run ``run_id`` whose StudyDate lies in
         [since, until] (open ends unbounded; both None: every study, dated or not)."""
+        # equivalent mutants: changing the case of this SQL (see record_study), and 'or' -> 'and'
+        # below, since with one bound set `study_date >= ?` or `<= ?` already excludes NULL dates
         sql = "SELECT study_uid, resource_id FROM studies WHERE source = ? AND status != 'gone' AND (last_seen_run IS NULL OR last_seen_run != ?)"
         args: list[Any] = [source, run_id]
         if since is not None or until is not None:

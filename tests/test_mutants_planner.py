@@ -83,6 +83,8 @@ def test_stray_names_the_key_a_returned_study_does_not_match():
     assert day.stray("20200105", "01") is None
     assert day.stray("20200105", "0059") == "StudyTime"
     assert day.stray("20200105", "02") == "StudyTime"
+    assert Window("20200105", "20200105", 0, 3600).stray("20200105", "01") is None
+    assert Window("20200105", "20200105", 7199, 86399).stray("20200105", "01") is None
     assert day.stray("20200105", "garbage") is None
     assert day.stray("20200105", None) is None
     assert Window("20200105", "20200105", 3600, None).stray("20200105", "000000") is None
