@@ -219,3 +219,25 @@ def test_unusable_listing_entries_of_both_kinds_are_counted_and_their_messages_b
     assert sum(line.endswith("listing entry: StudyInstanceUID (0020,000D): contains a NUL character") for line in lines) == 8
     assert sum("4 more unusable listing entries (not shown; counted)" in line for line in lines) == 1
     assert query(state, "SELECT mark FROM runs") == [(None,)]
+
+
+def test_a_study_the_fhir_server_refuses_is_recorded_failed_with_its_run_and_date(tmp_path, capsys):
+    """A refusal at the checkpoint: one error line naming the study, the study recorded as failed
+    by this run with its StudyDate (so that date windows and retries find it), and it is not taken
+    for a study the listing missed. Failed before with the message, the run id or the study date
+    given to the state as None in _checkpoint."""
+    from crawler.mapping.ids import study_id
+    from fixtures.fakefhir import FakeFhir
+
+    state = tmp_path / "state.db"
+    with FakePacs(n_studies=6, seed=39) as pacs:
+        refused = pacs.study_uid(2)
+        with FakeFhir(reject={("ImagingStudy", study_id(pacs.url, refused))}) as fhir:
+            common = (pacs.url, "--state", str(state), "--fhir-url", fhir.url, "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+            code, summary, err = run_cli(capsys, "sync", *common)
+        date = pacs.study_date(2)
+    assert code == 1, err
+    assert (summary["studies_failed"], summary["studies_new"], summary["windows_incomplete"]) == (1, 5, 0)
+    assert sum(f"study {refused}: not accepted: " in line for line in err.splitlines()) == 1
+    assert query(state, "SELECT status, last_run, last_seen_run, study_date FROM studies WHERE study_uid = ?", refused) == [
+        ("failed", 1, 1, date)]
