@@ -57,8 +57,8 @@ URL shape, targets) on stdout instead of the table. Requests by URL shape (``stu
 which requests dominate.
 
 Run from the repository root with the package installed (``pip install -e '.[test]'``). A warm
-run with the default sizes took 150 to 250 s on a busy 2-core host; naive and ``--metadata
-never`` take most of it (Orthanc 1.10's instance-level QIDO is its most expensive answer). On a shared host, the
+run with the default sizes and ``--repeat 2`` took 430 s on a 2-core host under load 7 to 10
+(loading the corpus the first time: 100 s more); naive and ``--metadata never`` take most of it (Orthanc 1.10's instance-level QIDO is its most expensive answer). On a shared host, the
 others' CPU column says how much the wall figures suffered; ``nice -n -10 python
 benchmarks/bench_crawl.py`` (as root; Orthanc inherits the priority) keeps most of it away.
 """
