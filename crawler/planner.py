@@ -126,10 +126,12 @@ class Window:
                 out.append(Window(None, _text(_day(since) - timedelta(days=1))))
             out.append(Window(since, until))
             if self.until is None:
+                # equivalent mutant: dropping the None (until defaults to None)
                 out.append(Window(_text(_day(until) + timedelta(days=1)), None))
             return out
         first, last = _day(self.since), _day(self.until)
         if first < last:
+            # equivalent mutant: '/ 2' (a date plus a timedelta counts whole days only)
             middle = first + (last - first) // 2
             return [Window(self.since, _text(middle)), Window(_text(middle + timedelta(days=1)), self.until)]
         low = 0 if self.time_from is None else self.time_from
