@@ -224,8 +224,9 @@ def test_unusable_listing_entries_of_both_kinds_are_counted_and_their_messages_b
 def test_a_study_the_fhir_server_refuses_is_recorded_failed_with_its_run_and_date(tmp_path, capsys):
     """A refusal at the checkpoint: one error line naming the study, the study recorded as failed
     by this run with its StudyDate (so that date windows and retries find it), and it is not taken
-    for a study the listing missed. Failed before with the message, the run id or the study date
-    given to the state as None in _checkpoint."""
+    for a study the listing missed; the synced ones are recorded with this run, their StudyDate and
+    their resource's digest. Failed before with the message, the run id or the study date given to
+    the state as None in _checkpoint (refused or synced) and with the resource digest dropped."""
     from crawler.mapping.ids import study_id
     from fixtures.fakefhir import FakeFhir
 
@@ -241,6 +242,10 @@ def test_a_study_the_fhir_server_refuses_is_recorded_failed_with_its_run_and_dat
     assert sum(f"study {refused}: not accepted: " in line for line in err.splitlines()) == 1
     assert query(state, "SELECT status, last_run, last_seen_run, study_date FROM studies WHERE study_uid = ?", refused) == [
         ("failed", 1, 1, date)]
+    synced = query(state, "SELECT last_run, last_seen_run, study_date, resource_hash FROM studies WHERE status = 'synced'")
+    assert len(synced) == 5
+    assert all(r[:2] == (1, 1) and r[2] is not None and len(r[2]) == 8 and r[3] for r in synced)
+    assert len({r[3] for r in synced}) == 5
 
 
 def test_studies_are_counted_changed_or_rechecked_one_by_one(tmp_path, capsys):
@@ -257,3 +262,28 @@ def test_studies_are_counted_changed_or_rechecked_one_by_one(tmp_path, capsys):
         pacs.add_instances(6, 2)
         code, summary, err = run_cli(capsys, "sync", *common)
         assert (code, summary["studies_rechecked"], summary["studies_changed"], summary["resources_written"]) == (0, 8, 2, 2), err
+
+
+def test_a_deletion_the_fhir_server_refuses_leaves_the_study_synced(tmp_path, capsys):
+    """--prune with a FHIR server that refuses the transaction holding the DELETE: one error line
+    naming the study, an OperationOutcome line in the run folder, and the study is not marked
+    gone (the next run tries again). Failed before with the message, or the body written to the
+    sinks, replaced by None in _checkpoint's loop over deletions."""
+    from fixtures.fakefhir import FakeFhir
+
+    state, out = tmp_path / "state.db", tmp_path / "out"
+    with FakePacs(n_studies=6, seed=41) as pacs, FakeFhir() as fhir:
+        common = (pacs.url, "--state", str(state), "--out", str(out), "--fhir-url", fhir.url, "--metadata", "never", "--retries", "0",
+                  "--json", "--timezone", "UTC")
+        assert run_cli(capsys, "sync", *common)[0] == 0
+        gone = pacs.study_uid(2)
+        pacs.delete_study(2)
+        fhir.reset_counts()
+        fhir.fail_requests = {n: 422 for n in range(2, 40)}
+        _, _, err = run_cli(capsys, "sync", *common, "--full", "--prune")
+    assert f"qido-crawler: WARNING: study {gone}: deletion not accepted: HTTP 422" in err
+    assert sum(f"study {gone}: deletion not accepted: " in line for line in err.splitlines()) == 1
+    assert study_rows(state)[gone] == "synced"
+    (folder,) = [p for p in out.iterdir() if (p / "OperationOutcome.ndjson").exists()]
+    outcomes = [json.loads(line) for line in (folder / "OperationOutcome.ndjson").read_text().splitlines()]
+    assert [o["issue"][0]["diagnostics"].startswith(f"study {gone}: deletion not accepted: ") for o in outcomes] == [True]
