@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from crawler.cli import main
+from crawler.mapping.ids import study_id
 from crawler.state import State
 from fixtures.fakepacs import Behaviour, FakePacs
 
@@ -40,7 +41,10 @@ def test_a_bounded_sync_looks_for_gone_studies_only_inside_its_window(tmp_path, 
     """Studies outside --since/--until are not listed by that run; they are neither asked for nor
     counted as missed, and such a run does not move the mark. Mutants that dropped either bound of
     the window given to iter_unseen in _find_gone made this run exit 1 ("the listing missed N
-    studies"); `moves_mark and listing_clean` -> `or` in run set a mark."""
+    studies"); `moves_mark and listing_clean` -> `or` in run set a mark; in _checkpoint, mutants
+    of the pruned study's mark_gone and drop_resource calls and of its resources_deleted count
+    left a deleted study's resource in the state (where export would bring it back) or
+    miscounted."""
     state = tmp_path / "state.db"
     with FakePacs(n_studies=40, seed=31, date_from="20200101", date_to="20200131") as pacs:
         common = (pacs.url, "--state", str(state), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
@@ -62,6 +66,10 @@ def test_a_bounded_sync_looks_for_gone_studies_only_inside_its_window(tmp_path, 
         rows = study_rows(state)
         assert [rows.pop(uid) for uid in gone] == ["gone", "gone"]
         assert set(rows.values()) == {"synced"} and len(rows) == 38
+        assert summary["resources_deleted"] == 2
+        assert query(state, "SELECT DISTINCT last_run FROM studies WHERE status = 'gone'") == [(2,)]
+        kept = {i for (i,) in query(state, "SELECT id FROM resources WHERE type = 'ImagingStudy'")}
+        assert len(kept) == 38 and not kept & {study_id(pacs.url, uid) for uid in gone}
 
 
 def test_without_prune_a_gone_study_is_marked_gone_and_nothing_is_deleted(tmp_path, capsys):
@@ -287,3 +295,14 @@ def test_a_deletion_the_fhir_server_refuses_leaves_the_study_synced(tmp_path, ca
     (folder,) = [p for p in out.iterdir() if (p / "OperationOutcome.ndjson").exists()]
     outcomes = [json.loads(line) for line in (folder / "OperationOutcome.ndjson").read_text().splitlines()]
     assert [o["issue"][0]["diagnostics"].startswith(f"study {gone}: deletion not accepted: ") for o in outcomes] == [True]
+
+
+def test_a_run_with_checkpoints_along_the_way_records_every_study(tmp_path, capsys):
+    """Failed before with `self.last_checkpoint = time.monotonic()` -> `= None` in _checkpoint
+    (the next study taken after a checkpoint met None)."""
+    state = tmp_path / "state.db"
+    with FakePacs(n_studies=10, seed=42) as pacs:
+        common = (pacs.url, "--state", str(state), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        code, summary, err = run_cli(capsys, "sync", *common, "--checkpoint-every", "3")
+    assert (code, summary["studies_new"]) == (0, 10), err
+    assert set(study_rows(state).values()) == {"synced"} and len(study_rows(state)) == 10
