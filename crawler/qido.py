@@ -520,6 +520,12 @@ def read_answer(response: urllib3.BaseHTTPResponse, limit: int, deadline: float,
     except urllib3.exceptions.HTTPError as exc:
         response.close()
         raise requests_body_error(exc) from exc
+    except requests.exceptions.RequestException:  # an OSError too: BodyTooLarge, DeadlineExceeded
+        response.close()
+        raise
+    except OSError as exc:  # the socket itself (closed, reset): as requests reports it
+        response.close()
+        raise requests.exceptions.ConnectionError(exc) from exc
     except BaseException:
         response.close()
         raise
@@ -534,15 +540,20 @@ def read_capped(response: urllib3.BaseHTTPResponse, limit: int, deadline: float,
     length = response.headers.get("content-length", "").strip()
     if length.isdigit() and int(length) > limit:
         raise BodyTooLarge(limit)
-    sock = getattr(getattr(response, "connection", None), "sock", None)
     pieces: list[bytes] = []
     size = 0
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded
+        # the connection goes back to its pool once the last byte is read (and a full pool
+        # closes it): its socket is the response's only while the response still holds it
+        sock = getattr(getattr(response, "connection", None), "sock", None)
         if sock is not None:
-            sock.settimeout(min(left, read_timeout) if read_timeout else left)
+            try:
+                sock.settimeout(min(left, read_timeout) if read_timeout else left)
+            except OSError:
+                pass
         try:
             piece = response.read1(READ_PIECE, decode_content=False)
         except urllib3.exceptions.ReadTimeoutError:
