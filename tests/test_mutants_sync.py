@@ -306,3 +306,17 @@ def test_a_run_with_checkpoints_along_the_way_records_every_study(tmp_path, caps
         code, summary, err = run_cli(capsys, "sync", *common, "--checkpoint-every", "3")
     assert (code, summary["studies_new"]) == (0, 10), err
     assert set(study_rows(state).values()) == {"synced"} and len(study_rows(state)) == 10
+
+
+def test_a_run_that_cannot_reach_the_source_is_recorded_as_unreachable(tmp_path, capsys):
+    """Failed before with each argument of the failed run's finish_run replaced by None, or its
+    "error" key renamed."""
+    with FakePacs(n_studies=1, seed=43) as pacs:
+        url = pacs.url
+    state = tmp_path / "state.db"
+    code, _, err = run_cli(capsys, "sync", url, "--state", str(state), "--metadata", "never", "--retries", "0", "--timezone", "UTC")
+    assert code == 3, err
+    ((run_id, ended, outcome, folder, figures, mark),) = query(state, "SELECT id, ended, outcome, folder, figures, mark FROM runs")
+    assert (run_id, outcome, folder, mark) == (1, "unreachable", None, None) and ended
+    figures = json.loads(figures)
+    assert figures["error"] and figures["studies_new"] == 0
