@@ -320,3 +320,31 @@ def test_a_run_that_cannot_reach_the_source_is_recorded_as_unreachable(tmp_path,
     assert (run_id, outcome, folder, mark) == (1, "unreachable", None, None) and ended
     figures = json.loads(figures)
     assert figures["error"] and figures["studies_new"] == 0
+
+
+def test_the_folder_of_a_run_that_failed_is_recorded_for_the_next_run_to_recover(tmp_path, capsys):
+    """A FHIR server that goes away after the start-up check: the run fails (exit 3, outcome
+    "failed") after its
+    run folder was made; the state keeps the folder's path, so that the next run completes or
+    removes it. Failed before with `kept` replaced by None in run's finish_run."""
+    from fixtures.fakefhir import FakeFhir
+
+    class PacsThatStopsTheFhirServer(FakePacs):
+        fhir: FakeFhir | None = None
+
+        def _record(self, *args, **kwargs):
+            fhir, self.fhir = self.fhir, None
+            if fhir is not None:
+                fhir.stop()
+            return super()._record(*args, **kwargs)
+
+    state, out = tmp_path / "state.db", tmp_path / "out"
+    with PacsThatStopsTheFhirServer(n_studies=4, seed=44) as pacs, FakeFhir() as fhir:
+        pacs.fhir = fhir
+        common = (pacs.url, "--state", str(state), "--out", str(out), "--fhir-url", fhir.url, "--metadata", "never", "--retries", "0",
+                  "--timezone", "UTC")
+        code, _, err = run_cli(capsys, "sync", *common)
+        assert code == 3, err
+        (folder,) = [p for p in out.iterdir()]
+        assert query(state, "SELECT folder, outcome FROM runs") == [(str(folder.absolute()), "failed")]
+        assert study_rows(state) == {}
