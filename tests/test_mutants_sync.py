@@ -324,9 +324,8 @@ def test_a_run_that_cannot_reach_the_source_is_recorded_as_unreachable(tmp_path,
 
 def test_the_folder_of_a_run_that_failed_is_recorded_for_the_next_run_to_recover(tmp_path, capsys):
     """A FHIR server that goes away after the start-up check: the run fails (exit 3, outcome
-    "failed") after its
-    run folder was made; the state keeps the folder's path, so that the next run completes or
-    removes it. Failed before with `kept` replaced by None in run's finish_run."""
+    "failed") after its run folder was made; the state keeps the folder's path, so that the next
+    run completes or removes it. Failed before with `kept` replaced by None in run's finish_run."""
     from fixtures.fakefhir import FakeFhir
 
     class PacsThatStopsTheFhirServer(FakePacs):
