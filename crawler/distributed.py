@@ -60,10 +60,23 @@ def task_size(config: SyncConfig) -> int:
 
 
 def _worker_client(key: str, config: SyncConfig) -> tuple[QidoClient, Learned]:
+    """The run's client in this worker process, with a pooled connection for each of its threads
+    (``workers`` is the number of processes here: a pool that small closed and reopened
+    connections all the time)."""
     with _RUNS_LOCK:
         if key not in _RUNS:
-            _RUNS[key] = (client_from(config), Learned.of(config.crawl))
+            _RUNS[key] = (client_from(replace(config, workers=_threads_here(config))), Learned.of(config.crawl))
         return _RUNS[key]
+
+
+def _threads_here(config: SyncConfig) -> int:
+    """How many tasks this worker process runs at once (``worker_threads`` outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return max(int(get_worker().state.nthreads), 1)
+    except (ImportError, ValueError, AttributeError):
+        return config.worker_threads
 
 
 def _task_client(key: str, config: SyncConfig) -> tuple[QidoClient, Learned]:

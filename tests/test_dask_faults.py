@@ -104,6 +104,7 @@ def test_a_local_cluster_forks_its_workers_with_the_crawler_imported():
 
     from crawler import distributed
     from crawler.config import SyncConfig
+    from crawler.config import SyncConfig
 
     key = "distributed.worker.multiprocessing-method"
     if "forkserver" not in multiprocessing.get_all_start_methods() or dask.config.get(key) != "spawn":
@@ -219,3 +220,18 @@ def test_max_rps_is_shared_out_among_the_worker_processes(tmp_path, scheduler):
         n, span = len(pacs.arrivals), pacs.arrivals[-1] - pacs.arrivals[0]
     assert n >= 40
     assert span >= 0.85 * (n - 6) / rate, f"{n} requests in {span:.2f} s"
+
+
+def test_a_worker_process_keeps_a_pooled_connection_for_each_of_its_threads():
+    """``--workers`` counts processes under Dask: the client of a worker process is sized by its
+    threads (here outside a worker: ``--worker-threads``), not by the number of processes."""
+    from crawler import distributed
+    from crawler.config import SyncConfig
+
+    config = SyncConfig(url="http://127.0.0.1:9/dicom-web", executor="dask", workers=2, worker_threads=6)
+    client, _ = distributed._worker_client("pool-size-test", config)
+    try:
+        adapter = client.session.get_adapter(client.base_url)
+        assert adapter._pool_maxsize == 7
+    finally:
+        distributed._forget("pool-size-test")
