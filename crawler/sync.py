@@ -446,8 +446,8 @@ class _Run:
         problem = item.get(dj.UNREADABLE)
         if problem is not None:
             figures.studies_failed += 1
-            # listing_errors is read only as a flag (run): its '= 1', '-= 1', '+= 2' mutants
-            # here and below are equivalent
+            # listing_errors is read only as a flag (run): its '= 1' and '+= 2' mutants here and
+            # below are equivalent ('-= 1' is not: the two kinds of entries would cancel out)
             self.listing_errors += 1
             self._error(f"study {dj.first(item, Tag.StudyInstanceUID)}: listing entry unreadable: {problem}", kind="unusable listing entries")
             return None
