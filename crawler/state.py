@@ -682,6 +682,7 @@ class State:
 
     def last_mark(self, source: str) -> str | None:
         """The high-water mark of the last run of ``source`` whose listing was complete."""
+        # case-changing mutants of this SQL are equivalent (see record_study)
         row = self._q("SELECT mark FROM runs WHERE source = ? AND mark IS NOT NULL ORDER BY id DESC LIMIT 1", (source,)).fetchone()
         return row[0] if row else None
 
