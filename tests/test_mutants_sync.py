@@ -298,14 +298,33 @@ def test_a_deletion_the_fhir_server_refuses_leaves_the_study_synced(tmp_path, ca
 
 
 def test_a_run_with_checkpoints_along_the_way_records_every_study(tmp_path, capsys):
-    """Failed before with `self.last_checkpoint = time.monotonic()` -> `= None` in _checkpoint
-    (the next study taken after a checkpoint met None)."""
-    state = tmp_path / "state.db"
+    """The Endpoint (the same for every study) is written once per run, not once per checkpoint.
+    Failed before with `self.last_checkpoint = time.monotonic()` -> `= None` in _checkpoint (the
+    next study taken after a checkpoint met None), and with the in-memory digest of the Endpoint
+    not updated at a checkpoint (`in self.stored` -> `not in`, the digest -> None)."""
+    state, out = tmp_path / "state.db", tmp_path / "out"
     with FakePacs(n_studies=10, seed=42) as pacs:
-        common = (pacs.url, "--state", str(state), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
+        common = (pacs.url, "--state", str(state), "--out", str(out), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")
         code, summary, err = run_cli(capsys, "sync", *common, "--checkpoint-every", "3")
-    assert (code, summary["studies_new"]) == (0, 10), err
+    assert (code, summary["studies_new"], summary["resources_written"]) == (0, 10, 11), err
     assert set(study_rows(state).values()) == {"synced"} and len(study_rows(state)) == 10
+    (folder,) = list(out.iterdir())
+    assert len((folder / "Endpoint.ndjson").read_text().splitlines()) == 1
+    assert len((folder / "ImagingStudy.ndjson").read_text().splitlines()) == 10
+
+
+def test_refused_resources_are_counted_over_every_checkpoint(tmp_path, capsys):
+    """Failed before with `resources_refused += ...` -> `= ...` in _checkpoint (only the last
+    checkpoint's refusals were counted)."""
+    from fixtures.fakefhir import FakeFhir
+
+    with FakePacs(n_studies=6, seed=45) as pacs:
+        reject = {("ImagingStudy", study_id(pacs.url, pacs.study_uid(i))) for i in (0, 5)}
+        with FakeFhir(reject=reject) as fhir:
+            common = (pacs.url, "--state", str(tmp_path / "state.db"), "--fhir-url", fhir.url, "--metadata", "never", "--retries", "0",
+                      "--json", "--timezone", "UTC", "--checkpoint-every", "2")
+            code, summary, err = run_cli(capsys, "sync", *common)
+    assert (code, summary["studies_failed"], summary["resources_refused"]) == (1, 2, 2), err
 
 
 def test_a_run_that_cannot_reach_the_source_is_recorded_as_unreachable(tmp_path, capsys):
