@@ -258,14 +258,23 @@ def test_a_study_the_fhir_server_refuses_is_recorded_failed_with_its_run_and_dat
 
 def test_studies_are_counted_changed_or_rechecked_one_by_one(tmp_path, capsys):
     """Without counts in the listing every study is crawled again: those that come back the same
-    are re-checked, those that differ changed, each counted once. Failed before with
-    `studies_changed += 1` -> `= 1` and `studies_rechecked += 1` -> `= 1`, `-= 1`, `+= 2`."""
+    are re-checked (also when only the Endpoint has to be sent again), those that differ changed,
+    each counted once. Failed before with `studies_changed += 1` -> `= 1`,
+    `studies_rechecked += 1` -> `= 1`, `-= 1`, `+= 2`, and `!= "Endpoint"` with another string."""
     state = tmp_path / "state.db"
     with FakePacs(n_studies=10, seed=40, no_study_counts=True) as pacs:
         common = (pacs.url, "--state", str(state), "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC", "--full")
         assert run_cli(capsys, "sync", *common)[0] == 0
         code, summary, err = run_cli(capsys, "sync", *common)
         assert (code, summary["studies_rechecked"], summary["studies_changed"], summary["resources_written"]) == (0, 10, 0, 0), err
+        dropped = State(state)
+        try:
+            dropped.db.execute("DELETE FROM resources WHERE type = 'Endpoint'")
+            dropped.db.commit()
+        finally:
+            dropped.close()
+        code, summary, err = run_cli(capsys, "sync", *common)
+        assert (code, summary["studies_rechecked"], summary["studies_changed"], summary["resources_written"]) == (0, 10, 0, 1), err
         pacs.add_instances(3, 1)
         pacs.add_instances(6, 2)
         code, summary, err = run_cli(capsys, "sync", *common)
