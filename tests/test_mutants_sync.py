@@ -375,3 +375,22 @@ def test_the_folder_of_a_run_that_failed_is_recorded_for_the_next_run_to_recover
         (folder,) = [p for p in out.iterdir()]
         assert query(state, "SELECT folder, outcome FROM runs") == [(str(folder.absolute()), "failed")]
         assert study_rows(state) == {}
+
+
+def test_progress_is_reported_for_unchanged_studies_too(tmp_path):
+    """Failed before with `self.progress(figures)` -> `self.progress(None)` in _consider's branch
+    for an unchanged study."""
+    import sys
+
+    from crawler.config import SyncConfig
+    from crawler.crawl import CrawlOptions, MetadataMode
+    from crawler.qido import RetryPolicy
+
+    seen: list[tuple[int, int]] = []
+    with FakePacs(n_studies=5, seed=46) as pacs:
+        config = SyncConfig(url=pacs.url, state=tmp_path / "state.db", retry=RetryPolicy(base_delay=0.01, max_delay=0.05, max_seconds=10),
+                            crawl=CrawlOptions(metadata=MetadataMode.NEVER), full=True)
+        assert sys.modules["crawler.sync"].sync(config).exit_code == 0
+        result = sys.modules["crawler.sync"].sync(config, progress=lambda f: seen.append((f.studies_listed, f.studies_unchanged)))
+    assert result.figures.studies_unchanged == 5
+    assert seen[-1] == (5, 5) and [u for _, u in seen] == sorted(u for _, u in seen)
