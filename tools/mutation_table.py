@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("patterns", nargs="*", help="mutant name globs (default: every mutant)")
     parser.add_argument("--survivors", action="store_true", help="also list the surviving mutants by name")
     parser.add_argument("--root", type=Path, default=Path("mutants"), help="mutmut's working folder (default: mutants)")
+    parser.add_argument("--max-children", help="ignored: taken by `mutmut run` when tox passes the same arguments to both")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         print(f"no mutation results in {args.root}: run `tox -e mutants` first", file=sys.stderr)
