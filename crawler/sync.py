@@ -635,6 +635,7 @@ class _Run:
         self.held.clear()
         for uid, resource_id in self.deleting:
             if uid in refused:
+                figures.studies_failed += 1
                 message = f"study {uid}: deletion not accepted: {refused[uid]}"
                 self._error(message)
                 for sink in self.sinks:

@@ -283,8 +283,8 @@ def test_studies_are_counted_changed_or_rechecked_one_by_one(tmp_path, capsys):
 
 def test_a_deletion_the_fhir_server_refuses_leaves_the_study_synced(tmp_path, capsys):
     """--prune with a FHIR server that refuses the transaction holding the DELETE: one error line
-    naming the study, an OperationOutcome line in the run folder, and the study is not marked
-    gone (the next run tries again). Failed before with the message, or the body written to the
+    naming the study, an OperationOutcome line in the run folder, the study counted as failed
+    (exit 1), and not marked gone (the next run tries again). Failed before with the message, or the body written to the
     sinks, replaced by None in _checkpoint's loop over deletions."""
     from fixtures.fakefhir import FakeFhir
 
@@ -297,7 +297,8 @@ def test_a_deletion_the_fhir_server_refuses_leaves_the_study_synced(tmp_path, ca
         pacs.delete_study(2)
         fhir.reset_counts()
         fhir.fail_requests = {n: 422 for n in range(2, 40)}
-        _, _, err = run_cli(capsys, "sync", *common, "--full", "--prune")
+        code, summary, err = run_cli(capsys, "sync", *common, "--full", "--prune")
+    assert (code, summary["studies_failed"], summary["resources_deleted"]) == (1, 1, 0), err
     assert f"qido-crawler: WARNING: study {gone}: deletion not accepted: HTTP 422" in err
     assert sum(f"study {gone}: deletion not accepted: " in line for line in err.splitlines()) == 1
     assert study_rows(state)[gone] == "synced"
