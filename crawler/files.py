@@ -41,15 +41,10 @@ def make_new_folder(path: Path) -> None:
 
 
 def open_private(path: Path, mode: str = "wb") -> IO:
-    """``open(path, mode)`` for writing, a new file created 0600 (``w`` modes truncate as usual)."""
-    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-    if "+" in mode:
-        flags = (flags & ~os.O_WRONLY) | os.O_RDWR
-    if "w" in mode:
-        flags |= os.O_TRUNC
-    elif "a" in mode:
-        flags |= os.O_APPEND
-    fd = os.open(path, flags, FILE_MODE)
+    """``open(path, mode)`` for ``w`` or ``wb``: truncated, and created 0600 when new."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"open_private writes only (w, wb), not {mode!r}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
         return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""}))
     except BaseException:

@@ -513,7 +513,11 @@ class _Run:
             return
         for uid in self.state.studies_to_retry(self.source, self.run_id, RETRY_PER_RUN):
             if uid not in self.pending:
-                yield from self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
+                yield from self._listing_of(uid)
+
+    def _listing_of(self, uid: str) -> list[dict[str, Any]]:
+        """What a listing shows of one study, asked for by its Study Instance UID."""
+        return self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
 
     def _fed_items(self) -> Iterator[dict[str, Any]]:
         """With --changes orthanc: the studies Orthanc's change feed names that the listing did not show."""
@@ -526,7 +530,7 @@ class _Run:
         for uid in changes.study_uids:
             row = self.state.study(self.source, uid)
             if uid not in self.pending and (row is None or row.last_seen_run != self.run_id):
-                yield from self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
+                yield from self._listing_of(uid)
 
     notices: Notices | None = None
 

@@ -69,16 +69,13 @@ def reference(pacs, tmp_path_factory) -> tuple[dict[str, list[str]], int]:
     return export(work), len(pacs.requests)
 
 
-@pytest.mark.parametrize("fraction", KILL_FRACTIONS)
-def test_sigkill_at_any_point_then_rerun_gives_the_clean_export(pacs, reference, tmp_path, fraction):
-    reference, total = reference
-    assert total > 40
-    kill_after = min(total - 1, 1 + int(fraction * total))
-    pacs.reset_counts()
-    # request number kill_after is held (the simulator lets it go when it stops)
-    pacs.behaviour = Behaviour(latency=LATENCY, stall_seconds=600, stall_every=kill_after)
+def kill_at_request(pacs: FakePacs, command: list[str], kill_after: int, latency: float) -> bool:
+    """Run ``command`` and SIGKILL it once request number ``kill_after`` has reached the simulator,
+    which holds that request unanswered (and lets it go when it stops); False when the command
+    finished before."""
+    pacs.behaviour = Behaviour(latency=latency, stall_seconds=600, stall_every=kill_after)
     try:
-        process = subprocess.Popen(sync_command(pacs.url, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while len(pacs.requests) < kill_after and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -87,7 +84,17 @@ def test_sigkill_at_any_point_then_rerun_gives_the_clean_export(pacs, reference,
             os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
     finally:
-        pacs.behaviour = Behaviour(latency=LATENCY)
+        pacs.behaviour = Behaviour(latency=latency)
+    return killed
+
+
+@pytest.mark.parametrize("fraction", KILL_FRACTIONS)
+def test_sigkill_at_any_point_then_rerun_gives_the_clean_export(pacs, reference, tmp_path, fraction):
+    reference, total = reference
+    assert total > 40
+    kill_after = min(total - 1, 1 + int(fraction * total))
+    pacs.reset_counts()
+    killed = kill_at_request(pacs, sync_command(pacs.url, tmp_path), kill_after, LATENCY)
     assert killed, f"the sync finished before {kill_after} of {total} requests"
     assert len(pacs.requests) >= kill_after
 

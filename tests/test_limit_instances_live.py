@@ -9,7 +9,6 @@ named inconsistent, not written and not recorded as synced, and the run exits 1.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,8 @@ LIMIT = 2
 
 @pytest.fixture(scope="module")
 def instance_capped_pacs(corpus_files, tmp_path_factory):
-    server = orthanc.start(tmp_path_factory.mktemp("orthanc-instance-cap"), config={"LimitFindInstances": LIMIT})
-    try:
-        server.upload(corpus_files)
+    with orthanc.running(corpus_files, root=tmp_path_factory.mktemp("orthanc-instance-cap"), config={"LimitFindInstances": LIMIT}) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

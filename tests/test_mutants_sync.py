@@ -356,15 +356,7 @@ def test_the_folder_of_a_run_that_failed_is_recorded_for_the_next_run_to_recover
     "failed") after its run folder was made; the state keeps the folder's path, so that the next
     run completes or removes it. Failed before with `kept` replaced by None in run's finish_run."""
     from fixtures.fakefhir import FakeFhir
-
-    class PacsThatStopsTheFhirServer(FakePacs):
-        fhir: FakeFhir | None = None
-
-        def _record(self, *args, **kwargs):
-            fhir, self.fhir = self.fhir, None
-            if fhir is not None:
-                fhir.stop()
-            return super()._record(*args, **kwargs)
+    from test_promises import PacsThatStopsTheFhirServer
 
     state, out = tmp_path / "state.db", tmp_path / "out"
     with PacsThatStopsTheFhirServer(n_studies=4, seed=44) as pacs, FakeFhir() as fhir:

@@ -34,6 +34,19 @@ def two_pacs():
         yield first, second
 
 
+@pytest.fixture
+def frozen_clock(monkeypatch):
+    """Every run starts at 2026-12-05 12:00:00 UTC (the second that names its folder)."""
+    fixed = datetime(2026, 12, 5, 12, 0, 0, tzinfo=timezone.utc)
+
+    class FrozenClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return fixed if tz else fixed.replace(tzinfo=None)
+
+    monkeypatch.setattr(sync_module, "datetime", FrozenClock)
+
+
 def _sync_command(url: str, state: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "crawler", "sync", url, "--state", str(state), "--out", str(out), "--metadata", "never",
             "--timezone", "UTC", "-q"]
@@ -89,16 +102,8 @@ def test_two_syncs_started_together_into_one_out_both_land_and_a_foreign_folder_
     assert len(run_folders) == 2 and len({p.name for p in run_folders}) == 2
 
 
-def test_runs_of_two_states_in_the_same_second_get_different_folders(two_pacs, tmp_path, monkeypatch):
+def test_runs_of_two_states_in_the_same_second_get_different_folders(two_pacs, tmp_path, frozen_clock):
     """The same UTC second and the same run number (1) for two states: two folders, both complete."""
-    fixed = datetime(2026, 12, 5, 12, 0, 0, tzinfo=timezone.utc)
-
-    class FrozenClock(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return fixed if tz else fixed.replace(tzinfo=None)
-
-    monkeypatch.setattr(sync_module, "datetime", FrozenClock)
     out = tmp_path / "out"
     for i, pacs in enumerate(two_pacs):
         config = SyncConfig(url=pacs.url, state=tmp_path / f"state{i}.db", out=out, crawl=CrawlOptions(metadata=MetadataMode.NEVER), zone=timezone.utc)
@@ -109,17 +114,9 @@ def test_runs_of_two_states_in_the_same_second_get_different_folders(two_pacs, t
     assert len(_study_ids_written(out)) == 55
 
 
-def test_a_folder_the_run_did_not_create_is_never_written_into(two_pacs, tmp_path, monkeypatch, capsys):
+def test_a_folder_the_run_did_not_create_is_never_written_into(two_pacs, tmp_path, frozen_clock, capsys):
     """A copy of a state used by a second job would pick the same folder name: the second run
     refuses to write into a folder it did not create (exit 3, one line), and records nothing."""
-    fixed = datetime(2026, 12, 5, 12, 0, 0, tzinfo=timezone.utc)
-
-    class FrozenClock(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return fixed if tz else fixed.replace(tzinfo=None)
-
-    monkeypatch.setattr(sync_module, "datetime", FrozenClock)
     pacs = two_pacs[0]
     out = tmp_path / "out"
     args = ["sync", pacs.url, "--out", str(out), "--metadata", "never", "--timezone", "UTC"]

@@ -10,7 +10,6 @@ the QIDO-RS simulator where 60 studies are needed.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pydicom
@@ -21,9 +20,11 @@ from crawler.cli import main
 from crawler.mapping.ids import study_id
 from crawler.sinks import fhir as fhir_sink
 from crawler.state import State
-from fixtures import corpus, orthanc
+from fixtures import corpus
 from fixtures.fakepacs import FakePacs
 from fixtures.medplum import MedplumServer
+
+from test_incremental_live import _copy_with, live  # noqa: F401  (live: a fresh Orthanc per test)
 
 ZONE = ["--timezone", "UTC"]
 
@@ -61,25 +62,6 @@ def assert_server_holds_exactly(server: MedplumServer, expected: dict[tuple[str,
         assert set(on_server) == set(wanted), resource_type
         for resource_id, resource in wanted.items():
             assert without_meta(on_server[resource_id]) == resource, (resource_type, resource_id)
-
-
-@pytest.fixture
-def live(corpus_files, tmp_path):
-    server = orthanc.start(tmp_path / "orthanc", config={"OverwriteInstances": True})
-    try:
-        server.upload(corpus_files)
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
-
-
-def _copy_with(path: Path, dest: Path, **changes) -> Path:
-    ds = pydicom.dcmread(path)
-    for keyword, value in changes.items():
-        setattr(ds, keyword, value)
-    ds.save_as(dest, enforce_file_format=True)
-    return dest
 
 
 def test_medplum_follows_a_sync_with_creates_updates_and_deletes(live, corpus_files, medplum, tmp_path, capsys):

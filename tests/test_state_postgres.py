@@ -25,8 +25,9 @@ from crawler.config import SyncConfig
 from crawler.errors import ConfigError, StateError
 from crawler.state import MIGRATIONS, State, StateLocked, open_existing, postgres_url, redact_url
 from fixtures import corpus
-from fixtures.fakepacs import Behaviour, FakePacs
+from fixtures.fakepacs import FakePacs
 
+from test_crash_safety import kill_at_request
 from test_incremental_live import Runner, _copy_with, live, study_uids  # noqa: F401  (live: a fresh Orthanc per test)
 
 
@@ -283,18 +284,7 @@ def test_sigkill_at_any_point_then_rerun_gives_the_clean_export(fake_pacs, refer
     kill_after = min(total - 1, 1 + int(fraction * total))
     url = postgres_server.create_database()
     fake_pacs.reset_counts()
-    fake_pacs.behaviour = Behaviour(latency=0.01, stall_seconds=600, stall_every=kill_after)
-    try:
-        process = subprocess.Popen(sync_command(fake_pacs.url, url, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while len(fake_pacs.requests) < kill_after and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        killed = process.poll() is None
-        if killed:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        fake_pacs.behaviour = Behaviour(latency=0.01)
+    killed = kill_at_request(fake_pacs, sync_command(fake_pacs.url, url, tmp_path), kill_after, 0.01)
     assert killed, f"the sync finished before {kill_after} of {total} requests"
 
     rerun = subprocess.run(sync_command(fake_pacs.url, url, tmp_path) + ["--full"], capture_output=True, text=True, timeout=300)
