@@ -387,3 +387,44 @@ def test_progress_is_reported_for_unchanged_studies_too(tmp_path):
         result = sys.modules["crawler.sync"].sync(config, progress=lambda f: seen.append((f.studies_listed, f.studies_unchanged)))
     assert result.figures.studies_unchanged == 5
     assert seen[-1] == (5, 5) and [u for _, u in seen] == sorted(u for _, u in seen)
+
+
+def test_a_failed_study_outside_the_window_is_asked_for_by_uid_but_not_by_a_full_run(tmp_path, capsys):
+    """The next run asks again, by UID, for a study the state holds as failed that its window does
+    not show, and syncs it; a --full run lists every study anyway and asks for none by UID (not
+    even for a failed study the server no longer has). Failed with 'if self.full_listing:' ->
+    'if False:' in _retried_items, and with RETRY_PER_RUN = 0."""
+    state = tmp_path / "state.db"
+    with FakePacs(n_studies=8, seed=52) as pacs:
+        common = (pacs.url, "--state", str(state), "--metadata", "never", "--json", "--timezone", "UTC")
+        assert run_cli(capsys, "sync", *common)[0] == 0
+        failed = pacs.study_uid(1)
+        held = State(state)
+        try:
+            held.db.execute("UPDATE studies SET status = 'failed' WHERE study_uid = ?", (failed,))
+            held.db.commit()
+        finally:
+            held.close()
+
+        def by_uid() -> list[str]:
+            """Study searches by UID asking for the listing's fields (not the check before a deletion)."""
+            return [r.query for r in pacs.requests if r.kind == "studies" and "0020000D=" in r.query and "includefield" in r.query]
+
+        pacs.reset_counts()
+        code, summary, err = run_cli(capsys, "sync", *common, "--since", "21000101")
+        assert code == 0, err
+        assert len(by_uid()) == 1 and failed in by_uid()[0]
+        assert study_rows(state)[failed] == "synced" and summary["studies_listed"] == 1
+
+        deleted = pacs.study_uid(2)
+        held = State(state)
+        try:
+            held.db.execute("UPDATE studies SET status = 'failed' WHERE study_uid IN (?, ?)", (failed, deleted))
+            held.db.commit()
+        finally:
+            held.close()
+        pacs.delete_study(2)
+        pacs.reset_counts()
+        code, summary, err = run_cli(capsys, "sync", *common, "--full")
+        assert code == 0, err
+        assert by_uid() == [] and study_rows(state)[failed] == "synced" and summary["studies_gone"] == 1
