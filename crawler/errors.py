@@ -8,7 +8,12 @@ class CrawlerError(Exception):
 
 
 class ConfigError(CrawlerError):
-    """Bad settings or arguments: exit code 2."""
+    """Bad settings or arguments: exit code 2. ``setting`` names the setting at fault (a field of
+    the configuration, e.g. ``fhir_version``) so that a front end can name its own option for it."""
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class QidoError(CrawlerError):
