@@ -376,9 +376,9 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .state import open_existing
+    from .state import State
 
-    state = open_existing(args.state)
+    state = State.open(args.state)
     try:
         shown = redact_url(args.state) if isinstance(args.state, str) else str(args.state)
         info = {"state": shown, "schema": state.schema_version, "studies": state.counts_by_status(), "runs": state.last_runs()}

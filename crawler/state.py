@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigError, StateError
 from .files import FILE_MODE, make_folder, make_private
+from .kinds import StudyStatus
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -165,6 +166,9 @@ MIGRATIONS_TABLE = "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMA
 
 @dataclass(frozen=True)
 class StudyRow:
+    """One study as the state records it. ``status`` is the stored word: a ``StudyStatus``
+    value (members compare equal to it)."""
+
     study_uid: str
     resource_id: str | None
     n_series: int | None
@@ -174,6 +178,11 @@ class StudyRow:
     status: str
     last_error: str | None
     last_seen_run: int | None = None
+    last_run: int | None = None
+    study_date: str | None = None
+
+
+_STUDY_COLUMNS = "study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, last_error, last_seen_run, last_run, study_date"
 
 
 class StateLocked(StateError):
@@ -237,13 +246,24 @@ class _Sqlite:
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
     lost: tuple[type[BaseException], ...] = ()
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self.shown = str(path)
+        if read_only:
+            return
         try:
             make_folder(path.parent)
         except OSError as exc:
             raise StateError(f"cannot create the folder of state {path}: {exc.strerror}") from None
+
+    def connect_read_only(self) -> sqlite3.Connection:
+        """The file as it is (``mode=ro``): nothing created, no mode changed, no PRAGMA that
+        writes; a sync may write at the same time (WAL lets readers in)."""
+        return sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True, isolation_level=None, timeout=30)
+
+    @staticmethod
+    def has_table(db: sqlite3.Connection, name: str) -> bool:
+        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
     def connect(self) -> sqlite3.Connection:
         self._refuse_foreign()
@@ -392,6 +412,20 @@ class _Postgres:
                     "keepalives_interval": 10, "keepalives_count": 6}
         return self.psycopg.connect(self.url, autocommit=True, **{k: v for k, v in defaults.items() if k not in given})
 
+    def connect_read_only(self) -> Any:
+        """A session whose every transaction is READ ONLY: the server refuses any write."""
+        db = self.connect()
+        try:
+            db.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def has_table(db: Any, name: str) -> bool:
+        return db.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+
     sql = staticmethod(_pg_sql)
     ddl = staticmethod(_pg_ddl)
 
@@ -471,14 +505,25 @@ class State:
     with its process, so the next run simply takes it. SQLite: ``flock`` on ``<path>.lock``,
     released by the kernel. PostgreSQL: an advisory lock released by the server when the
     session ends (see ``_Postgres``).
+
+    ``read_only=True`` (see :meth:`open`) neither migrates nor locks, and cannot write.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, lock: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lock: bool = False, read_only: bool = False) -> None:
+        if lock and read_only:
+            raise ValueError("a read-only state takes no run lock")
         url = postgres_url(path)
         self.path: Path | str = url if url is not None else Path(path)
-        self._dialect: Any = _Postgres(url) if url is not None else _Sqlite(Path(path))
+        self.read_only = read_only
+        self._dialect: Any = _Postgres(url) if url is not None else _Sqlite(Path(path), read_only=read_only)
         self._lock: Any = None
+        self._version = max(v for v, _, _ in MIGRATIONS)
+        self._study_columns = _STUDY_COLUMNS
         try:
+            if read_only:
+                self.db = self._dialect.connect_read_only()
+                self._check_readable()
+                return
             if lock:
                 try:
                     self._lock = self._dialect.lock()
@@ -500,6 +545,30 @@ class State:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def open(cls, location: str | os.PathLike[str], *, read_only: bool = False) -> State:
+        """Open a state that must already exist (a SQLite file, or a PostgreSQL database), without
+        the run lock: for ``export``, ``status`` and ``audit``.
+
+        ``read_only=False`` is ``State(location)``: an older schema is migrated, a newer one is a
+        StateError. ``read_only=True`` writes nothing: no migration, no lock, SQLite opened as a
+        ``mode=ro`` URI (no file created, no mode changed), PostgreSQL in a session whose
+        transactions are all READ ONLY. A state a newer qido-crawler wrote is read as it is
+        (migrations only add tables and columns; a row the read methods need that is not there
+        is a StateError), and one an older version wrote is read with the columns it has. A
+        location that holds no state, a damaged file, a database that cannot be reached: StateError.
+        """
+        if postgres_url(location) is None and not Path(location).is_file():
+            raise StateError(f"no state at {location}")
+        return cls(location, read_only=read_only)
+
+    def _check_readable(self) -> None:
+        if not self._dialect.has_table(self.db, "migrations"):
+            raise StateError(f"{self._dialect.shown} is not a qido-crawler state (it has no migrations table); it was left as it is")
+        self._version = self.schema_version
+        if self._version < 3:   # before StudyDate and the last listing were recorded
+            self._study_columns = _STUDY_COLUMNS.replace("last_seen_run", "NULL").replace("study_date", "NULL")
 
     @property
     def dialect(self) -> str:
@@ -535,8 +604,13 @@ class State:
         except self._dialect.lost as exc:
             raise StateError(f"lost the state {self._dialect.shown}: {_one_line(exc)}") from None
         except sqlite3.DatabaseError as exc:
-            if getattr(exc, "sqlite_errorname", None) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            if not self.read_only and getattr(exc, "sqlite_errorname", None) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
                 raise
+            raise StateError(f"cannot read state {self._dialect.shown}: {_one_line(exc)}") from None
+        except self._dialect.errors as exc:
+            if not self.read_only:
+                raise
+            # a read-only reader meets a schema it does not know, or was refused a write
             raise StateError(f"cannot read state {self._dialect.shown}: {_one_line(exc)}") from None
 
     def _migrate(self) -> None:
@@ -596,12 +670,18 @@ class State:
         )
 
     def study(self, source: str, study_uid: str) -> StudyRow | None:
-        row = self._q(
-            "SELECT study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, last_error, last_seen_run "
-            "FROM studies WHERE source = ? AND study_uid = ?",
-            (source, study_uid),
-        ).fetchone()
+        row = self._q(f"SELECT {self._study_columns} FROM studies WHERE source = ? AND study_uid = ?", (source, study_uid)).fetchone()
         return StudyRow(*row) if row else None
+
+    def iter_study_rows(self, source: str | None = None) -> Iterator[StudyRow]:
+        """Every study of ``source`` (of every source when None), ordered by source and UID."""
+        with self._guard():   # a damaged page may be met only while fetching
+            if source is None:
+                rows = self._q(f"SELECT {self._study_columns} FROM studies ORDER BY source, study_uid").fetchall()
+            else:
+                rows = self._q(f"SELECT {self._study_columns} FROM studies WHERE source = ? ORDER BY study_uid", (source,)).fetchall()
+        for row in rows:
+            yield StudyRow(*row)
 
     def record_study(
         self,
@@ -622,7 +702,7 @@ class State:
         # Mutants that only change the case of an SQL string here survive and are equivalent
         # (docs/testing.md): SQLite and PostgreSQL read keywords and unquoted names in any case,
         # and the strings whose case changes either hold no quoted literal or only lower-case ones.
-        if status == "synced":
+        if status == StudyStatus.SYNCED:
             self._q(
                 "INSERT INTO studies (source, study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, "
                 "last_error, last_run, last_seen_run, study_date) VALUES (?, ?, ?, ?, ?, ?, ?, 'synced', NULL, ?, ?, ?) "
@@ -715,6 +795,8 @@ class State:
 
     def source_facts(self, source: str) -> tuple[int | None, int]:
         """(the server's result cap if one was found, the largest listing verified as uncapped)."""
+        if self._version < 2:
+            return None, 0
         row = self._q("SELECT cap, verified_uncapped FROM sources WHERE source = ?", (source,)).fetchone()
         return (row[0], row[1]) if row else (None, 0)
 
@@ -797,13 +879,6 @@ class State:
             for resource_type, resource_id, body in rows:
                 yield resource_type, resource_id, zlib.decompress(body)
 
-    def iter_studies(self, source: str) -> Iterator[tuple[str, int | None, int | None, str | None, str, str | None]]:
-        """(UID, series, instances, study-level hash, status, StudyDate) of every study of ``source``."""
-        yield from self._q(
-            "SELECT study_uid, n_series, n_instances, study_hash, status, study_date FROM studies WHERE source = ? ORDER BY study_uid",
-            (source,),
-        ).fetchall()
-
     def counts_by_status(self) -> dict[str, int]:
         return dict(self._q("SELECT status, COUNT(*) FROM studies GROUP BY status ORDER BY status"))
 
@@ -824,8 +899,5 @@ class State:
 
 
 def open_existing(path: str | os.PathLike[str]) -> State:
-    """Open a state that must already exist (for ``export`` and ``status``): a SQLite file, or a
-    PostgreSQL database (which must exist; its tables are made by the migrations if missing)."""
-    if postgres_url(path) is None and not Path(path).is_file():
-        raise StateError(f"no state at {path}")
-    return State(path)
+    """``State.open(path)``: kept until its last callers use that."""
+    return State.open(path)

@@ -14,71 +14,38 @@ from __future__ import annotations
 import logging
 import random
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 import requests
 
-from ..errors import SinkError, StateError
+from ..errors import SinkError
 from ..mapping.ids import study_id
+from ..mapping.r5 import DICOM_UID
 from ..qido import RETRIABLE_STATUS, check_base_url, redact, retry_after_seconds
-from ..state import postgres_url
+from ..state import State
 from .findings import CopyRow
 
 log = logging.getLogger("crawler")
 
-DICOM_UID = "urn:dicom:uid"
 SEARCH_COUNT = 200
 ELEMENTS = "identifier,numberOfSeries,numberOfInstances,started"
 NO_SEARCH = frozenset({400, 404, 405, 501})
 
 
 def read_state(path: Path | str, source: str) -> tuple[dict[str, CopyRow], tuple[int | None, int]]:
-    """(rows by Study UID, (the result cap the sync learned, the listing size verified uncapped)).
-
-    A SQLite state is opened read-only as it is; a PostgreSQL state through State.
-    """
-    if isinstance(path, str) and postgres_url(path):
-        from ..state import open_existing
-
-        state = open_existing(path)
-        try:
-            rows = {uid: CopyRow(n_series, n_instances, study_hash, status, study_date) for uid, n_series, n_instances, study_hash, status, study_date in state.iter_studies(source)}
-            return rows, state.source_facts(source)
-        finally:
-            state.close()
-    if not Path(path).is_file():
-        raise StateError(f"no state at {path}")
+    """(rows by Study UID, (the result cap the sync learned, the listing size verified uncapped)),
+    read through a read-only ``State`` (SQLite or PostgreSQL)."""
+    state = State.open(path, read_only=True)
     try:
-        db = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True, timeout=30)
-    except sqlite3.Error as exc:
-        raise StateError(f"cannot open state {path}: {exc}") from None
-    try:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "studies" not in tables:
-            raise StateError(f"{path} is not a qido-crawler state (no studies table)")
-        columns = {row[1] for row in db.execute("PRAGMA table_info(studies)")}
-        date_column = "study_date" if "study_date" in columns else "NULL"
-        rows = {
-            uid: CopyRow(n_series, n_instances, study_hash, status, study_date)
-            for uid, n_series, n_instances, study_hash, status, study_date in db.execute(
-                f"SELECT study_uid, n_series, n_instances, study_hash, status, {date_column} FROM studies WHERE source = ?", (source,)
-            )
-        }
-        facts: tuple[int | None, int] = (None, 0)
-        if "sources" in tables:
-            found = db.execute("SELECT cap, verified_uncapped FROM sources WHERE source = ?", (source,)).fetchone()
-            if found:
-                facts = (found[0], found[1] or 0)
-        return rows, facts
-    except sqlite3.Error as exc:
-        raise StateError(f"cannot read state {path}: {exc}") from None
+        rows = {row.study_uid: CopyRow(row.n_series, row.n_instances, row.study_hash, row.status, row.study_date)
+                for row in state.iter_study_rows(source)}
+        return rows, state.source_facts(source)
     finally:
-        db.close()
+        state.close()
 
 
 def _uid_of(resource: dict) -> str | None:

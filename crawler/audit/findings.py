@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from .. import dicomjson as dj
 from ..dicomjson import Dataset, Tag
+from ..kinds import StudyStatus
 from ..uids import valid_uid
 
 
@@ -323,7 +324,7 @@ class CopyRow(NamedTuple):
     n_series: int | None
     n_instances: int | None
     study_hash: str | None = None     # state only: hash of the listing attributes at the last sync
-    status: str = "synced"           # state only: synced, failed, inconsistent, gone
+    status: str = StudyStatus.SYNCED  # state only: a StudyStatus value
     study_date: str | None = None     # YYYYMMDD, to restrict "extra" to the audited window
 
 
@@ -437,20 +438,20 @@ def evaluate(
         checked += [missing, stale] + ([extra] if extras else [])
         for uid, s in studies.items():
             row = rows.get(uid)
-            if row is None or row.status == "gone":
+            if row is None or row.status == StudyStatus.GONE:
                 found[missing].add(uid)
                 continue
             counts = s.first_counts   # what a sync records and maps: the first listing entry's counts
             wanted_series = counts[0] if counts[0] is not None else s.n_series
             wanted_instances = counts[1] if counts[1] is not None else s.n_instances
-            if row.status != "synced" or (row.study_hash is not None and row.study_hash != s.listing_hash) or (
+            if row.status != StudyStatus.SYNCED or (row.study_hash is not None and row.study_hash != s.listing_hash) or (
                 (wanted_series is not None and row.n_series != wanted_series)
                 or (wanted_instances is not None and row.n_instances != wanted_instances)
             ):
                 found[stale].add(uid)
         if extras:
             for uid, row in rows.items():
-                if uid not in studies and row.status != "gone" and _in_window(row.study_date, since, until):
+                if uid not in studies and row.status != StudyStatus.GONE and _in_window(row.study_date, since, until):
                     found[extra].add(uid)
     findings = []
     for code, uids in found.items():
