@@ -29,7 +29,9 @@ from .planner import parse_day
 from .qido import check_base_url, redact
 from .crawl import METADATA, CrawlOptions, MetadataMode
 from .state import redact_url, state_location
-from .sync import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures, convert, export, sync
+from .figures import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures
+from .sync import export, sync
+from .worker import convert
 
 PROG = "qido-crawler"
 log = logging.getLogger("crawler")

@@ -600,3 +600,25 @@ def sweep_undated(client: QidoClient, undated: UndatedRisk, report: ListingRepor
     else:
         log.info("studies without StudyDate past the cap: the sweep by PatientID gave up after %d parts (%d requests, %d found)", parts, requests, len(found))
         undated.at_risk = f"{undated.at_risk} ({failure})"
+
+
+def listing_failed(exc: QidoError, report: ListingReport, *, started: bool) -> None:
+    """The one rule for a listing that fails part-way, for every executor and for the audit: a
+    source that cannot be reached before anything was listed or answered, or that refuses the
+    credentials (401/403), ends the run (SourceUnreachable); any other failure leaves the listing
+    incomplete (nothing is marked gone) and the run goes on with what was listed."""
+    if isinstance(exc, SourceUnreachable):
+        if not started:
+            raise exc
+        report.incomplete.append("listing stopped: the source could not be reached any more")
+    elif exc.status in (401, 403):
+        raise SourceUnreachable(f"{exc}: check the credentials", url=exc.url, status=exc.status) from None
+    else:
+        report.incomplete.append(f"listing stopped: {exc}")
+
+
+def check_listed(report: ListingReport, listed: int) -> None:
+    """SourceUnreachable when no study could be listed at all because every window failed (not
+    when the server ignores a filter: that is an incomplete listing, reported as such)."""
+    if listed == 0 and report.incomplete and report.windows_complete == 0 and not report.filters.ignored:
+        raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")

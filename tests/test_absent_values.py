@@ -17,7 +17,8 @@ from crawler.crawl import CrawlOptions, MetadataMode
 from crawler.dicomjson import Tag
 from crawler.mapping import StudyInput, map_resources
 from crawler.qido import RetryPolicy
-from crawler.sync import convert, sync
+from crawler.sync import sync
+from crawler.worker import convert
 from fixtures.fakepacs import FakePacs
 from fixtures.golden import OPTIONS, RECORDINGS, load
 

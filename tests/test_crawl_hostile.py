@@ -26,7 +26,8 @@ from crawler.errors import FatalQidoError, MappingError, QidoError
 from crawler.mapping import MappingOptions, map_resources
 from crawler.qido import Page, RetryPolicy
 from crawler.state import State
-from crawler.sync import _crawl_one, sync
+from crawler.sync import sync
+from crawler.worker import CrawlJob, crawl_one
 from crawler.uids import path_uid
 from fixtures.fakepacs import FakePacs
 
@@ -88,7 +89,7 @@ def test_any_other_exception_of_one_study_becomes_its_failure_without_server_tex
             raise RuntimeError("DOE^JANE said the server")
 
     config = SyncConfig(url="http://127.0.0.1:9/dicom-web", crawl=CrawlOptions(metadata=MetadataMode.NEVER))
-    outcome = _crawl_one(Exploding(), _summary(), config, MappingOptions(source="http://127.0.0.1:9/dicom-web"), Learned())
+    outcome = crawl_one(Exploding(), _summary(), CrawlJob(config.crawl, MappingOptions(source="http://127.0.0.1:9/dicom-web")), Learned())
     assert outcome.status == "failed"
     assert STUDY_UID in outcome.error and "RuntimeError" in outcome.error and "DOE" not in outcome.error
 

@@ -102,7 +102,7 @@ def test_a_local_cluster_forks_its_workers_with_the_crawler_imported():
 
     import dask
 
-    from crawler import distributed
+    from crawler.executors import dask as distributed
     from crawler.config import SyncConfig
     from crawler.config import SyncConfig
 
@@ -126,7 +126,7 @@ def test_a_local_cluster_forks_its_workers_with_the_crawler_imported():
 def test_the_first_windows_are_spread_over_the_cluster():
     from datetime import date, timedelta
 
-    from crawler.distributed import spread
+    from crawler.executors.dask import spread
     from crawler.planner import Window
 
     def days(windows: list[Window]) -> list[str]:
@@ -163,15 +163,15 @@ class PoisonStudy(WorkerPlugin):
         import importlib
         import os
 
-        sync = importlib.import_module("crawler.sync")
-        crawl_one, uid = sync._crawl_one, self.uid
+        worker = importlib.import_module("crawler.worker")
+        crawl_one, uid = worker.crawl_one, self.uid
 
         def dying(client, summary, *args, **kwargs):
             if summary.uid == uid:
                 os._exit(1)
             return crawl_one(client, summary, *args, **kwargs)
 
-        sync._crawl_one = dying
+        worker.crawl_one = dying
 
 
 def test_a_task_that_keeps_killing_workers_fails_its_studies_and_the_run_goes_on(tmp_path):
@@ -225,7 +225,7 @@ def test_max_rps_is_shared_out_among_the_worker_processes(tmp_path, scheduler):
 def test_a_worker_process_keeps_a_pooled_connection_for_each_of_its_threads():
     """``--workers`` counts processes under Dask: the client of a worker process is sized by its
     threads (here outside a worker: ``--worker-threads``), not by the number of processes."""
-    from crawler import distributed
+    from crawler.executors import dask as distributed
     from crawler.config import SyncConfig
 
     config = SyncConfig(url="http://127.0.0.1:9/dicom-web", executor="dask", workers=2, worker_threads=6)

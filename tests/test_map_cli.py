@@ -12,7 +12,7 @@ import pytest
 
 from crawler.cli import main
 from crawler.mapping import MappingOptions, StudyInput, map_study
-from crawler.sync import convert
+from crawler.worker import convert
 from fixtures.golden import load, recordings
 
 SOURCE = "http://pacs.example.org/dicom-web"

@@ -31,7 +31,8 @@ from ..listing import ListingReport, iter_studies
 from ..mapping.ids import normalise_base
 from ..planner import Window, plan
 from ..qido import QidoClient, RetryPolicy, check_header_value, client_from, redact
-from ..sync import EXIT_OK, EXIT_PARTIAL, study_hash
+from ..figures import EXIT_OK, EXIT_PARTIAL
+from ..worker import study_hash
 from ..uids import path_uid, shown
 from .copies import FhirReader, read_state
 from .findings import Collector, CopyRow, Evaluation, InstanceRow, SeriesRow, evaluate, instance_rows, series_rows, totals

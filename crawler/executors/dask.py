@@ -30,20 +30,20 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config import SyncConfig
-from .crawl import Learned, StudySummary
-from .errors import ConfigError, QidoError, SourceUnreachable
-from .listing import (
-    Filters, ListingReport, UndatedRisk, WindowListing, follow_up, list_window, study_date, sweep_undated, verify_cap,
+from .. import worker
+from ..config import SyncConfig
+from ..crawl import Learned, StudySummary
+from ..errors import ConfigError, QidoError, SourceUnreachable
+from ..kinds import StudyStatus
+from ..listing import (
+    Filters, ListingReport, UndatedRisk, WindowListing, follow_up, list_window, listing_failed, study_date, sweep_undated, verify_cap,
 )
-from .mapping import MappingOptions
-from .planner import Window
-from .qido import QidoClient, RequestCounts, client_from
-
-if TYPE_CHECKING:
-    from .sync import Outcome, _Run
+from ..planner import Window
+from ..qido import QidoClient, RequestCounts, client_from
+from ..worker import Candidate, CrawlJob, Outcome
+from . import CrawlRun
 
 log = logging.getLogger("crawler")
 
@@ -154,12 +154,10 @@ def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, ver
     return Listed(window, items, state, report.cap, report.verified, client.max_limit, Counted.of(client), error, status, unreachable, report.filters, report.repaired)
 
 
-def crawl_task(key: str, config: SyncConfig, options: MappingOptions, summaries: list[StudySummary]) -> tuple[list[Outcome], Counted]:
+def crawl_task(key: str, config: SyncConfig, job: CrawlJob, summaries: list[StudySummary]) -> tuple[list[Outcome], Counted]:
     """Fetch, check and map a batch of studies (runs on a worker)."""
-    from .sync import _crawl_one
-
     client, learned = _task_client(key, config)
-    outcomes = [_crawl_one(client, summary, config, options, learned) for summary in summaries]
+    outcomes = [worker.crawl_one(client, summary, job, learned) for summary in summaries]
     return outcomes, Counted.of(client)
 
 
@@ -199,7 +197,7 @@ def capacity(config: SyncConfig, client: Any) -> tuple[int, int]:
     return max(len(nthreads), 1), max(sum(nthreads.values()), 1)
 
 
-PRELOAD = ["distributed", "crawler.distributed", "crawler.sync"]
+PRELOAD = ["distributed", "crawler.executors.dask"]
 
 
 @contextlib.contextmanager
@@ -242,10 +240,14 @@ def spread(windows: list[Window], parts: int) -> list[Window]:
     return out
 
 
+def list_and_crawl(run: CrawlRun, windows: list[Window], report: ListingReport) -> None:
+    Coordinator(run, report).list_and_crawl(windows)
+
+
 class Coordinator:
     """Feeds windows and changed studies to the cluster and hands what comes back to the run."""
 
-    def __init__(self, run: _Run, report: ListingReport) -> None:
+    def __init__(self, run: CrawlRun, report: ListingReport) -> None:
         self.run = run
         self.report = report
         self.key = uuid.uuid4().hex
@@ -255,7 +257,7 @@ class Coordinator:
         self.completed: list[tuple[Window, int]] = []
         """Windows listed complete while no cap was known, with their totals: re-listed in parts
         when a later silent-cap check finds a cap they reached."""
-        self.waiting: deque[tuple[StudySummary, bool]] = deque()
+        self.waiting: deque[Candidate] = deque()
         self.windows: deque[tuple[Window, bool]] = deque()
         self.listed_any = False
         self.answered = False
@@ -289,12 +291,10 @@ class Coordinator:
             self.undated.close(self.report)
             if not self.unreachable:
                 try:
-                    for item in self.run._changed_items():
+                    for item in self.run.changed_items():
                         self._consider(item)
-                except QidoError as exc:   # as the thread executor: the listing is incomplete, the run goes on
-                    if exc.status in (401, 403):
-                        raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
-                    self.report.incomplete.append(f"listing stopped: {exc}")
+                except QidoError as exc:
+                    listing_failed(exc, self.report, started=self.listed_any or self.answered)
                 self._pump(client)
         finally:
             try:
@@ -321,7 +321,7 @@ class Coordinator:
             nonlocal listing, crawling
             while self.waiting and crawling < 2 * threads:
                 batch = [self.waiting.popleft() for _ in range(min(BATCH, len(self.waiting)))]
-                future = client.submit(crawl_task, self.key, self.config, self.run.options, [s for s, _ in batch], pure=False)
+                future = client.submit(crawl_task, self.key, self.config, self.run.job, [c.summary for c in batch], pure=False)
                 jobs[future] = ("crawl", batch)
                 running.add(future)
                 crawling += 1
@@ -361,7 +361,7 @@ class Coordinator:
         self.answered = self.answered or counted.answered
 
     def _consider(self, item: dict[str, Any]) -> None:
-        chosen = self.run._consider(item)
+        chosen = self.run.consider(item)
         if chosen is not None:
             self.waiting.append(chosen)
 
@@ -382,7 +382,7 @@ class Coordinator:
             self._consider(item)
         if listed.error is not None:
             if listed.status in (401, 403):
-                self.refused = self.unreachable = f"{listed.error}: check --user/--password or --token"
+                self.refused = self.unreachable = f"{listed.error}: check the credentials"
             elif listed.unreachable and not self.answered:
                 self.unreachable = listed.error
             report.incomplete.append(f"{window}: {listed.error}")
@@ -415,14 +415,13 @@ class Coordinator:
                 self.windows.extend((w, False) for w in window.split())
         self.completed.clear()
 
-    def _crawled(self, future: Any, batch: list[tuple[StudySummary, bool]]) -> None:
-        from .sync import Outcome
-
+    def _crawled(self, future: Any, batch: list[Candidate]) -> None:
         try:
             outcomes, counted = future.result()
         except Exception as exc:  # noqa: BLE001 - the batch is reported failed, not lost
-            outcomes = [Outcome(s, status="failed", error=f"study {s.uid}: the crawl task failed: {type(exc).__name__}") for s, _ in batch]
+            outcomes = [Outcome(c.summary, status=StudyStatus.FAILED, error=f"study {c.summary.uid}: the crawl task failed: {type(exc).__name__}")
+                        for c in batch]
         else:
             self._count(counted)
-        for outcome, (_, known) in zip(outcomes, batch):
-            self.run._take(outcome, known)
+        for outcome, candidate in zip(outcomes, batch):
+            self.run.take(outcome, candidate.known)

@@ -1,0 +1,283 @@
+"""One sync run, from its first listing to its commit: the diff of each listed study against the
+state, the studies named besides the listing (change feed, retries), the executor that lists and
+crawls, delete detection, and the end of the run. What is held between checkpoints, and how it is
+recorded, is the ledger's (see ledger); where studies are crawled is the executor's (see
+executors)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any
+
+from . import dicomjson as dj
+from .changes import orthanc_base, orthanc_changes
+from .config import SyncConfig
+from .crawl import METADATA_UNAVAILABLE, SERIES_LEVEL_INSTANCES, STUDY_FIELDS, Learned, includefields, summarise
+from .dicomjson import Tag
+from .errors import CrawlerError, QidoError, SourceUnreachable
+from .executors import executor
+from .figures import EXIT_OK, EXIT_PARTIAL, Figures, SyncResult
+from .kinds import ChangeSource, RunOutcome, StudyStatus
+from .ledger import Ledger
+from .listing import ListingReport, check_listed
+from .mapping import MappingOptions
+from .mapping.ids import normalise_base
+from .notices import Notices
+from .planner import Window
+from .qido import QidoClient
+from .sinks import NdjsonFolder, Sink
+from .state import State
+from .worker import Candidate, CrawlJob, Outcome, study_hash
+
+log = logging.getLogger("crawler")
+
+RETRY_PER_RUN = 1000
+"""Failed studies outside the run's windows asked for again per run (one request each)."""
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+class SyncRun:
+    """One run's moving parts (``run`` is the whole job, in order) and the seam its executor
+    drives (``consider``, ``take``, ``changed_items``: see executors.CrawlRun)."""
+
+    def __init__(self, config: SyncConfig, client: QidoClient, state: State, source: str, mapping: MappingOptions,
+                 sinks: list[Sink], ndjson: NdjsonFolder | None, run_id: int,
+                 progress: Callable[[Figures], None] | None = None) -> None:
+        self.remembered = {} if config.full else state.fallbacks(source)
+        """Fallbacks earlier runs learned for the source (a --full run asks the server again)."""
+        if self.remembered:
+            config = replace(config, crawl=replace(config.crawl, fallbacks=tuple(sorted(self.remembered.items()))))
+        self.config = config
+        self.client = client
+        self.state = state
+        self.source = source
+        self.ndjson = ndjson
+        self.sinks = sinks
+        self.run_id = run_id
+        self.progress = progress
+        self.job = CrawlJob(config.crawl, mapping, config.fhir_version, config.validate)
+        self.learned = Learned.of(config.crawl)
+        self.figures = Figures()
+        self.errors: list[str] = []
+        self.notices: Notices | None = None
+        self.ledger = Ledger(state, source, run_id, sinks, self.figures, self._error)
+        self.fallbacks_used: dict[str, str] = {}
+        self.crawled_ok = 0
+        self.listing_errors = 0
+        self.changes_position: int | None = None
+        self.full_listing = False
+
+    def run(self, windows: list[Window], scope: str, moves_mark: bool, today: str, started_clock: float) -> SyncResult:
+        config, state, run_id = self.config, self.state, self.run_id
+        self.full_listing = windows == [Window()]
+        state.begin()
+        try:
+            report = self._list_and_crawl(windows)
+            listing_clean = not report.incomplete and not self.listing_errors
+            if listing_clean:
+                listing_clean = self._find_gone(windows)
+                if listing_clean and self.changes_position is not None:
+                    state.set_changes_position(self.source, self.changes_position)
+            self.ledger.checkpoint()
+            run_dir = self.ndjson.finish() if self.ndjson else None
+            for sink in self.sinks:
+                if sink is not self.ndjson:
+                    sink.finish()
+            f = self.figures
+            exit_code = EXIT_PARTIAL if (f.studies_failed or f.studies_inconsistent or f.windows_incomplete) else EXIT_OK
+            result = SyncResult(f, self.client.counts.as_dict(), time.monotonic() - started_clock, run_id, run_dir, exit_code, scope, self.errors)
+            mark = today if moves_mark and listing_clean else None
+            outcome = RunOutcome.PARTIAL if exit_code else RunOutcome.OK
+            state.finish_run(run_id, now_utc(), outcome, run_dir, result.summary(), mark, [str(w) for w in windows])
+            state.commit()
+            return result
+        except BaseException as exc:
+            for sink in self.sinks:
+                sink.abort()
+            state.rollback()
+            failed = RunOutcome.UNREACHABLE if isinstance(exc, SourceUnreachable) else RunOutcome.FAILED
+            error = str(exc) if isinstance(exc, CrawlerError) else type(exc).__name__
+            kept = str(self.ndjson.folder.absolute()) if self.ndjson and self.ndjson.folder.is_dir() else None
+            state.finish_run(run_id, now_utc(), failed, kept, {**vars(self.figures), "error": error})
+            raise
+
+    def _list_and_crawl(self, windows: list[Window]) -> ListingReport:
+        config, state, figures = self.config, self.state, self.figures
+        known_cap, verified = state.source_facts(self.source)
+        report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
+        report.filters.keywords = state.key_form(self.source) == "keywords"
+        self.notices = report.notices
+        executor(config.executor)(self, windows, report)
+        check_listed(report, figures.studies_listed)
+        state.set_source_facts(self.source, report.cap if config.max_results is None else known_cap, report.verified)
+        if report.filters.tried:
+            state.set_key_form(self.source, "keywords" if report.filters.keywords else "tags")
+        if config.full and self.crawled_ok:
+            state.set_fallbacks(self.source, self.fallbacks_used)
+        elif self.fallbacks_used.keys() - self.remembered.keys():
+            state.set_fallbacks(self.source, {**self.remembered, **self.fallbacks_used})
+        figures.windows_incomplete = len(report.incomplete)
+        figures.windows_split = report.windows_split
+        for message in report.incomplete:
+            self._error(f"not listed completely: {message}", level=logging.ERROR, kind="windows not listed completely")
+        figures.listing_entries_repaired = report.repaired
+        figures.warnings_not_shown = report.notices.close()
+        return report
+
+    def consider(self, item: dict[str, Any]) -> Candidate | None:
+        """A listed study: counted and marked seen; a Candidate when it must be crawled, None when
+        it is unchanged, listed already or unusable."""
+        figures, state = self.figures, self.state
+        problem = item.get(dj.UNREADABLE)
+        if problem is not None:
+            figures.studies_failed += 1
+            # listing_errors is read only as a flag (run): its '= 1' and '+= 2' mutants here and
+            # below are equivalent ('-= 1' is not: the two kinds of entries would cancel out)
+            self.listing_errors += 1
+            self._error(f"study {dj.first(item, Tag.StudyInstanceUID)}: listing entry unreadable: {problem}", kind="unusable listing entries")
+            return None
+        try:
+            summary = summarise(item)
+        except ValueError as exc:
+            figures.studies_failed += 1
+            self.listing_errors += 1
+            self._error(f"listing entry: {exc}", kind="unusable listing entries")
+            return None
+        row = state.study(self.source, summary.uid)
+        if summary.uid in self.ledger.unrecorded or (row is not None and row.last_seen_run == self.run_id):
+            return None
+        figures.studies_listed += 1
+        if row is not None:
+            state.mark_seen(self.source, summary.uid, self.run_id)
+        else:
+            self.ledger.listed(summary.uid)
+        if (
+            row is not None
+            and row.status == StudyStatus.SYNCED
+            and row.n_series == summary.n_series
+            and row.n_instances == summary.n_instances
+            and summary.n_instances is not None
+            and row.study_hash == study_hash(dict(summary.attributes))
+        ):
+            figures.studies_unchanged += 1
+            if self.progress:
+                self.progress(figures)
+            return None
+        return Candidate(summary, row is not None)
+
+    def take(self, outcome: Outcome, known: bool) -> None:
+        """A crawled study: held for the next checkpoint, which comes when enough are held or
+        enough time has passed."""
+        self._note_fallbacks(outcome)
+        self.ledger.hold(outcome, known)
+        if self.progress:
+            self.progress(self.figures)
+        if self.ledger.due(self.config.checkpoint_every, self.config.checkpoint_seconds):
+            self.ledger.checkpoint()
+
+    def changed_items(self) -> Iterator[dict[str, Any]]:
+        """The studies to crawl that the windows' listing did not show: those Orthanc's change feed
+        names (with --changes orthanc), then those an earlier run failed (see ``_retried_items``)."""
+        yield from self._fed_items()
+        yield from self._retried_items()
+
+    def _retried_items(self) -> Iterator[dict[str, Any]]:
+        """Studies the state holds as failed or inconsistent that this run has not listed (their
+        StudyDate is outside an incremental window): each asked for by UID, so that a study the
+        server or a sink refused is sent again by the next run, not only by the next --full one.
+        At most RETRY_PER_RUN per run, the longest untried first."""
+        if self.full_listing:
+            return
+        for uid in self.state.studies_to_retry(self.source, self.run_id, RETRY_PER_RUN):
+            if uid not in self.ledger.unrecorded:
+                yield from self._listing_of(uid)
+
+    def _listing_of(self, uid: str) -> list[dict[str, Any]]:
+        """What a listing shows of one study, asked for by its Study Instance UID."""
+        return self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
+
+    def _fed_items(self) -> Iterator[dict[str, Any]]:
+        """With --changes orthanc: the studies Orthanc's change feed names that the listing did not show."""
+        if self.config.changes != ChangeSource.ORTHANC:
+            return
+        rest = normalise_base(self.config.orthanc_url) if self.config.orthanc_url else orthanc_base(self.client.base_url)
+        since = None if self.full_listing else self.state.changes_position(self.source)
+        changes = orthanc_changes(self.client, rest, since)
+        self.changes_position = changes.last
+        for uid in changes.study_uids:
+            row = self.state.study(self.source, uid)
+            if uid not in self.ledger.unrecorded and (row is None or row.last_seen_run != self.run_id):
+                yield from self._listing_of(uid)
+
+    def _error(self, message: str, level: int = logging.WARNING, kind: str | None = None) -> None:
+        """Record and log a problem; one of a ``kind`` that can recur per study or window is
+        logged only among the first of its kind (see notices)."""
+        self.errors.append(message)
+        if kind is None or self.notices is None:
+            log.log(level, "%s", message)
+        else:
+            self.notices.emit(kind, message, level)
+
+    def _note_fallbacks(self, outcome: Outcome) -> None:
+        """Count what the study shows about the server; say once per run which fallbacks it needs."""
+        self.figures.series_without_modality += outcome.series_without_modality
+        self.crawled_ok += outcome.status == StudyStatus.SYNCED
+        for name, reason in outcome.fallbacks:
+            if name in self.fallbacks_used:
+                continue
+            self.fallbacks_used[name] = reason
+            since = "; learned by an earlier run" if name in self.remembered else ""
+            if name == METADATA_UNAVAILABLE:
+                self.figures.metadata_unavailable = True
+                log.warning("the server has no WADO-RS metadata (%s%s): studies are mapped from QIDO-RS alone, without the "
+                            "rows that need sequences; --metadata never silences this", reason, since)
+            elif name == SERIES_LEVEL_INSTANCES:
+                self.figures.instances_by_series = True
+                log.info("the server refuses study-level instance searches (%s%s): instances are asked for series by series", reason, since)
+
+    def _find_gone(self, windows: list[Window]) -> bool:
+        """Studies the state holds in the listed windows that the listing no longer showed and
+        that the server, asked by UID, no longer has: marked gone, and with --prune sent to the
+        sinks as deletions (recorded at the checkpoint). False when the server still has one: the
+        listing missed studies (a cap it did not announce, a new cap the state had verified
+        absent, studies without StudyDate past a cap) and is counted incomplete."""
+        missed = 0
+        for window in windows:
+            for uid, resource_id in list(self.state.iter_unseen(self.source, self.run_id, window.since, window.until)):
+                if not self._absent(uid):
+                    missed += 1
+                    continue
+                self.figures.studies_gone += 1
+                log.warning("study %s is no longer in the PACS%s", uid, "; deleting it" if self.config.prune else "")
+                if self.config.prune and resource_id:
+                    self.ledger.delete(uid, resource_id)
+                else:
+                    self.state.mark_gone(self.source, uid, self.run_id)
+        if missed:
+            # the mutant '= 1' is equivalent: run() calls this only after a listing with no
+            # incomplete window, so the count is 0 here
+            self.figures.windows_incomplete += 1
+            self._error(f"not listed completely: the listing missed {missed} studies the server still has; none of them is marked gone",
+                        level=logging.ERROR)
+        return not missed
+
+    def _absent(self, uid: str) -> bool:
+        """Whether the server answers a search for this Study Instance UID with no study at all (a
+        deletion never rests on the listing alone; an answer holding other studies means the
+        server ignores the key, and proves nothing)."""
+        try:
+            items = self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid)]).items
+        except QidoError as exc:
+            self._error(f"study {uid}: not listed, and the search for it failed: {exc}", kind="studies not listed")
+            return False
+        if items:
+            self._error(f"study {uid}: not listed, but the server still has it", kind="studies not listed")
+            return False
+        return True
