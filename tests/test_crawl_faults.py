@@ -37,12 +37,12 @@ def run(pacs: FakePacs, tmp_path: Path, **overrides) -> tuple:
     )
     settings.update(overrides)
     result = sync(SyncConfig(**settings))
-    state = State(settings["state"])
+    state = State.open(settings["state"], read_only=True)
     try:
-        rows = state.db.execute("SELECT study_uid, status FROM studies").fetchall()
+        rows = {row.study_uid: row.status for row in state.iter_study_rows()}
     finally:
         state.close()
-    return result, dict(rows)
+    return result, rows
 
 
 def written_study_uids(result) -> list[str]:

@@ -42,9 +42,9 @@ def run(pacs: FakePacs, tmp_path: Path, **overrides: Any) -> tuple[Any, dict[str
     )
     settings_.update(overrides)
     result = sync(SyncConfig(**settings_))
-    state = State(settings_["state"])
+    state = State.open(settings_["state"], read_only=True)
     try:
-        rows = dict(state.db.execute("SELECT study_uid, status FROM studies").fetchall())
+        rows = {row.study_uid: row.status for row in state.iter_study_rows()}
     finally:
         state.close()
     return result, rows

@@ -74,9 +74,9 @@ def test_through_qido_alone_capped_studies_are_inconsistent_never_short(instance
             assert study["numberOfInstances"] == facts[uid].n_instances
     for uid in capped:
         assert uid in err
-    state = State(tmp_path / "s.db")
+    state = State.open(tmp_path / "s.db", read_only=True)
     try:
-        statuses = dict(state.db.execute("SELECT study_uid, status FROM studies").fetchall())
+        statuses = {row.study_uid: row.status for row in state.iter_study_rows()}
     finally:
         state.close()
     assert {uid for uid, status in statuses.items() if status != "synced"} == capped

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ def state(tmp_path: Path):
         yield s
     finally:
         s.close()
+
+
+def change(state: State, sql: str) -> None:
+    """Change the state file behind State's back (rows as an older version left them)."""
+    db = sqlite3.connect(state.path)
+    try:
+        db.execute(sql)
+        db.commit()
+    finally:
+        db.close()
 
 
 def synced(state: State, uid: str, run: int, date: str | None, source: str = SRC, resource: str | None = None) -> None:
@@ -52,7 +63,7 @@ def test_iter_unseen_names_exactly_the_studies_not_listed_in_the_window(state: S
 def test_a_study_seen_by_no_run_yet_is_unseen(state: State):
     run1 = state.begin_run(SRC, "2026-01-01T00:00:00+00:00")
     synced(state, "1.1", run1, "20200101")
-    state._q("UPDATE studies SET last_seen_run = NULL")
+    change(state, "UPDATE studies SET last_seen_run = NULL")
     assert [u for u, _ in state.iter_unseen(SRC, run1, None, None)] == ["1.1"]
     assert [u for u, _ in state.iter_unseen(SRC, run1, "20200101", None)] == ["1.1"]
 
@@ -66,7 +77,7 @@ def test_mark_gone_changes_that_study_only_and_clears_its_error(state: State):
     state.mark_gone(SRC, "1.1", run2)
     row = state.study(SRC, "1.1")
     assert (row.status, row.last_error) == ("gone", None)
-    assert state._q("SELECT last_run FROM studies WHERE source = ? AND study_uid = '1.1'", (SRC,)).fetchone()[0] == run2
+    assert row.last_run == run2
     assert state.study(SRC, "1.2").status == "synced"
     assert state.study(OTHER, "1.1").status == "synced"
 
@@ -82,14 +93,14 @@ def test_record_study_synced_then_failed_keeps_the_last_good_sync(state: State):
     row = state.study(SRC, "1.1")
     assert (row.resource_id, row.n_series, row.n_instances, row.study_hash, row.resource_hash) == ("r-1.1", 2, 5, "h-1.1", "rh-1.1")
     assert (row.status, row.last_error, row.last_seen_run) == ("inconsistent", "counts differ", run2)
-    assert state._q("SELECT last_run, study_date FROM studies WHERE study_uid = '1.1'").fetchone() == (run2, "20200102")
+    assert (row.last_run, row.study_date) == (run2, "20200102")
     run3 = state.begin_run(SRC, "2026-01-03T00:00:00+00:00")
     state.record_study(SRC, "1.1", run_id=run3, status="synced", resource_id="r-new", n_series=3, n_instances=7,
                        study_hash="h2", resource_hash="rh2", study_date="20200103")
     row = state.study(SRC, "1.1")
     assert (row.resource_id, row.n_series, row.n_instances, row.study_hash, row.resource_hash, row.status, row.last_error, row.last_seen_run) == (
         "r-new", 3, 7, "h2", "rh2", "synced", None, run3)
-    assert state._q("SELECT last_run, study_date FROM studies WHERE study_uid = '1.1'").fetchone() == (run3, "20200103")
+    assert (row.last_run, row.study_date) == (run3, "20200103")
 
 
 def test_a_first_failure_is_recorded_with_its_error(state: State):
@@ -97,7 +108,7 @@ def test_a_first_failure_is_recorded_with_its_error(state: State):
     state.record_study(SRC, "1.1", run_id=run1, status="failed", error="boom", study_date="20200101")
     row = state.study(SRC, "1.1")
     assert (row.resource_id, row.study_hash, row.status, row.last_error, row.last_seen_run) == (None, None, "failed", "boom", run1)
-    assert state._q("SELECT last_run, study_date FROM studies WHERE study_uid = '1.1'").fetchone() == (run1, "20200101")
+    assert (row.last_run, row.study_date) == (run1, "20200101")
 
 
 def test_last_mark_is_the_newest_mark_of_that_source(state: State):
@@ -131,5 +142,5 @@ def test_studies_to_retry_are_failed_or_inconsistent_not_listed_oldest_first(sta
     assert state.studies_to_retry(SRC, run3, 1) == ["1.2"]
     state.mark_seen(SRC, "1.2", run3)
     assert state.studies_to_retry(SRC, run3, 10) == ["1.3", "1.4"]
-    state._q("UPDATE studies SET last_seen_run = NULL WHERE study_uid = '1.3'")
+    change(state, "UPDATE studies SET last_seen_run = NULL WHERE study_uid = '1.3'")
     assert state.studies_to_retry(SRC, run3, 10) == ["1.3", "1.4"]

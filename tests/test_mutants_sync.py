@@ -5,6 +5,7 @@ against the simulators in fixtures/, in process, so that `tox -e mutants` can ru
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -22,17 +23,28 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict, 
 
 
 def query(state_path: Path, sql: str, *args: object) -> list[tuple]:
-    state = State(state_path)
+    """Rows of the state file as stored (these tests pin the columns a run writes), read-only."""
+    db = sqlite3.connect(f"file:{state_path}?mode=ro", uri=True)
     try:
-        return state.db.execute(sql, args).fetchall()
+        return db.execute(sql, args).fetchall()
     finally:
-        state.close()
+        db.close()
+
+
+def change(state_path: Path, sql: str, *args: object) -> None:
+    """Change the state file behind the crawler's back (a state it did not leave so)."""
+    db = sqlite3.connect(state_path)
+    try:
+        db.execute(sql, args)
+        db.commit()
+    finally:
+        db.close()
 
 
 def study_rows(state_path: Path) -> dict[str, str]:
-    state = State(state_path)
+    state = State.open(state_path, read_only=True)
     try:
-        return dict(state.db.execute("SELECT study_uid, status FROM studies").fetchall())
+        return {row.study_uid: row.status for row in state.iter_study_rows()}
     finally:
         state.close()
 
@@ -267,12 +279,7 @@ def test_studies_are_counted_changed_or_rechecked_one_by_one(tmp_path, capsys):
         assert run_cli(capsys, "sync", *common)[0] == 0
         code, summary, err = run_cli(capsys, "sync", *common)
         assert (code, summary["studies_rechecked"], summary["studies_changed"], summary["resources_written"]) == (0, 10, 0, 0), err
-        dropped = State(state)
-        try:
-            dropped.db.execute("DELETE FROM resources WHERE type = 'Endpoint'")
-            dropped.db.commit()
-        finally:
-            dropped.close()
+        change(state, "DELETE FROM resources WHERE type = 'Endpoint'")
         code, summary, err = run_cli(capsys, "sync", *common)
         assert (code, summary["studies_rechecked"], summary["studies_changed"], summary["resources_written"]) == (0, 10, 0, 1), err
         pacs.add_instances(3, 1)
@@ -399,12 +406,7 @@ def test_a_failed_study_outside_the_window_is_asked_for_by_uid_but_not_by_a_full
         common = (pacs.url, "--state", str(state), "--metadata", "never", "--json", "--timezone", "UTC")
         assert run_cli(capsys, "sync", *common)[0] == 0
         failed = pacs.study_uid(1)
-        held = State(state)
-        try:
-            held.db.execute("UPDATE studies SET status = 'failed' WHERE study_uid = ?", (failed,))
-            held.db.commit()
-        finally:
-            held.close()
+        change(state, "UPDATE studies SET status = 'failed' WHERE study_uid = ?", failed)
 
         def by_uid() -> list[str]:
             """Study searches by UID asking for the listing's fields (not the check before a deletion)."""
@@ -417,12 +419,7 @@ def test_a_failed_study_outside_the_window_is_asked_for_by_uid_but_not_by_a_full
         assert study_rows(state)[failed] == "synced" and summary["studies_listed"] == 1
 
         deleted = pacs.study_uid(2)
-        held = State(state)
-        try:
-            held.db.execute("UPDATE studies SET status = 'failed' WHERE study_uid IN (?, ?)", (failed, deleted))
-            held.db.commit()
-        finally:
-            held.close()
+        change(state, "UPDATE studies SET status = 'failed' WHERE study_uid IN (?, ?)", failed, deleted)
         pacs.delete_study(2)
         pacs.reset_counts()
         code, summary, err = run_cli(capsys, "sync", *common, "--full")

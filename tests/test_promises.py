@@ -24,9 +24,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 
 
 def study_rows(state_path: Path) -> dict[str, str]:
-    state = State(state_path)
+    state = State.open(state_path, read_only=True)
     try:
-        return dict(state.db.execute("SELECT study_uid, status FROM studies").fetchall())
+        return {row.study_uid: row.status for row in state.iter_study_rows()}
     finally:
         state.close()
 

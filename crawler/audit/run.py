@@ -27,7 +27,7 @@ from ..crawl import includefields, summarise
 from ..dicomjson import Tag
 from ..errors import ConfigError, QidoError, SourceUnreachable
 from ..files import make_folder
-from ..listing import ListingReport, iter_studies
+from ..listing import ListingReport, check_listed, iter_studies, listing_failed
 from ..mapping.ids import normalise_base
 from ..planner import Window, plan
 from ..qido import QidoClient, RetryPolicy, check_header_value, client_from, redact
@@ -305,19 +305,12 @@ def _crawl(
                     done(in_flight.popleft())
                 if progress:
                     progress(figures)
-        except SourceUnreachable:
-            if figures.studies_listed == 0 and not client.answered:
-                raise
-            report.incomplete.append("listing stopped: the source could not be reached any more")
         except QidoError as exc:
-            if exc.status in (401, 403):
-                raise SourceUnreachable(f"{exc}: check --user/--password or --token", url=exc.url, status=exc.status) from None
-            report.incomplete.append(f"listing stopped: {exc}")
+            listing_failed(exc, report, started=figures.studies_listed > 0 or client.answered)
         finally:
             while in_flight:
                 done(in_flight.popleft())
-    if figures.studies_listed == 0 and report.incomplete and report.windows_complete == 0 and not report.filters.ignored:
-        raise SourceUnreachable(f"no study could be listed: {report.incomplete[0]}")
+    check_listed(report, figures.studies_listed)
     for message in report.incomplete:
         report.notices.emit("windows not listed completely", f"not listed completely: {message}", logging.ERROR)
     report.notices.close()
