@@ -13,18 +13,18 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, Generic, TextIO, TypeVar
 
 import orjson
 
 from . import __version__, leanjson
-from .config import DEFAULT_STATE, SyncConfig, zone
+from .config import DEFAULT_STATE, AuditConfig, SyncConfig, zone
 from .errors import ConfigError, CrawlerError, MappingError, SinkError, SourceUnreachable, StateError
 from .mapping import MappingOptions, StudyInput, map_study
 from .mapping.ids import normalise_base
-from .memory import tame_malloc
+from .memory import tuned_for_bulk
 from .planner import parse_day
 from .qido import check_base_url, redact
 from .crawl import METADATA, CrawlOptions, MetadataMode
@@ -32,6 +32,9 @@ from .state import redact_url, state_location
 from .figures import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures
 from .sync import export, sync
 from .worker import convert
+
+if TYPE_CHECKING:
+    from .audit import AuditProgress
 
 PROG = "qido-crawler"
 log = logging.getLogger("crawler")
@@ -183,26 +186,26 @@ def _add_verbosity(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr; no progress")
 
 
-class Progress:
-    """One self-overwriting status line on a terminal; nothing at all when stderr is not a TTY."""
+F = TypeVar("F")
 
-    def __init__(self, stream: TextIO, enabled: bool) -> None:
+
+class Progress(Generic[F]):
+    """One self-overwriting status line on a terminal, at most ten times a second; nothing at all
+    when not enabled (stderr is not a TTY, or --quiet). ``line`` renders the figures."""
+
+    def __init__(self, stream: TextIO, enabled: bool, line: Callable[[F], str]) -> None:
         self.stream = stream
         self.enabled = enabled
+        self.line = line
         self.last = 0.0
         self.shown = False
 
-    def __call__(self, figures: Figures) -> None:
+    def __call__(self, figures: F) -> None:
         now = time.monotonic()
         if not self.enabled or now - self.last < 0.1:
             return
         self.last = now
-        done = (figures.studies_new + figures.studies_changed + figures.studies_rechecked + figures.studies_unchanged
-                + figures.studies_failed + figures.studies_inconsistent)
-        self.stream.write(
-            f"\rstudies listed {figures.studies_listed:>8}  done {done:>8}  new {figures.studies_new}  "
-            f"changed {figures.studies_changed}  unchanged {figures.studies_unchanged}  failed {figures.studies_failed + figures.studies_inconsistent}\x1b[K"
-        )
+        self.stream.write(f"\r{self.line(figures)}\x1b[K")
         self.stream.flush()
         self.shown = True
 
@@ -210,6 +213,21 @@ class Progress:
         if self.shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+def sync_line(figures: Figures) -> str:
+    done = (figures.studies_new + figures.studies_changed + figures.studies_rechecked + figures.studies_unchanged
+            + figures.studies_failed + figures.studies_inconsistent)
+    return (f"studies listed {figures.studies_listed:>8}  done {done:>8}  new {figures.studies_new}  "
+            f"changed {figures.studies_changed}  unchanged {figures.studies_unchanged}  failed {figures.studies_failed + figures.studies_inconsistent}")
+
+
+def audit_line(figures: AuditProgress) -> str:
+    return f"studies listed {figures.studies_listed:>8}  read {figures.studies_read:>8}  unreadable {figures.studies_unreadable}"
+
+
+def _progress(args: argparse.Namespace, line: Callable[[F], str]) -> Progress[F]:
+    return Progress(sys.stderr, sys.stderr.isatty() and not args.quiet, line)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -260,9 +278,22 @@ def verification(args: argparse.Namespace) -> bool | str:
     return True
 
 
-def _connection(args: argparse.Namespace) -> dict:
-    """The settings that _add_connection's options give, for SyncConfig and AuditConfig alike."""
+def _shared(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that sync and audit take from the same options: the connection
+    (_add_connection's options), the listing, and the FHIR server's credentials."""
     return {
+        "url": check_base_url(args.url),
+        "since": args.since,
+        "until": args.until,
+        "workers": args.workers,
+        "page_size": args.page_size,
+        "max_offset": args.max_offset,
+        "max_results": args.max_results,
+        "zone": zone(args.timezone),
+        "fhir_url": args.fhir_url,
+        "fhir_user": args.fhir_user,
+        "fhir_password": args.fhir_password,
+        "fhir_token": args.fhir_token,
         "user": args.user,
         "password": args.password,
         "token": args.token,
@@ -277,53 +308,42 @@ def _connection(args: argparse.Namespace) -> dict:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    url = check_base_url(args.url)
+    shared = _shared(args)
     if args.wado_url:
         check_base_url(args.wado_url)
     config = SyncConfig(
-        url=url,
+        **shared,
         out=args.out,
         state=args.state,
-        since=args.since,
-        until=args.until,
         full=args.full,
         lookback=args.lookback,
         prune=args.prune,
         changes=args.changes,
-        fhir_url=args.fhir_url,
         fhir_batch_size=args.fhir_batch_size,
-        fhir_user=args.fhir_user,
-        fhir_password=args.fhir_password,
-        fhir_token=args.fhir_token,
-        log_server_text=getattr(args, "log_server_text", False),
-        fhir_ids=getattr(args, "fhir_ids", "ours"),
+        log_server_text=args.log_server_text,
+        fhir_ids=args.fhir_ids,
         orthanc_url=check_base_url(args.orthanc_url) if args.orthanc_url else None,
         checkpoint_every=args.checkpoint_every,
-        page_size=args.page_size,
-        max_offset=args.max_offset,
-        max_results=args.max_results,
         crawl=CrawlOptions(args.instance_page_size, MetadataMode(args.metadata), args.metadata_max_instances),
         fhir_version=args.fhir_version,
         patients=args.patients,
         validate=args.validate,
         issuer_systems=issuer_systems(args.issuer_system),
-        workers=args.workers,
         executor=args.executor,
         scheduler=args.scheduler,
         worker_threads=args.worker_threads,
         wado_url=args.wado_url,
-        zone=zone(args.timezone),
-        **_connection(args),
     )
-    progress = Progress(sys.stderr, enabled=sys.stderr.isatty() and not args.quiet)
+    progress = _progress(args, sync_line)
     try:
-        result = sync(config, progress)
+        with tuned_for_bulk():
+            result = sync(config, progress)
     finally:
         progress.close()
     f = result.figures
     if not args.quiet:
         lines = [
-            f"{PROG}: synced {redact(url)} in {result.seconds:.1f} s with {result.requests['total']} requests",
+            f"{PROG}: synced {redact(config.url)} in {result.seconds:.1f} s with {result.requests['total']} requests",
             f"  studies ({result.scope}): {f.studies_listed} listed, {f.studies_new} new, {f.studies_changed} changed, "
             f"{f.studies_unchanged} unchanged, {f.studies_failed} failed, {f.studies_inconsistent} inconsistent, {f.studies_gone} gone"
             + (f", {f.studies_rechecked} re-checked (unchanged, no counts to skip them by)" if f.studies_rechecked else ""),
@@ -340,7 +360,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    counts = export(args.state, args.out)
+    with tuned_for_bulk():
+        counts = export(args.state, args.out)
     if not args.quiet:
         detail = ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) or "nothing"
         print(f"{PROG}: exported {detail} -> {args.out}", file=sys.stderr)
@@ -407,49 +428,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import AuditConfig, AuditProgress, audit
+    from .audit import audit
 
-    url = check_base_url(args.url)
+    shared = _shared(args)
     if args.fhir_url:
         check_base_url(args.fhir_url)
     config = AuditConfig(
-        url=url,
+        **shared,
         report=args.report,
         state=args.state,
-        fhir_url=args.fhir_url,
-        fhir_user=args.fhir_user,
-        fhir_password=args.fhir_password,
-        fhir_token=args.fhir_token,
-        since=args.since,
-        until=args.until,
         include_phi=args.include_phi,
-        workers=args.workers,
-        page_size=args.page_size,
-        max_offset=args.max_offset,
-        max_results=args.max_results,
         instance_page_size=args.instance_page_size,
-        zone=zone(args.timezone),
-        **_connection(args),
     )
-    enabled = sys.stderr.isatty() and not args.quiet
-    shown = {"at": 0.0, "drawn": False}
-
-    def progress(figures: AuditProgress) -> None:
-        now = time.monotonic()
-        if not enabled or now - shown["at"] < 0.1:
-            return
-        shown["at"], shown["drawn"] = now, True
-        sys.stderr.write(
-            f"\rstudies listed {figures.studies_listed:>8}  read {figures.studies_read:>8}  unreadable {figures.studies_unreadable}\x1b[K"
-        )
-        sys.stderr.flush()
-
+    progress = _progress(args, audit_line)
     try:
-        result = audit(config, progress)
+        with tuned_for_bulk():
+            result = audit(config, progress)
     finally:
-        if shown["drawn"]:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+        progress.close()
     if not args.quiet:
         t = result.totals
         lines = [
@@ -467,6 +463,63 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+OPTIONS = {
+    "url": "URL",
+    "user": "--user/--password",
+    "password": "--user/--password",
+    "token": "--token",
+    "token_command": "--token-command",
+    "headers": "--header",
+    "max_rps": "--max-rps",
+    "timeout": "--timeout",
+    "max_response_mb": "--max-response-mb",
+    "retries": "--retries",
+    "verify": "--ca-bundle/--insecure",
+    "out": "--out",
+    "state": "--state",
+    "since": "--since",
+    "until": "--until",
+    "full": "--full",
+    "lookback": "--lookback",
+    "prune": "--prune",
+    "checkpoint_every": "--checkpoint-every",
+    "changes": "--changes",
+    "orthanc_url": "--orthanc-url",
+    "fhir_url": "--fhir-url",
+    "fhir_batch_size": "--fhir-batch-size",
+    "fhir_user": "--fhir-user/--fhir-password",
+    "fhir_password": "--fhir-user/--fhir-password",
+    "fhir_token": "--fhir-token",
+    "fhir_ids": "--fhir-ids",
+    "log_server_text": "--log-server-text",
+    "page_size": "--page-size",
+    "max_offset": "--max-offset",
+    "max_results": "--max-results",
+    "workers": "--workers",
+    "wado_url": "--wado-url",
+    "zone": "--timezone",
+    "crawl": "--instance-page-size/--metadata/--metadata-max-instances",
+    "fhir_version": "--fhir-version",
+    "patients": "--patients",
+    "validate": "--validate",
+    "issuer_systems": "--issuer-system",
+    "executor": "--executor",
+    "scheduler": "--scheduler",
+    "worker_threads": "--worker-threads",
+    "report": "--report",
+    "include_phi": "--include-phi",
+    "instance_page_size": "--instance-page-size",
+}
+"""The option (or options) that set each setting of SyncConfig and AuditConfig: the library's
+ConfigError names a setting, the CLI's message names the option."""
+
+
+def config_message(exc: ConfigError) -> str:
+    """``exc``'s message, after the option that sets the setting at fault when it names one."""
+    option = OPTIONS.get(exc.setting) if exc.setting else None
+    return f"{option}: {exc}" if option else str(exc)
+
+
 COMMANDS = {"sync": _cmd_sync, "export": _cmd_export, "map": _cmd_map, "status": _cmd_status, "audit": _cmd_audit}
 
 
@@ -474,10 +527,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
-    tame_malloc()
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, StateError) as exc:
+    except ConfigError as exc:
+        print(f"{PROG}: error: {config_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except StateError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (SourceUnreachable, SinkError) as exc:

@@ -1,26 +1,82 @@
-"""Settings of a sync, as one frozen dataclass built by the CLI or by library callers."""
+"""Settings of a sync and of an audit: one ``Connection`` (how to reach the DICOMweb server) that
+``SyncConfig`` and ``AuditConfig`` extend with their own fields. Built by the CLI or by library
+callers; validated once, here.
+
+Messages name settings in words and carry the field at fault in ``ConfigError.setting``; a front
+end (the CLI) names its own option for it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import tzinfo
 from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from datetime import tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .crawl import CrawlOptions
 from .errors import ConfigError
-from .qido import RetryPolicy, check_header_value
+from .http import RetryPolicy, check_header_value
+from .kinds import ChangeSource, Executor, FhirVersion
 from .state import state_location
 
 DEFAULT_STATE = "qido-crawler.db"
 
 
 @dataclass(frozen=True)
-class SyncConfig:
-    """Everything a sync needs to know. ``url`` is the DICOMweb base (QIDO paths are appended)."""
+class Connection:
+    """How to reach one DICOMweb server. ``url`` is its base (QIDO paths are appended).
+
+    ``retries`` is the one count of retries of a failed request (attempts = retries + 1);
+    ``retry`` gives the waits between them, and its ``attempts`` is set from ``retries`` here,
+    so that whoever reads ``retry`` sees the same count."""
 
     url: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    token_command: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    max_rps: float | None = None
+    timeout: tuple[float, float] = (10.0, 120.0)
+    """Seconds to connect, and for the whole answer."""
+    max_response_mb: int = 240
+    """Answers larger than this (on the wire or decoded) are refused (see qido.MAX_BODY)."""
+    retries: int = 4
+    retry: RetryPolicy = RetryPolicy()
+    verify: bool | str = True
+    """Verify TLS certificates (True), not (False), or against this CA bundle file."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url:
+            raise ConfigError("the DICOMweb base URL is missing", setting="url")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("the user and password go together", setting="user")
+        if (self.token or self.token_command) and self.user:
+            raise ConfigError("use either a user and password or a bearer token, not both", setting="token" if self.token else "token_command")
+        if self.token and self.token_command:
+            raise ConfigError("use either a token or a command that prints one, not both", setting="token")
+        if self.max_rps is not None and not self.max_rps > 0:
+            raise ConfigError(f"the request rate must be above 0 per second, not {self.max_rps}", setting="max_rps")
+        if len(self.timeout) != 2 or not all(isinstance(t, (int, float)) and t > 0 for t in self.timeout):
+            raise ConfigError(f"the timeouts must be two numbers of seconds above 0 (connect, answer), not {self.timeout!r}", setting="timeout")
+        _check_count(self, "retries", 0)
+        _check_count(self, "max_response_mb", 1)
+        if self.retry.attempts != self.retries + 1:
+            object.__setattr__(self, "retry", replace(self.retry, attempts=self.retries + 1))
+
+    @property
+    def connection(self) -> Connection:
+        """These settings as a plain ``Connection`` (itself when it is one)."""
+        if type(self) is Connection:
+            return self
+        return Connection(**{f.name: getattr(self, f.name) for f in fields(Connection)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncConfig(Connection):
+    """Everything a sync needs to know: the connection, then the sync's own settings (keyword only)."""
+
     out: Path | None = None
     state: Path | str = Path(DEFAULT_STATE)
     """A SQLite file, or a ``postgresql://`` / ``postgres://`` URL (kept as a str)."""
@@ -30,7 +86,8 @@ class SyncConfig:
     lookback: int = 7
     prune: bool = False
     checkpoint_every: int = 1000
-    changes: str | None = None
+    changes: ChangeSource | str | None = None
+    """A change feed to read beside the listing (``orthanc``), or None."""
     fhir_url: str | None = None
     fhir_batch_size: int = 100
     fhir_user: str | None = None
@@ -50,24 +107,12 @@ class SyncConfig:
     workers: int = 4
     wado_url: str | None = None
     zone: tzinfo | None = None
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    token_command: str | None = field(default=None, repr=False)
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    max_rps: float | None = None
-    timeout: tuple[float, float] = (10.0, 120.0)
-    max_response_mb: int = 240
-    """Answers larger than this (on the wire or decoded) are refused (see qido.MAX_BODY)."""
-    retries: int = 4
-    retry: RetryPolicy = RetryPolicy()
-    verify: bool | str = True
     crawl: CrawlOptions = CrawlOptions()
-    fhir_version: str = "R5"
+    fhir_version: FhirVersion | str = FhirVersion.R5
     patients: bool = False
     validate: bool = False
     issuer_systems: Mapping[str, str] = field(default_factory=dict)
-    executor: str = "threads"
+    executor: Executor | str = Executor.THREADS
     """``threads`` (this process) or ``dask`` (a Dask cluster: see crawler.distributed)."""
     scheduler: str | None = None
     """With ``dask``: the address of a running scheduler; None starts a local cluster of
@@ -75,38 +120,72 @@ class SyncConfig:
     worker_threads: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "state", state_location(self.state))
-        if self.fhir_version not in ("R5", "R4"):
-            raise ConfigError(f"--fhir-version must be R5 or R4, not {self.fhir_version!r}")
+        object.__setattr__(self, "fhir_version", FhirVersion.of(self.fhir_version, "fhir_version"))
+        object.__setattr__(self, "executor", Executor.of(self.executor, "executor"))
+        if self.changes is not None:
+            object.__setattr__(self, "changes", ChangeSource.of(self.changes, "changes"))
         if self.full and (self.since or self.until):
-            raise ConfigError("--full lists everything: it takes no --since/--until")
-        if self.changes not in (None, "orthanc"):
-            raise ConfigError(f"--changes knows only 'orthanc', not {self.changes!r}")
+            raise ConfigError("a full listing covers every day: it takes no since or until", setting="full")
         if not isinstance(self.lookback, int) or self.lookback < 0:
-            raise ConfigError(f"--lookback must be a number of days >= 0, not {self.lookback!r}")
-        if self.max_results is not None and self.max_results < 1:
-            raise ConfigError(f"max-results must be at least 1, not {self.max_results}")
-        if (self.fhir_user is None) != (self.fhir_password is None):
-            raise ConfigError("--fhir-user and --fhir-password go together")
-        if self.fhir_token is not None:
-            check_header_value("the FHIR bearer token (--fhir-token or QIDO_CRAWLER_FHIR_TOKEN)", self.fhir_token)
-        if self.executor not in ("threads", "dask"):
-            raise ConfigError(f"--executor must be threads or dask, not {self.executor!r}")
-        if self.scheduler and self.executor != "dask":
-            raise ConfigError("--scheduler goes with --executor dask")
-        for name in ("page_size", "workers", "worker_threads", "retries", "max_offset", "checkpoint_every", "fhir_batch_size", "max_response_mb"):
-            value = getattr(self, name)
-            minimum = 0 if name == "retries" else 1
-            if not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{name.replace('_', '-')} must be an integer >= {minimum}, not {value!r}")
-        if (self.user is None) != (self.password is None):
-            raise ConfigError("--user and --password go together")
-        if (self.token or self.token_command) and self.user:
-            raise ConfigError("use either --user/--password or --token/--token-command, not both")
-        if self.token and self.token_command:
-            raise ConfigError("use either --token or --token-command, not both")
-        if self.max_rps is not None and self.max_rps <= 0:
-            raise ConfigError(f"--max-rps must be above 0, not {self.max_rps}")
+            raise ConfigError(f"the lookback must be a number of days >= 0, not {self.lookback!r}", setting="lookback")
+        if self.max_results is not None and (not isinstance(self.max_results, int) or self.max_results < 1):
+            raise ConfigError(f"the server's cap on results must be at least 1, not {self.max_results!r}", setting="max_results")
+        _check_fhir_auth(self.fhir_user, self.fhir_password, self.fhir_token)
+        if self.fhir_ids not in ("ours", "server"):
+            raise ConfigError(f"the FHIR ids must be ours or server, not {self.fhir_ids!r}", setting="fhir_ids")
+        if self.scheduler and self.executor != Executor.DASK:
+            raise ConfigError("a scheduler address goes with the dask executor", setting="scheduler")
+        for name in ("page_size", "workers", "worker_threads", "max_offset", "checkpoint_every", "fhir_batch_size"):
+            _check_count(self, name, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig(Connection):
+    """Settings of an audit: the connection, then the audit's own (keyword only). ``report`` is
+    the folder written."""
+
+    report: Path
+    state: Path | str | None = None
+    fhir_url: str | None = None
+    fhir_user: str | None = None
+    fhir_password: str | None = field(default=None, repr=False)
+    fhir_token: str | None = field(default=None, repr=False)
+    since: str | None = None
+    until: str | None = None
+    include_phi: bool = False
+    workers: int = 4
+    page_size: int = 100
+    max_offset: int = 1_000_000
+    max_results: int | None = None
+    instance_page_size: int = 1000
+    zone: tzinfo | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.since and self.until and self.since > self.until:
+            raise ConfigError(f"the window starts ({self.since}) after it ends ({self.until})", setting="since")
+        _check_fhir_auth(self.fhir_user, self.fhir_password, self.fhir_token)
+        for name in ("page_size", "workers", "instance_page_size", "max_offset"):
+            _check_count(self, name, 1)
+
+
+def _check_count(config: object, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        words = name.replace("_", " ")
+        raise ConfigError(f"{words} must be an integer >= {minimum}, not {value!r}", setting=name)
+
+
+def _check_fhir_auth(user: str | None, password: str | None, token: str | None) -> None:
+    if (user is None) != (password is None):
+        raise ConfigError("the FHIR user and password go together", setting="fhir_user")
+    if token is not None:
+        try:
+            check_header_value("the FHIR bearer token", token)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), setting="fhir_token") from None
 
 
 def zone(name: str | None) -> tzinfo | None:
@@ -116,4 +195,4 @@ def zone(name: str | None) -> tzinfo | None:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"unknown time zone {name!r} (use an IANA name such as Europe/Berlin)") from None
+        raise ConfigError(f"unknown time zone {name!r} (use an IANA name such as Europe/Berlin)", setting="zone") from None

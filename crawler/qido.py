@@ -1011,18 +1011,15 @@ def _reason(exc: Exception) -> str:
 
 
 def client_from(settings: Any) -> QidoClient:
-    """A client from any settings object with the connection fields of SyncConfig (url, user,
-    password, token, token_command, headers, max_rps, timeout, retries, retry, verify, workers,
-    and max_response_mb when it has one)."""
-    from dataclasses import replace
-
+    """A client from a ``config.Connection`` (a SyncConfig, an AuditConfig), whose ``retry``
+    carries the attempts its ``retries`` give, and ``workers`` (the pool's size) when it has them."""
     return QidoClient(
         settings.url,
         auth=(settings.user, settings.password) if settings.user is not None and settings.password is not None else None,
         token=settings.token,
         timeout=settings.timeout,
-        retry=replace(settings.retry, attempts=settings.retries + 1),
-        pool_size=settings.workers + 1,
+        retry=settings.retry,
+        pool_size=getattr(settings, "workers", 1) + 1,
         verify=settings.verify,
         token_provider=token_from_command(settings.token_command) if settings.token_command else None,
         headers=settings.headers,

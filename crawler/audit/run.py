@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone, tzinfo
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .. import dicomjson as dj
+from ..config import AuditConfig
 from ..crawl import includefields, summarise
 from ..dicomjson import Tag
 from ..errors import ConfigError, QidoError, SourceUnreachable
@@ -30,7 +31,7 @@ from ..files import make_folder
 from ..listing import ListingReport, check_listed, iter_studies, listing_failed
 from ..mapping.ids import normalise_base
 from ..planner import Window, plan
-from ..qido import QidoClient, RetryPolicy, check_header_value, client_from, redact
+from ..qido import QidoClient, client_from, redact
 from ..figures import EXIT_OK, EXIT_PARTIAL
 from ..worker import study_hash
 from ..uids import path_uid, shown
@@ -42,55 +43,6 @@ log = logging.getLogger("crawler")
 
 SERIES_KEYS = (Tag.SeriesInstanceUID, Tag.Modality, Tag.NumberOfSeriesRelatedInstances)
 INSTANCE_KEYS = (Tag.SeriesInstanceUID, Tag.SOPInstanceUID)
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """Settings of an audit. ``url`` is the DICOMweb base; ``report`` the folder written."""
-
-    url: str
-    report: Path
-    state: Path | str | None = None
-    fhir_url: str | None = None
-    fhir_user: str | None = None
-    fhir_password: str | None = field(default=None, repr=False)
-    fhir_token: str | None = field(default=None, repr=False)
-    since: str | None = None
-    until: str | None = None
-    include_phi: bool = False
-    workers: int = 4
-    page_size: int = 100
-    max_offset: int = 1_000_000
-    max_results: int | None = None
-    instance_page_size: int = 1000
-    zone: tzinfo | None = None
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    token_command: str | None = field(default=None, repr=False)
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    max_rps: float | None = None
-    timeout: tuple[float, float] = (10.0, 120.0)
-    max_response_mb: int = 240
-    retries: int = 4
-    retry: RetryPolicy = RetryPolicy()
-    verify: bool | str = True
-
-    def __post_init__(self) -> None:
-        if self.since and self.until and self.since > self.until:
-            raise ConfigError(f"--since {self.since} is after --until {self.until}")
-        if (self.fhir_user is None) != (self.fhir_password is None):
-            raise ConfigError("--fhir-user and --fhir-password go together")
-        if self.fhir_token is not None:
-            check_header_value("the FHIR bearer token (--fhir-token or QIDO_CRAWLER_FHIR_TOKEN)", self.fhir_token)
-        if (self.user is None) != (self.password is None):
-            raise ConfigError("--user and --password go together")
-        for name in ("page_size", "workers", "instance_page_size", "max_offset"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 1, not {value!r}")
-        if not isinstance(self.retries, int) or self.retries < 0:
-            raise ConfigError(f"retries must be an integer >= 0, not {self.retries!r}")
 
 
 @dataclass
