@@ -92,7 +92,7 @@ import corpus  # noqa: E402  (benchmarks/corpus.py)
 from fixtures import orthanc  # noqa: E402
 
 import importlib  # noqa: E402
-from crawler import qido  # noqa: E402
+from crawler import http, qido  # noqa: E402
 from crawler.config import SyncConfig  # noqa: E402
 from crawler.crawl import CrawlOptions, MetadataMode  # noqa: E402
 
@@ -282,7 +282,7 @@ def recording(recorder: Recorder) -> Iterator[None]:
     for the requests by URL shape (observation only: the same requests, the same answers)."""
     original = qido.QidoClient.fetch
 
-    def fetch(self: qido.QidoClient, url: str) -> qido.Answer:
+    def fetch(self: qido.QidoClient, url: str) -> http.Answer:
         started = time.perf_counter()
         try:
             return original(self, url)

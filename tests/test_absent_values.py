@@ -16,7 +16,7 @@ from crawler.config import SyncConfig
 from crawler.crawl import CrawlOptions, MetadataMode
 from crawler.dicomjson import Tag
 from crawler.mapping import StudyInput, map_resources
-from crawler.qido import RetryPolicy
+from crawler.http import RetryPolicy
 from crawler.sync import sync
 from crawler.worker import convert
 from fixtures.fakepacs import FakePacs

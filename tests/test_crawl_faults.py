@@ -16,7 +16,8 @@ import pytest
 from crawler.config import SyncConfig
 from crawler.crawl import STUDY_FIELDS, CrawlOptions, MetadataMode
 from crawler.errors import SourceUnreachable
-from crawler.qido import QidoClient, RetryPolicy
+from crawler.http import RetryPolicy
+from crawler.qido import QidoClient
 from crawler.state import State
 from crawler.sync import sync
 from fixtures.fakepacs import FakePacs

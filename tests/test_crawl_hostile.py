@@ -24,7 +24,8 @@ from crawler.crawl import CrawlOptions, Learned, MetadataMode, StudySummary, fet
 from crawler.dicomjson import Tag
 from crawler.errors import FatalQidoError, MappingError, QidoError
 from crawler.mapping import MappingOptions, map_resources
-from crawler.qido import Page, RetryPolicy
+from crawler.http import RetryPolicy
+from crawler.qido import Page
 from crawler.state import State
 from crawler.sync import sync
 from crawler.worker import CrawlJob, crawl_one
@@ -297,7 +298,7 @@ class FeedStandIn:
     timeout = (1.0, 1.0)
 
     def __init__(self, answers: dict[str, Any]) -> None:
-        from crawler.qido import RequestCounts
+        from crawler.http import RequestCounts
 
         self.answers = answers
         self.asked: list[str] = []
@@ -321,7 +322,7 @@ class FeedStandIn:
     def fetch(self, url: str, accept: str | None = None) -> Any:
         import orjson
 
-        from crawler.qido import Answer
+        from crawler.http import Answer
 
         response = self.get(url)
         return Answer(response.status_code, {}, orjson.dumps(response.json()) if response.status_code == 200 else b"", None)

@@ -8,7 +8,8 @@ from datetime import date, timedelta
 import pytest
 import requests
 
-from crawler.qido import QidoClient, RetryPolicy
+from crawler.http import RetryPolicy
+from crawler.qido import QidoClient
 from fixtures.fakepacs import FakePacs, Request
 
 UID, DATE, TIME = "0020000D", "00080020", "00080030"

@@ -20,7 +20,8 @@ from crawler.crawl import METADATA_UNAVAILABLE, SERIES_LEVEL_INSTANCES, CrawlOpt
 from crawler.dicomjson import Tag
 from crawler.errors import FatalQidoError
 from crawler.mapping.ids import normalise_base
-from crawler.qido import Page, RetryPolicy
+from crawler.http import RetryPolicy
+from crawler.qido import Page
 from crawler.state import State
 from crawler.sync import sync
 from fixtures.fakepacs import Behaviour, FakePacs

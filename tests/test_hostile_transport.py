@@ -11,12 +11,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from crawler import qido
+from crawler import http, qido
 from crawler.cli import main
+from crawler.errors import FatalQidoError, RetriableQidoError
 from fixtures.hostile import Hostile
 
 _PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
@@ -71,12 +73,12 @@ def test_a_trickling_answer_does_not_hold_the_run(tmp_path):
 @pytest.mark.parametrize("mode", ["trickle", "trickle-headers"])
 def test_the_deadline_bounds_the_whole_answer_not_each_read(mode):
     with Hostile(mode, interval=0.2) as server:
-        client = qido.QidoClient(server.url, timeout=(1.0, 1.0), retry=qido.RetryPolicy(attempts=1))
+        client = qido.QidoClient(server.url, timeout=(1.0, 1.0), retry=http.RetryPolicy(attempts=1))
         client.answered = True
-        started = qido.time.monotonic()
-        with pytest.raises(qido.RetriableQidoError, match="timed out"):
+        started = time.monotonic()
+        with pytest.raises(RetriableQidoError, match="timed out"):
             client.get("studies", "studies")
-    assert qido.time.monotonic() - started < 1.0 + 1.0 + 1.0
+    assert time.monotonic() - started < 1.0 + 1.0 + 1.0
 
 
 # item 4: bounded memory for every encoding
@@ -90,7 +92,7 @@ def test_a_bomb_is_refused_in_bounded_time_and_memory(tmp_path, encoding):
     assert result["code"] != 0, result
     assert result["rss_mb"] < 300, result
     lines = error_lines(result["stderr"])
-    assert any(f"refused: larger than {qido.MAX_BODY >> 20} MB" in line for line in lines), result["stderr"]
+    assert any(f"refused: larger than {http.MAX_BODY >> 20} MB" in line for line in lines), result["stderr"]
     assert len(server.seen) == 1, "a refused answer is not asked for again"
 
 
@@ -104,8 +106,8 @@ def test_a_content_length_past_the_cap_is_refused_before_reading(tmp_path):
 
 def test_an_encoding_that_is_not_asked_for_is_refused_clearly():
     with Hostile("bomb", encoding="br") as server:
-        client = qido.QidoClient(server.url, retry=qido.RetryPolicy(attempts=3), sleep=lambda s: None)
-        with pytest.raises(qido.FatalQidoError, match="refused: Content-Encoding 'br' is not supported"):
+        client = qido.QidoClient(server.url, retry=http.RetryPolicy(attempts=3), sleep=lambda s: None)
+        with pytest.raises(FatalQidoError, match="refused: Content-Encoding 'br' is not supported"):
             client.get("studies", "studies")
     assert len(server.seen) == 1
     assert server.seen[0]["accept-encoding"] == "gzip, deflate"
@@ -119,20 +121,20 @@ def test_answers_under_the_cap_decode_in_every_encoding(encoding):
     wbits = {"gzip": 31, "x-gzip": 31, "deflate": 15, "deflate-raw": -15}[encoding]
     packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
     data = packer.compress(body) + packer.flush()
-    assert qido.decode_body(data, "deflate" if encoding == "deflate-raw" else encoding, len(body)) == body
-    with pytest.raises(qido.BodyTooLarge):
-        qido.decode_body(data, "deflate" if encoding == "deflate-raw" else encoding, len(body) - 1)
+    assert http.decode_body(data, "deflate" if encoding == "deflate-raw" else encoding, len(body)) == body
+    with pytest.raises(http.BodyTooLarge):
+        http.decode_body(data, "deflate" if encoding == "deflate-raw" else encoding, len(body) - 1)
 
 
 def test_large_answers_decode_past_the_fast_path_and_bombs_stop_at_the_cap(monkeypatch):
     import gzip
 
-    monkeypatch.setattr(qido, "INFLATE_STEP", 1000)
+    monkeypatch.setattr(http, "INFLATE_STEP", 1000)
     body = bytes(range(256)) * 40
-    assert qido.decode_body(gzip.compress(body), "gzip", len(body)) == body
-    assert qido.decode_body(gzip.compress(body[:5000]) + gzip.compress(body[5000:]), "gzip", len(body)) == body
-    with pytest.raises(qido.BodyTooLarge):
-        qido.decode_body(gzip.compress(body[:5000]) + gzip.compress(body[5000:]), "gzip", len(body) - 1)
+    assert http.decode_body(gzip.compress(body), "gzip", len(body)) == body
+    assert http.decode_body(gzip.compress(body[:5000]) + gzip.compress(body[5000:]), "gzip", len(body)) == body
+    with pytest.raises(http.BodyTooLarge):
+        http.decode_body(gzip.compress(body[:5000]) + gzip.compress(body[5000:]), "gzip", len(body) - 1)
 
 
 # item 6: redirects
@@ -152,19 +154,19 @@ def test_a_redirect_to_another_origin_is_refused_and_the_headers_stay_home(tmp_p
 
 
 def test_a_redirect_may_not_change_scheme_or_port():
-    assert qido.same_origin("http://h:80/a", "http://H/b?x=1")
-    assert qido.same_origin("https://u:p@h/a", "https://h:443/c")
-    assert not qido.same_origin("http://h/a", "https://h/a")
-    assert not qido.same_origin("http://h:8042/a", "http://h:8043/a")
-    assert not qido.same_origin("http://h/a", "http://h.evil.example/a")
-    assert qido.origin_of("http://ann:s3cret@h:8042/dicom-web?token=x") == "http://h:8042"
+    assert http.same_origin("http://h:80/a", "http://H/b?x=1")
+    assert http.same_origin("https://u:p@h/a", "https://h:443/c")
+    assert not http.same_origin("http://h/a", "https://h/a")
+    assert not http.same_origin("http://h:8042/a", "http://h:8043/a")
+    assert not http.same_origin("http://h/a", "http://h.evil.example/a")
+    assert http.origin_of("http://ann:s3cret@h:8042/dicom-web?token=x") == "http://h:8042"
 
 
 def test_same_origin_redirects_are_followed_a_bounded_number_of_times():
     with Hostile("redirect") as server:
         server.location = server.url
-        client = qido.QidoClient(server.url, retry=qido.RetryPolicy(attempts=1))
-        with pytest.raises(qido.FatalQidoError, match="more than 5 redirects"):
+        client = qido.QidoClient(server.url, retry=http.RetryPolicy(attempts=1))
+        with pytest.raises(FatalQidoError, match="more than 5 redirects"):
             client.get("studies", "studies")
     assert len(server.seen) == 6
 

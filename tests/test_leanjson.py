@@ -20,7 +20,8 @@ from crawler.dicomjson import Tag
 from crawler.errors import FatalQidoError
 from crawler.mapping import StudyInput, map_resources
 from crawler.mapping.tags import INSTANCE_TAGS, READ_TAGS
-from crawler.qido import Answer, page_of
+from crawler.http import Answer
+from crawler.qido import page_of
 
 FILTER = leanjson.Selection(READ_TAGS)
 from fixtures.golden import OPTIONS, load, recordings

@@ -21,7 +21,8 @@ from crawler.config import SyncConfig
 from crawler.crawl import CrawlOptions, MetadataMode
 from crawler.listing import ListingReport, iter_studies
 from crawler.planner import Window
-from crawler.qido import QidoClient, RetryPolicy
+from crawler.http import RetryPolicy
+from crawler.qido import QidoClient
 from crawler.sync import sync
 from fixtures.fakepacs import FakePacs
 
@@ -260,7 +261,8 @@ def test_a_listing_is_salvaged_entry_by_entry_only_when_its_array_is_whole(body,
 
 
 def test_an_unreadable_entry_without_a_uid_leaves_its_window_incomplete():
-    from crawler.qido import Answer, page_of
+    from crawler.http import Answer
+    from crawler.qido import page_of
 
     body = (
         b'[{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00080020": {"vr": "DA", "Value": ["20240101"]}},'

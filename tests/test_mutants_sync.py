@@ -384,7 +384,7 @@ def test_progress_is_reported_for_unchanged_studies_too(tmp_path):
 
     from crawler.config import SyncConfig
     from crawler.crawl import CrawlOptions, MetadataMode
-    from crawler.qido import RetryPolicy
+    from crawler.http import RetryPolicy
 
     seen: list[tuple[int, int]] = []
     with FakePacs(n_studies=5, seed=46) as pacs:

@@ -4,7 +4,8 @@ import pytest
 
 from crawler.errors import ConfigError
 from crawler.planner import Window, plan
-from crawler.qido import build_query, check_base_url, redact, retry_after_seconds
+from crawler.http import check_base_url, redact, retry_after_seconds
+from crawler.qido import build_query
 
 
 def test_query_is_sorted_and_keeps_dicom_characters_raw():

@@ -14,9 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from crawler import qido
+from crawler import http
 from crawler.errors import FatalQidoError, RetriableQidoError
-from crawler.qido import QidoClient, RequestCounts, RetryPolicy, resolve_origin
+from crawler.http import RequestCounts, RetryPolicy, resolve_origin
+from crawler.qido import QidoClient
 from fixtures.fakepacs import FakePacs
 
 Handler = Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, str], bytes]]
@@ -130,7 +131,7 @@ def test_gunzip_decodes_as_urllib3_does():
         whole[:-1], whole[:-8], whole[: len(whole) // 2], whole + gzip.compress(body)[:20],
     ):  # fmt: skip
         decoder = GzipDecoder()
-        assert qido.gunzip(data) == decoder.decompress(data) + decoder.flush()
+        assert http.gunzip(data) == decoder.decompress(data) + decoder.flush()
 
 
 def test_a_gzip_answer_cut_short_is_malformed_json(monkeypatch):
@@ -158,7 +159,7 @@ def test_a_gzip_answer_that_does_not_decode_is_retried_then_reported(monkeypatch
 
 def test_a_gzip_answer_may_not_expand_without_bound(monkeypatch):
     no_proxy(monkeypatch)
-    monkeypatch.setattr(qido, "MAX_BODY", 10_000)
+    monkeypatch.setattr(http, "MAX_BODY", 10_000)
     with server(lambda h: (200, {"Content-Encoding": "gzip"}, gzip.compress(b" " * 10_001))) as (url, seen):
         with pytest.raises(FatalQidoError, match="refused: larger than 10000 bytes"):
             QidoClient(url, sleep=lambda s: None).get("studies", "studies")

@@ -19,7 +19,7 @@ import requests
 
 from crawler.errors import ConfigError, SinkError
 from crawler.mapping import endpoint
-from crawler.qido import RetryPolicy
+from crawler.http import RetryPolicy
 from crawler.sinks import fhir
 from crawler.sinks.fhir import FhirServer
 from fixtures.fakefhir import FakeFhir

@@ -9,7 +9,8 @@ import pytest
 
 from crawler.cli import main
 from crawler.errors import ConfigError
-from crawler.qido import QidoClient, RateLimit, RetryPolicy, token_from_command
+from crawler.http import RateLimit, RetryPolicy, token_from_command
+from crawler.qido import QidoClient
 from fixtures.fakepacs import FakePacs
 
 

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import urllib3
 
-from crawler import qido
+from crawler import http
 
 
 class _Small(BaseHTTPRequestHandler):
@@ -48,7 +48,7 @@ def test_an_answer_whose_connection_is_closed_by_a_full_pool_reads_whole(server)
     first = pool.urlopen("GET", "/a", preload_content=False, decode_content=False, retries=0)
     second = pool.urlopen("GET", "/b", preload_content=False, decode_content=False, retries=0)
     deadline = time.monotonic() + 30
-    assert qido.read_answer(first, 1 << 20, deadline, 10.0).startswith(b"[")
-    body = qido.read_answer(second, 1 << 20, deadline, 10.0)
+    assert http.read_answer(first, 1 << 20, deadline, 10.0).startswith(b"[")
+    body = http.read_answer(second, 1 << 20, deadline, 10.0)
     assert body.startswith(b"[") and body.endswith(b"]")
     pool.close()

@@ -23,9 +23,9 @@ import orjson
 import requests
 
 from ..errors import SinkError
+from ..http import RETRIABLE_STATUS, check_base_url, redact, retry_after_seconds
 from ..mapping.ids import study_id
 from ..mapping.r5 import DICOM_UID
-from ..qido import RETRIABLE_STATUS, check_base_url, redact, retry_after_seconds
 from ..state import State
 from .findings import CopyRow
 

@@ -74,7 +74,7 @@ import requests
 import tenacity
 
 from ..errors import ConfigError, SinkError
-from ..qido import (
+from ..http import (
     RETRIABLE_STATUS,
     WATCHDOG,
     BodyTooLarge,
