@@ -245,7 +245,7 @@ def list_window(
     long_pages = False
     while True:
         if offset > max_offset:
-            state.capped = f"more than --max-offset {max_offset} results"
+            state.capped = f"more results than the largest offset asked for ({max_offset})"
             return
         page_size = client.page_size(report.page_size)
         params = [*window.params(filters.keywords), *extra, *includefields(STUDY_FIELDS), ("limit", page_size)]

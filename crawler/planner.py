@@ -138,8 +138,8 @@ class Window:
         high = DAY_SECONDS - 1 if self.time_to is None else self.time_to
         if low >= high:
             return []
-        middle = (low + high) // 2
-        return [Window(self.since, self.until, low, middle), Window(self.since, self.until, middle + 1, high)]
+        half = (low + high) // 2
+        return [Window(self.since, self.until, low, half), Window(self.since, self.until, half + 1, high)]
 
     def split_at(self, day: str) -> list[Window]:
         """Two windows: up to and including ``day``, and after it (open ends kept open)."""
@@ -169,5 +169,5 @@ def tm_range(value: str | None) -> tuple[int, int] | None:
 
 def plan(since: str | None = None, until: str | None = None) -> list[Window]:
     if since and until and since > until:
-        raise ConfigError(f"--since {since} is after --until {until}")
+        raise ConfigError(f"the window starts ({since}) after it ends ({until})", setting="since")
     return [Window(since, until)]

@@ -237,7 +237,7 @@ class SyncRun:
             if name == METADATA_UNAVAILABLE:
                 self.figures.metadata_unavailable = True
                 log.warning("the server has no WADO-RS metadata (%s%s): studies are mapped from QIDO-RS alone, without the "
-                            "rows that need sequences; --metadata never silences this", reason, since)
+                            "rows that need sequences (shown whatever the metadata setting)", reason, since)
             elif name == SERIES_LEVEL_INSTANCES:
                 self.figures.instances_by_series = True
                 log.info("the server refuses study-level instance searches (%s%s): instances are asked for series by series", reason, since)

@@ -27,7 +27,7 @@ def test_plan_is_one_window_and_refuses_a_reversed_range():
     assert plan("20200101", None) == [Window("20200101", None)]
     assert plan(None, "20200101") == [Window(None, "20200101")]
     assert plan("20200101", "20200101") == [Window("20200101", "20200101")]
-    with pytest.raises(ConfigError, match=r"^--since 20200102 is after --until 20200101$"):
+    with pytest.raises(ConfigError, match=r"^the window starts \(20200102\) after it ends \(20200101\)$"):
         plan("20200102", "20200101")
 
 

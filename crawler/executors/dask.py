@@ -172,12 +172,12 @@ def connect(config: SyncConfig) -> tuple[Any, Any]:
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
-        raise ConfigError("--executor dask needs Dask: pip install 'qido-crawler[dask]'") from None
+        raise ConfigError("the dask executor needs Dask: pip install 'qido-crawler[dask]'", setting="executor") from None
     if config.scheduler:
         try:
             return Client(config.scheduler, timeout=30, set_as_default=False), None
         except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"cannot reach the Dask scheduler at {config.scheduler}: {exc}") from None
+            raise ConfigError(f"cannot reach the Dask scheduler at {config.scheduler}: {exc}", setting="scheduler") from None
     cluster = LocalCluster(
         n_workers=1, threads_per_worker=config.worker_threads, processes=True,
         # the scheduler's HTTP server on a free loopback port (not 8787, to collide on), no dashboard

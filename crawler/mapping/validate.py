@@ -16,7 +16,7 @@ def _model(version: str, resource_type: str) -> Any:
     try:
         module = importlib.import_module(f"{_MODULES[version]}.{resource_type.lower()}")
     except ImportError:
-        raise ConfigError("--validate needs fhir.resources: pip install 'qido-crawler[validate]'") from None
+        raise ConfigError("validation needs fhir.resources: pip install 'qido-crawler[validate]'", setting="validate") from None
     return getattr(module, resource_type)
 
 
