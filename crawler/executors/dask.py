@@ -43,7 +43,7 @@ from ..listing import (
 from ..planner import Window
 from ..qido import QidoClient, RequestCounts, client_from
 from ..worker import Candidate, CrawlJob, Outcome
-from . import CrawlRun
+from .seam import CrawlRun
 
 log = logging.getLogger("crawler")
 

@@ -14,7 +14,7 @@ from ..listing import ListingReport, iter_study_pages, listing_failed
 from ..planner import Window
 from ..readahead import read_ahead
 from ..worker import Outcome, crawl_one
-from . import CrawlRun
+from .seam import CrawlRun
 
 LISTING_AHEAD = 1000
 """Listed studies held ahead of the crawl, at most this many plus one page (a few MB): enough
