@@ -255,7 +255,7 @@ def parse_date(text: str) -> tuple[int, int | None, int | None]:
         raise ValueError("month out of range")
     if day is not None and not 1 <= day <= 31:
         raise ValueError("day out of range")
-    return year, month, day  # type: ignore[return-value]
+    return year, month, day
 
 
 def parse_time(text: str) -> tuple[int, int, int, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO, Literal, TextIO, overload
 
 FILE_MODE = 0o600
 FOLDER_MODE = 0o700
@@ -40,13 +40,19 @@ def make_new_folder(path: Path) -> None:
     os.mkdir(path, FOLDER_MODE)
 
 
-def open_private(path: Path, mode: str = "wb") -> IO:
+@overload
+def open_private(path: Path, mode: Literal["w"]) -> TextIO: ...
+@overload
+def open_private(path: Path, mode: Literal["wb"] = "wb") -> BinaryIO: ...
+def open_private(path: Path, mode: str = "wb") -> IO[str] | IO[bytes]:
     """``open(path, mode)`` for ``w`` or ``wb``: truncated, and created 0600 when new."""
     if mode not in ("w", "wb"):
         raise ValueError(f"open_private writes only (w, wb), not {mode!r}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
-        return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""}))
+        if mode == "wb":
+            return os.fdopen(fd, "wb")
+        return os.fdopen(fd, "w", encoding="utf-8", newline="")
     except BaseException:
         os.close(fd)
         raise

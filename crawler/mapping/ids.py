@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import uuid
 from functools import lru_cache
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-try:
-    from _sha1 import sha1 as _sha1
-except ImportError:  # pragma: no cover - interpreters without the builtin module
+if TYPE_CHECKING:  # the builtin module has no stub; its sha1 is hashlib's without the dispatch
     from hashlib import sha1 as _sha1
+else:
+    try:
+        from _sha1 import sha1 as _sha1
+    except ImportError:  # pragma: no cover - interpreters without the builtin module
+        from hashlib import sha1 as _sha1
 
 NAMESPACE = uuid.UUID("6d1c4f8e-2f0a-5b7e-9a43-7c1f0e5d2b91")
 _NAMESPACE_BYTES = NAMESPACE.bytes

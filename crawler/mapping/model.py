@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import tzinfo
+from typing import Any
 
 from ..dicomjson import Dataset
 
@@ -46,9 +47,9 @@ class Mapped:
     """The resources of one study: its ImagingStudy, the Endpoints its series point at other than
     the default one, and (with ``patients``) its Patient."""
 
-    study: dict
-    endpoints: tuple[dict, ...] = ()
-    patient: dict | None = None
+    study: dict[str, Any]
+    endpoints: tuple[dict[str, Any], ...] = ()
+    patient: dict[str, Any] | None = None
 
-    def resources(self) -> list[dict]:
+    def resources(self) -> list[dict[str, Any]]:
         return [*self.endpoints, *([self.patient] if self.patient else []), self.study]

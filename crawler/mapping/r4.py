@@ -217,7 +217,8 @@ def _coding(concept: Mapping[str, Any] | None) -> Resource | None:
         return None
     codings = concept.get("coding")
     if codings:
-        return _clone(codings[0])
+        first: Resource = _clone(codings[0])
+        return first
     text = concept.get("text")
     if text:
         return {"display": text}
@@ -244,7 +245,8 @@ def _concepts(references: Iterable[Mapping[str, Any]]) -> list[Resource]:
 
 def _payload_type(concept: Mapping[str, Any]) -> Resource:
     if concept.get("coding"):
-        return _clone(concept)
+        same: Resource = _clone(concept)
+        return same
     out: Resource = {"coding": [dict(ANY_PAYLOAD)]}
     out.update(_clone(concept))
     return out
@@ -336,7 +338,8 @@ _LOCATION_ORDER = (
 
 def _contained(resource: Mapping[str, Any]) -> Resource:
     if resource.get("resourceType") != "Location":
-        return _clone(resource)
+        copy: Resource = _clone(resource)
+        return copy
     return _location(resource)
 
 

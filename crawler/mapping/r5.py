@@ -706,17 +706,15 @@ def _series(data: StudyInput, uid: str, options: MappingOptions, study: Dataset,
             raise MappingError(uid, dj.keyword(_SERIES_INSTANCE_UID), "missing in a series result")
         series_results[series_uid] = item
         if series_uid not in grouped:
-            grouped[series_uid] = _Group()
+            grouped[series_uid] = _Group(item)
 
     built = []
     for series_uid, group in grouped.items():
         result = series_results.get(series_uid)
-        if result is None:
+        if result is None or result is group.first:
             ds = group.first
-        elif group.first is not None:
-            ds = {**group.first, **result}
         else:
-            ds = result
+            ds = {**group.first, **result}
         number = _count(ds, _SERIES_NUMBER, uid)
         out: Resource = {"uid": series_uid, "number": number} if number is not None else {"uid": series_uid}
         modality = _code(ds, _MODALITY, uid)
@@ -777,14 +775,15 @@ def _sop_coding(sop_class: str) -> Resource:
 
 
 class _Group:
-    """The instance results of one series: the first (it carries the series attributes), how
-    many, the instances the fast path made by SOP Instance UID (the first result of each), the
+    """The instance results of one series: the first (it carries the series attributes; for a
+    series that no instance result names, the series result), how many, the instances the fast
+    path made by SOP Instance UID (the first result of each), the
     results from the first one it could not make on (to map in order, carefully where needed),
     those that describe specimens, and whether every instance so far has a number."""
 
     __slots__ = ("first", "count", "instances", "rest", "specimens", "numbered")
 
-    def __init__(self, first: Dataset | None = None) -> None:
+    def __init__(self, first: Dataset) -> None:
         self.first = first
         self.count = 0
         self.instances: dict[str, Resource] = {}
