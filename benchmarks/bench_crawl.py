@@ -95,6 +95,7 @@ import importlib  # noqa: E402
 from crawler import http, qido  # noqa: E402
 from crawler.config import SyncConfig  # noqa: E402
 from crawler.crawl import CrawlOptions, MetadataMode  # noqa: E402
+from crawler.memory import tuned_for_bulk  # noqa: E402
 
 crawler_sync = importlib.import_module("crawler.sync")  # the module (crawler.sync is also the function)
 
@@ -369,7 +370,7 @@ def ours(
             crawl=CrawlOptions(metadata=mode),
             **({"full": True} if full else {}),
         )
-        with recording(recorder):
+        with recording(recorder), tuned_for_bulk():  # as the CLI runs it
             result = crawler_sync.sync(config)
         if not recorder.counts:
             log("  (requests not seen: crawler.sync no longer sends through QidoClient.fetch; using its own counts)")

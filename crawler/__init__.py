@@ -33,14 +33,15 @@ if TYPE_CHECKING:
     from .audit import AuditResult, audit
     from .config import AuditConfig, Connection, SyncConfig
     from .mapping import MappingOptions, StudyInput, map_study
-    from .sync import SyncResult, export, sync
+    from .figures import SyncResult
+    from .sync import export, sync
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "sync": ".sync",
     "export": ".sync",
-    "SyncResult": ".sync",
+    "SyncResult": ".figures",
     "audit": ".audit",
     "AuditResult": ".audit",
     "SyncConfig": ".config",

@@ -1,0 +1,210 @@
+"""Configuration composed: one Connection shared by SyncConfig and AuditConfig, retries as the one
+count of attempts, enums for the closed sets, library messages in words with the setting at
+fault, and the CLI naming its own option for that setting. Also the one progress renderer."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+
+from crawler.cli import OPTIONS, Progress, audit_line, build_parser, main, sync_line
+from crawler.config import AuditConfig, Connection, SyncConfig
+from crawler.errors import ConfigError
+from crawler.figures import Figures
+from crawler.kinds import ChangeSource, Executor, FhirVersion
+from crawler.qido import RetryPolicy, client_from
+
+URL = "http://127.0.0.1:9/dicom-web"
+
+BAD_SYNC = [
+    ({"fhir_user": "u"}, "fhir_user"),
+    ({"fhir_password": "p"}, "fhir_user"),
+    ({"fhir_token": "a\nb"}, "fhir_token"),
+    ({"user": "u"}, "user"),
+    ({"user": "u", "password": "p", "token": "t"}, "token"),
+    ({"user": "u", "password": "p", "token_command": "c"}, "token_command"),
+    ({"token": "t", "token_command": "c"}, "token"),
+    ({"max_rps": 0}, "max_rps"),
+    ({"timeout": (10.0, 0)}, "timeout"),
+    ({"retries": -1}, "retries"),
+    ({"max_response_mb": 0}, "max_response_mb"),
+    ({"fhir_version": "R6"}, "fhir_version"),
+    ({"executor": "processes"}, "executor"),
+    ({"changes": "dcm4chee-someday"}, "changes"),
+    ({"full": True, "since": "20200101"}, "full"),
+    ({"lookback": -1}, "lookback"),
+    ({"max_results": 0}, "max_results"),
+    ({"fhir_ids": "theirs"}, "fhir_ids"),
+    ({"scheduler": "tcp://10.0.0.5:8786"}, "scheduler"),
+    ({"workers": 0}, "workers"),
+    ({"worker_threads": 0}, "worker_threads"),
+    ({"page_size": 0}, "page_size"),
+    ({"checkpoint_every": 0}, "checkpoint_every"),
+    ({"fhir_batch_size": 0}, "fhir_batch_size"),
+    ({"max_offset": 0}, "max_offset"),
+]
+
+BAD_AUDIT = [
+    ({"fhir_user": "u"}, "fhir_user"),
+    ({"user": "u"}, "user"),
+    ({"retries": -1}, "retries"),
+    ({"since": "20200102", "until": "20200101"}, "since"),
+    ({"instance_page_size": 0}, "instance_page_size"),
+    ({"workers": 0}, "workers"),
+]
+
+
+def test_sync_and_audit_share_the_connection_fields_without_copying_them():
+    names = [f.name for f in fields(Connection)]
+    assert names[0] == "url" and "retries" in names and "verify" in names
+    for config_class in (SyncConfig, AuditConfig):
+        assert issubclass(config_class, Connection)
+        assert [f.name for f in fields(config_class)][: len(names)] == names
+
+
+def test_flat_construction_and_the_connection_of_each():
+    sync_config = SyncConfig(url=URL, user="u", password="p", max_rps=5.0, retries=2, workers=3)
+    audit_config = AuditConfig(url=URL, report=Path("report"), user="u", password="p", max_rps=5.0, retries=2)
+    expected = Connection(url=URL, user="u", password="p", max_rps=5.0, retries=2)
+    assert sync_config.connection == audit_config.connection == expected
+    assert type(sync_config.connection) is Connection
+    assert expected.connection is expected
+
+
+def test_retries_is_the_one_count_of_attempts():
+    config = SyncConfig(url=URL, retries=2, retry=RetryPolicy(base_delay=0.01, max_delay=0.05))
+    assert config.retry == RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
+    assert replace(config, retries=0).retry.attempts == 1
+    assert AuditConfig(url=URL, report=Path("r"), retries=7).retry.attempts == 8
+    client = client_from(config)
+    try:
+        assert client.retry.attempts == 3
+    finally:
+        client.close()
+    plain = client_from(Connection(url=URL, retries=0))
+    try:
+        assert plain.retry.attempts == 1
+    finally:
+        plain.close()
+
+
+def test_enum_settings_take_strings_or_members_and_hold_members():
+    config = SyncConfig(url=URL, executor="dask", fhir_version="R4", changes="orthanc")
+    assert config.executor is Executor.DASK and config.fhir_version is FhirVersion.R4 and config.changes is ChangeSource.ORTHANC
+    assert config.executor == "dask" and f"{config.fhir_version}" == "R4"
+    assert SyncConfig(url=URL, executor=Executor.THREADS).executor is Executor.THREADS
+    assert SyncConfig(url=URL).changes is None
+    assert SyncConfig(url=URL).fhir_version is FhirVersion.R5
+
+
+@pytest.mark.parametrize(("settings", "setting"), BAD_SYNC, ids=[s for _, s in BAD_SYNC])
+def test_bad_sync_settings_name_the_setting_and_no_option(settings, setting):
+    with pytest.raises(ConfigError) as caught:
+        SyncConfig(url=URL, **settings)
+    assert caught.value.setting == setting
+    assert "--" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert setting in OPTIONS
+
+
+@pytest.mark.parametrize(("settings", "setting"), BAD_AUDIT, ids=[s for _, s in BAD_AUDIT])
+def test_bad_audit_settings_name_the_setting_and_no_option(settings, setting):
+    with pytest.raises(ConfigError) as caught:
+        AuditConfig(url=URL, report=Path("report"), **settings)
+    assert caught.value.setting == setting
+    assert "--" not in str(caught.value)
+    assert setting in OPTIONS
+
+
+def test_a_secret_in_a_bad_token_is_not_in_the_message():
+    with pytest.raises(ConfigError) as caught:
+        SyncConfig(url=URL, fhir_token="s3cret-token\n")
+    assert "s3cret" not in str(caught.value)
+
+
+def _options_of(command: str) -> set[str]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {opt for a in sub.choices[command]._actions for opt in a.option_strings}
+
+
+def test_every_option_the_table_names_exists():
+    known = _options_of("sync") | _options_of("audit")
+    for setting, shown in OPTIONS.items():
+        for option in shown.split("/"):
+            assert option == "URL" or option in known, f"{setting}: {option}"
+
+
+def test_every_setting_of_the_configs_has_an_option_or_is_library_only():
+    library_only = {"retry", "checkpoint_seconds"}
+    for config_class in (SyncConfig, AuditConfig):
+        for f in fields(config_class):
+            assert f.name in OPTIONS or f.name in library_only, f.name
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["sync", URL, "--fhir-user", "u"], "--fhir-user/--fhir-password: the FHIR user and password go together"),
+        (["sync", URL, "--user", "u"], "--user/--password: the user and password go together"),
+        (["sync", URL, "--scheduler", "tcp://10.0.0.5:8786"], "--scheduler: a scheduler address goes with the dask executor"),
+        (["sync", URL, "--full", "--since", "20200101"], "--full: a full listing"),
+        (["sync", URL, "--lookback", "-1"], "--lookback: the lookback must be a number of days >= 0"),
+        (["sync", URL, "--retries", "-1"], "--retries: retries must be an integer >= 0, not -1"),
+        (["sync", URL, "--max-rps", "0"], "--max-rps: the request rate must be above 0"),
+        (["sync", URL, "--timezone", "Mars/Olympus"], "--timezone: unknown time zone 'Mars/Olympus'"),
+        (["audit", URL, "--report", "r", "--fhir-password", "p"], "--fhir-user/--fhir-password: the FHIR user and password go together"),
+        (["audit", URL, "--report", "r", "--since", "20200102", "--until", "20200101"], "--since: the window starts (20200102) after it ends (20200101)"),
+    ],
+)
+def test_the_cli_names_its_option_for_the_setting_at_fault(args, shown, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("QIDO_CRAWLER_FHIR_USER", "QIDO_CRAWLER_FHIR_PASSWORD", "QIDO_CRAWLER_USER", "QIDO_CRAWLER_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    code = main([*args, "--state", str(tmp_path / "s.db")] if args[0] == "sync" else args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"qido-crawler: error: {shown}"), err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "s.db").exists()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_one_renderer_draws_the_sync_line_as_before():
+    figures = Figures(studies_listed=12, studies_new=3, studies_changed=2, studies_unchanged=4, studies_rechecked=1,
+                      studies_failed=1, studies_inconsistent=1)
+    stream = Terminal()
+    progress = Progress(stream, True, sync_line)
+    progress(figures)
+    progress(figures)  # within 0.1 s: not drawn again
+    progress.close()
+    assert stream.getvalue() == (
+        "\rstudies listed       12  done       12  new 3  changed 2  unchanged 4  failed 2\x1b[K"
+        "\r\x1b[K"
+    )
+
+
+def test_one_renderer_draws_the_audit_line_as_before():
+    from crawler.audit import AuditProgress
+
+    stream = Terminal()
+    progress = Progress(stream, True, audit_line)
+    progress(AuditProgress(studies_listed=7, studies_read=5, studies_unreadable=1))
+    progress.close()
+    assert stream.getvalue() == "\rstudies listed        7  read        5  unreadable 1\x1b[K\r\x1b[K"
+
+
+def test_a_disabled_renderer_writes_nothing():
+    stream = Terminal()
+    progress = Progress(stream, False, sync_line)
+    progress(Figures(studies_listed=1))
+    progress.close()
+    assert stream.getvalue() == ""
