@@ -286,7 +286,7 @@ class _Sqlite:
         if not self.path.is_file() or self.path.stat().st_size == 0:
             return
         try:
-            probe = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True, timeout=30)
+            probe = self.connect_read_only()
             try:
                 tables = {row[0] for row in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             finally:
