@@ -225,6 +225,82 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def server_wait(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asked to wait before the next attempt: ``Retry-After`` (RFC 9110), else
+    ``x-ms-retry-after-ms`` (Azure's Cosmos DB backed services answer throttling with it)."""
+    hinted = retry_after_seconds(headers.get("Retry-After"))
+    if hinted is not None:
+        return hinted
+    value = headers.get("x-ms-retry-after-ms")
+    try:
+        return max(0.0, float(value) / 1000.0) if value else None
+    except ValueError:
+        return None
+
+
+class Retriable(Exception):
+    """A request that failed in a way asking again may fix: no connection, a timeout, an answer cut
+    short (``retriable_error``) or a status in RETRIABLE_STATUS. ``connect``: the server was not
+    reached at all; ``retry_after``: the seconds the server asked to wait (``server_wait``)."""
+
+    def __init__(self, reason: str, *, status: int | None = None, connect: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.connect = connect
+        self.retry_after = retry_after
+
+
+def retriable_error(exc: BaseException) -> bool:
+    """Whether a request that raised ``exc`` (requests' or urllib3's exceptions) may succeed when
+    sent again: connection errors, timeouts (the total deadline among them), answers cut short or
+    garbled on the way. Not a TLS error, a refused redirect, too many redirects, an answer over the
+    size cap or in an encoding that is not read: asking again gets the same."""
+    if isinstance(exc, (BodyTooLarge, UnsupportedEncoding, RedirectRefused, requests.exceptions.TooManyRedirects, requests.exceptions.SSLError)):
+        return False
+    return isinstance(exc, (requests.exceptions.RequestException, urllib3.exceptions.HTTPError))
+
+
+class Retrier:
+    """The crawler's one retry loop: ``retrier(request, *args)`` calls ``request(*args)`` again
+    while it raises one of ``retry_on`` (``Retriable`` unless told otherwise), waiting
+    ``retry_wait`` between attempts (the failure's ``retry_after`` when the server gave one, capped
+    by the policy's total time; else exponential backoff with jitter), and gives up after
+    ``policy.attempts`` attempts or ``policy.max_seconds``, raising the last failure as it was.
+
+    ``on_retry`` is called before each wait (to count retries); ``sleep`` is injectable so that
+    tests do not wait. One retrier may serve several threads."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Retriable,
+        sleep: Callable[[float], None] = time.sleep,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self._on_retry = on_retry
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(retry_on),
+            stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.max_seconds),
+            wait=self._wait,
+            sleep=sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+
+    def __call__(self, request: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self._retrying(request, *args, **kwargs)
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        return retry_wait(self.policy, state)
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        if self._on_retry is not None:
+            self._on_retry()
+
+
 @dataclass(frozen=True)
 class Answer:
     status: int

@@ -22,7 +22,6 @@ from urllib.parse import quote
 
 import orjson
 import requests
-import tenacity
 import urllib3
 
 from . import dicomjson, http, leanjson
@@ -33,15 +32,14 @@ from .http import (
     RETRIABLE_STATUS,
     WATCHDOG,
     Answer,
-    BodyTooLarge,
     DeadlineExceeded,
     LeanAdapter,
     Origin,
     RateLimit,
     RedirectRefused,
     RequestCounts,
+    Retrier,
     RetryPolicy,
-    UnsupportedEncoding,
     check_base_url,
     check_header_value,
     failure_reason,
@@ -50,8 +48,8 @@ from .http import (
     redact,
     redirect_location,
     resolve_origin,
-    retry_after_seconds,
-    retry_wait,
+    retriable_error,
+    server_wait,
     token_from_command,
     total_deadline,
     urllib3_timeout,
@@ -130,18 +128,35 @@ class QidoClient:
         self.counts = RequestCounts()
         self.answered = False
         self.max_limit: int | None = None
-        self._retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(RetriableQidoError),
-            stop=_give_up,
-            wait=_wait,
-            sleep=sleep,
-            before_sleep=_count_retry,
-            reraise=True,
-        )
+        self._sleep = sleep
+        self._retrier = self._new_retrier()
         self._origin: Origin | None = None
         self._origin_lock = threading.Lock()
         self._resolved = False
         self._timeout: tuple[Any, urllib3.Timeout] = (timeout, urllib3_timeout(timeout))
+
+    def for_task(self) -> QidoClient:
+        """A client for one task of a run (a Dask task, a worker): it shares this client's session
+        (connection pool, headers, the token and its refresh), rate limit, size cap, timeouts,
+        retry policy and the server limits learned so far, and closes with it, but counts its
+        requests and retries on its own (``counts``; add them to the run's with
+        ``RequestCounts.merge``)."""
+        task = object.__new__(QidoClient)
+        task.__dict__.update(self.__dict__)
+        task.counts = RequestCounts()
+        task._retrier = task._new_retrier()
+        return task
+
+    def __copy__(self) -> QidoClient:
+        """``copy.copy(client)`` is ``client.for_task()``: a plain shallow copy would share this
+        client's retrier, and so count its retries here."""
+        return self.for_task()
+
+    def _new_retrier(self) -> Retrier:
+        return Retrier(self.retry, retry_on=RetriableQidoError, sleep=self._sleep, on_retry=self._count_retry)
+
+    def _count_retry(self) -> None:
+        self.counts.add_retry()
 
     def close(self) -> None:
         """Close the connections; any later request (from a thread still running, such as the
@@ -158,7 +173,7 @@ class QidoClient:
         in ``keep`` when given (see leanjson). Raises QidoError subclasses."""
         url = self.url(path, params)
         try:
-            return self._retrying(QidoClient._get_once, self, kind, url, keep)
+            return self._retrier(self._get_once, kind, url, keep)
         except RetriableQidoError as exc:
             if not self.answered and exc.status is None:
                 raise SourceUnreachable(str(exc), url=exc.url) from None
@@ -297,16 +312,16 @@ def _bearer(token: str) -> str:
 
 
 def transport_failure(exc: Exception, shown: str) -> QidoError:
-    if isinstance(exc, BodyTooLarge):
-        return FatalQidoError(f"answer from {shown} refused: {exc}", url=shown)
-    if isinstance(exc, (UnsupportedEncoding, requests.exceptions.TooManyRedirects)):
-        return FatalQidoError(f"answer from {shown} refused: {exc}", url=shown)
+    """The QidoError for a request to ``shown`` that raised ``exc``: RetriableQidoError when asking
+    again may help (``http.retriable_error``), else FatalQidoError."""
     if isinstance(exc, RedirectRefused):
         return FatalQidoError(f"{exc}: {shown}", url=shown)
-    if isinstance(exc, DeadlineExceeded):
-        return RetriableQidoError(f"timed out: {shown}: {exc}", url=shown)
     if isinstance(exc, requests.exceptions.SSLError):
         return FatalQidoError(f"TLS error for {shown}: {failure_reason(exc)}", url=shown)
+    if not retriable_error(exc):
+        return FatalQidoError(f"answer from {shown} refused: {exc}", url=shown)
+    if isinstance(exc, DeadlineExceeded):
+        return RetriableQidoError(f"timed out: {shown}: {exc}", url=shown)
     if isinstance(exc, requests.exceptions.ConnectionError):
         return RetriableQidoError(f"cannot connect to {shown}: {failure_reason(exc)}", url=shown)
     if isinstance(exc, requests.exceptions.Timeout):
@@ -324,7 +339,7 @@ def page_of(answer: Answer, url: str, keep: leanjson.Selection | None = None, li
     if status in RETRIABLE_STATUS:
         shown = redact(url)
         error = RetriableQidoError(f"HTTP {status} from {shown}", url=shown, status=status)
-        error.retry_after = retry_after_seconds(answer.headers.get("Retry-After"))  # type: ignore[attr-defined]
+        error.retry_after = server_wait(answer.headers)  # type: ignore[attr-defined]
         raise error
     if status >= 400:
         shown = redact(url)
@@ -345,23 +360,6 @@ def page_of(answer: Answer, url: str, keep: leanjson.Selection | None = None, li
         shown = redact(url)
         raise FatalQidoError(f"answer from {shown} is not a JSON array of objects", url=shown, status=status)
     return Page(items, status, answer.headers.get("Warning"))
-
-
-# A client's Retrying is built once and shared by its copies (distributed.py gives each task a
-# copy that counts on its own): these read the client an attempt was made with from its arguments.
-
-
-def _give_up(state: tenacity.RetryCallState) -> bool:
-    policy: RetryPolicy = state.args[0].retry
-    return (tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.max_seconds))(state)
-
-
-def _wait(state: tenacity.RetryCallState) -> float:
-    return retry_wait(state.args[0].retry, state)
-
-
-def _count_retry(state: tenacity.RetryCallState) -> None:
-    state.args[0].counts.add_retry()
 
 
 def client_from(settings: Any) -> QidoClient:

@@ -16,7 +16,7 @@ import requests
 
 from crawler import http
 from crawler.errors import FatalQidoError, RetriableQidoError
-from crawler.http import RequestCounts, RetryPolicy, resolve_origin
+from crawler.http import RetryPolicy, resolve_origin
 from crawler.qido import QidoClient
 from fixtures.fakepacs import FakePacs
 
@@ -250,12 +250,13 @@ def test_a_refused_connection_names_the_reason(monkeypatch):
         client.get("studies", "studies")
 
 
-def test_copies_of_a_client_count_their_own_requests_and_retries(monkeypatch):
+@pytest.mark.parametrize("make", [QidoClient.for_task, copy.copy])
+def test_copies_of_a_client_count_their_own_requests_and_retries(monkeypatch, make):
     no_proxy(monkeypatch)
     with FakePacs(n_studies=2, seed=4, fail_requests={1: 503}) as pacs:
         client = QidoClient(pacs.url, retry=RetryPolicy(attempts=3), sleep=lambda _: None)
-        view = copy.copy(client)
-        view.counts = RequestCounts()
+        view = make(client)
+        assert view.session is client.session and view.counts is not client.counts
         assert len(view.get("studies", "studies").items) == 2
     assert client.counts.as_dict() == {"total": 0, "retries": 0}
     assert view.counts.as_dict() == {"total": 2, "studies": 2, "retries": 1}

@@ -12,7 +12,6 @@ and then extra resources cannot be found.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -23,7 +22,7 @@ import orjson
 import requests
 
 from ..errors import SinkError
-from ..http import RETRIABLE_STATUS, check_base_url, redact, retry_after_seconds
+from ..http import RETRIABLE_STATUS, Retriable, Retrier, RetryPolicy, check_base_url, redact, retriable_error, server_wait
 from ..mapping.ids import study_id
 from ..mapping.r5 import DICOM_UID
 from ..state import State
@@ -100,7 +99,7 @@ class FhirReader:
         self.session.headers["Accept"] = "application/fhir+json"
         self.timeout = timeout
         self.retries = retries
-        self._sleep = sleep
+        self._retrier = Retrier(RetryPolicy(attempts=retries + 1), sleep=sleep)
         self.requests = 0
         self.searched = False
         self.problems: list[str] = []
@@ -110,28 +109,30 @@ class FhirReader:
         self.session.close()
 
     def _get(self, url: str, allowed: Iterable[int] = ()) -> requests.Response:
-        """GET with retries of connection errors, timeouts, 408/429/5xx; raises SinkError."""
-        shown = redact(url)
-        for attempt in range(self.retries + 1):
-            wait = min(20.0, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
-            try:
-                self.requests += 1
-                response = self.session.get(url, timeout=self.timeout)
-            except requests.RequestException as exc:
-                if attempt == self.retries:
-                    raise SinkError(f"cannot reach FHIR server {redact(self.base_url)}: {type(exc).__name__}") from None
-                self._sleep(wait)
-                continue
-            if response.status_code in RETRIABLE_STATUS and attempt < self.retries:
-                hinted = retry_after_seconds(response.headers.get("Retry-After"))
-                self._sleep(min(hinted, 60.0) if hinted is not None else wait)
-                continue
-            if response.status_code in (401, 403):
-                raise SinkError(f"FHIR server {redact(self.base_url)} refused the credentials (HTTP {response.status_code})")
-            if response.status_code == 200 or response.status_code in allowed:
-                return response
-            raise SinkError(f"FHIR server answered HTTP {response.status_code} for GET {shown}")
-        raise AssertionError("unreachable")
+        """GET with the transport's retries (connection errors, timeouts, 408/429/5xx); raises SinkError."""
+        try:
+            response = self._retrier(self._get_once, url)
+        except Retriable as exc:
+            if exc.status is None:
+                raise SinkError(f"cannot reach FHIR server {redact(self.base_url)}: {exc.reason}") from None
+            raise SinkError(f"FHIR server answered HTTP {exc.status} for GET {redact(url)}") from None
+        if response.status_code in (401, 403):
+            raise SinkError(f"FHIR server {redact(self.base_url)} refused the credentials (HTTP {response.status_code})")
+        if response.status_code == 200 or response.status_code in allowed:
+            return response
+        raise SinkError(f"FHIR server answered HTTP {response.status_code} for GET {redact(url)}")
+
+    def _get_once(self, url: str) -> requests.Response:
+        self.requests += 1
+        try:
+            response = self.session.get(url, timeout=self.timeout)
+        except requests.RequestException as exc:
+            if not retriable_error(exc):
+                raise SinkError(f"cannot reach FHIR server {redact(self.base_url)}: {type(exc).__name__}") from None
+            raise Retriable(type(exc).__name__, connect=True) from None
+        if response.status_code in RETRIABLE_STATUS:
+            raise Retriable(f"HTTP {response.status_code}", status=response.status_code, retry_after=server_wait(response.headers))
+        return response
 
     def _same_origin(self, url: str) -> bool:
         a, b = urlsplit(url), urlsplit(self.base_url)

@@ -71,7 +71,6 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import orjson
 import requests
-import tenacity
 
 from ..errors import ConfigError, SinkError
 from ..http import (
@@ -80,13 +79,14 @@ from ..http import (
     BodyTooLarge,
     DeadlineAdapter,
     DeadlineExceeded,
+    Retriable,
+    Retrier,
     RetryPolicy,
     UnsupportedEncoding,
     check_base_url,
     read_answer,
     redact,
-    retry_after_seconds,
-    retry_wait,
+    server_wait,
 )
 from .base import Resource
 
@@ -130,17 +130,6 @@ MAX_BYTES = 16 * 2**20
 """Resource bytes per transaction at most: the ImagingStudy of a 5,000-image study is megabytes."""
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-
-
-class _Retriable(Exception):
-    """A request that failed in a way asking again may fix (connection, timeout, 408/429/5xx)."""
-
-    def __init__(self, reason: str, *, status: int | None = None, connect: bool = False, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.connect = connect
-        self.retry_after = retry_after
 
 
 class _TooLarge(Exception):
@@ -272,7 +261,7 @@ class FhirServer:
         self.learned_max_entries: int | None = None
         """Set when the server refused a Bundle for its size: the entries per Bundle it takes."""
         self.retry = retry
-        self._sleep = sleep
+        self._retrier = Retrier(retry, sleep=sleep, on_retry=self._retried)
         self._own_session = session is None
         self.session = session or requests.Session()
         adapter = DeadlineAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
@@ -405,7 +394,7 @@ class FhirServer:
         url = f"{self.base_url}/metadata"
         try:
             response = self._send("GET", url)
-        except _Retriable as exc:
+        except Retriable as exc:
             if exc.status is None:
                 raise SinkError(f"cannot reach FHIR server {self.base_url}: {exc.reason}") from None
             raise SinkError(f"FHIR server {self.base_url} keeps failing: {exc.reason} for GET /metadata") from None
@@ -635,7 +624,7 @@ class FhirServer:
         self.bundles += 1
         try:
             answer = self._send("POST", self.base_url, bundle.body)
-        except _Retriable as exc:
+        except Retriable as exc:
             if exc.connect:
                 raise SinkError(f"cannot reach FHIR server {self.base_url}: {exc.reason}") from None
             raise _Exhausted(exc.reason) from None
@@ -732,7 +721,7 @@ class FhirServer:
         """The resources of ``resource_type`` a search answers (only those in ``ids`` if given), by id."""
         try:
             answer = self._send("GET", url)
-        except _Retriable as exc:
+        except Retriable as exc:
             if exc.connect:
                 raise SinkError(f"cannot reach FHIR server {self.base_url}: {exc.reason}") from None
             return {}, exc.reason
@@ -754,22 +743,11 @@ class FhirServer:
 
     # --- HTTP -----------------------------------------------------------------------------
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        return retry_wait(self.retry, state)
-
-    def _retried(self, _: tenacity.RetryCallState) -> None:
+    def _retried(self) -> None:
         self.retries += 1
 
     def _send(self, method: str, url: str, body: bytes | None = None) -> _Answer:
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Retriable),
-            stop=tenacity.stop_after_attempt(self.retry.attempts) | tenacity.stop_after_delay(self.retry.max_seconds),
-            wait=self._wait,
-            sleep=self._sleep,
-            before_sleep=self._retried,
-            reraise=True,
-        )
-        return retrying(self._send_once, method, url, body)
+        return self._retrier(self._send_once, method, url, body)
 
     def _send_once(self, method: str, url: str, body: bytes | None) -> _Answer:
         started = time.monotonic()
@@ -780,12 +758,12 @@ class FhirServer:
             for _ in range(MAX_REDIRECTS + 1):
                 try:
                     answer = self._exchange(method, target, body, started)
-                except _Retriable:
+                except Retriable:
                     if watched.fired:
-                        raise _Retriable(f"the answer was not complete within {self.deadline:g} s") from None
+                        raise Retriable(f"the answer was not complete within {self.deadline:g} s") from None
                     raise
                 if watched.fired:
-                    raise _Retriable(f"the answer was not complete within {self.deadline:g} s")
+                    raise Retriable(f"the answer was not complete within {self.deadline:g} s")
                 location = answer.headers.get("Location")
                 if answer.status not in REDIRECTS or not location:
                     break
@@ -798,10 +776,7 @@ class FhirServer:
                 f"FHIR server {self.base_url} refused authentication ({_status_line(status)}): check the FHIR server credentials"
             )
         if status in RETRIABLE_STATUS:
-            hinted = retry_after_seconds(answer.headers.get("Retry-After"))
-            if hinted is None:
-                hinted = _milliseconds(answer.headers.get("x-ms-retry-after-ms"))
-            raise _Retriable(_outcome_line(status, answer.content or b"", self.server_text), status=status, retry_after=hinted)
+            raise Retriable(_outcome_line(status, answer.content or b"", self.server_text), status=status, retry_after=server_wait(answer.headers))
         return answer
 
     def _follow(self, method: str, current: str, location: str, status: int) -> str:
@@ -843,13 +818,13 @@ class FhirServer:
         except requests.exceptions.SSLError as exc:
             raise SinkError(f"TLS error talking to FHIR server {self.base_url}: {_reason(exc)}") from None
         except requests.exceptions.ConnectTimeout:
-            raise _Retriable("connection timed out", connect=True) from None
+            raise Retriable("connection timed out", connect=True) from None
         except requests.exceptions.ConnectionError as exc:
-            raise _Retriable(_reason(exc), connect=True) from None
+            raise Retriable(_reason(exc), connect=True) from None
         except requests.exceptions.Timeout:
-            raise _Retriable(f"no answer within {min(self.timeout[1], self.deadline):g} s") from None
+            raise Retriable(f"no answer within {min(self.timeout[1], self.deadline):g} s") from None
         except requests.exceptions.RequestException as exc:
-            raise _Retriable(f"request failed: {_reason(exc)}") from None
+            raise Retriable(f"request failed: {_reason(exc)}") from None
         except OSError as exc:   # requests' own: a CA bundle (e.g. from REQUESTS_CA_BUNDLE) it cannot read
             raise ConfigError(f"cannot set up TLS for FHIR server {self.base_url}: {' '.join(str(exc).split())[:300]}") from None
 
@@ -862,9 +837,9 @@ class FhirServer:
         except (BodyTooLarge, UnsupportedEncoding, requests.exceptions.ContentDecodingError):
             raise _AnswerTooLarge from None
         except DeadlineExceeded:
-            raise _Retriable(f"the answer was not complete within {self.deadline:g} s") from None
+            raise Retriable(f"the answer was not complete within {self.deadline:g} s") from None
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            raise _Retriable(f"the answer was cut short: {_reason(exc)}") from None
+            raise Retriable(f"the answer was cut short: {_reason(exc)}") from None
 
 
 # --- reading answers -----------------------------------------------------------------------
@@ -1078,14 +1053,6 @@ def _status_line(status: int) -> str:
         return f"HTTP {status} {http.HTTPStatus(status).phrase}"
     except ValueError:
         return f"HTTP {status}"
-
-
-def _milliseconds(value: str | None) -> float | None:
-    """Azure (Cosmos DB backed) throttling answers carry ``x-ms-retry-after-ms``."""
-    try:
-        return max(0.0, float(value) / 1000.0) if value else None
-    except ValueError:
-        return None
 
 
 def _reason(exc: Exception) -> str:

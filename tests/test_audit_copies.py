@@ -1,0 +1,53 @@
+"""The audit's FHIR reader goes through the transport's one retry loop (crawler.http.Retrier):
+which failures are asked again, the server's Retry-After, when to give up. The server is the
+FakeFhir simulator (fixtures/fakefhir.py): no real server fails on demand."""
+
+from __future__ import annotations
+
+import pytest
+
+from crawler.audit.copies import FhirReader
+from crawler.errors import SinkError
+from fixtures.fakefhir import FakeFhir
+
+
+def test_the_reader_asks_again_after_503_honouring_retry_after_without_sleeping():
+    waits: list[float] = []
+    with FakeFhir(fail_requests={1: 503, 2: 429}, retry_after="7") as server:
+        reader = FhirReader(server.url, retries=3, sleep=waits.append)
+        assert reader.rows("http://pacs/dicom-web", ["1.2.3"]) == {}
+        paths = [r.path for r in server.requests]
+    assert waits == [7.0, 7.0]
+    assert reader.requests == len(paths) == 4   # the search three times (two failed), then by id
+    assert paths[:3] == ["/ImagingStudy"] * 3
+    assert paths[3].startswith("/ImagingStudy/") and not reader.searched
+
+
+def test_the_reader_gives_up_after_its_retries_naming_the_status():
+    waits: list[float] = []
+    with FakeFhir(fail_every=1, fail_status=503) as server:
+        reader = FhirReader(server.url, retries=2, sleep=waits.append)
+        with pytest.raises(SinkError, match=r"^FHIR server answered HTTP 503 for GET http://127\.0\.0\.1:\d+/fhir/ImagingStudy\?_count="):
+            reader.rows("http://pacs/dicom-web", [])
+        assert len(server.requests) == 3
+    assert len(waits) == 2 and 0.25 <= waits[0] <= 0.5 and 0.5 <= waits[1] <= 1.0
+
+
+def test_the_reader_does_not_retry_a_refusal_of_the_credentials():
+    waits: list[float] = []
+    with FakeFhir(auth=("u", "p")) as server:
+        reader = FhirReader(server.url, auth=("u", "wrong"), retries=3, sleep=waits.append)
+        with pytest.raises(SinkError, match=r"refused the credentials \(HTTP 401\)"):
+            reader.rows("http://pacs/dicom-web", [])
+        assert len(server.requests) == 1
+    assert waits == []
+
+
+def test_an_unreachable_reader_says_so_after_its_retries(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    waits: list[float] = []
+    reader = FhirReader("http://127.0.0.1:9/fhir", retries=1, sleep=waits.append)
+    with pytest.raises(SinkError, match=r"^cannot reach FHIR server http://127\.0\.0\.1:9/fhir: ConnectionError$"):
+        reader.rows("http://pacs/dicom-web", [])
+    assert reader.requests == 2 and len(waits) == 1
