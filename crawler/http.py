@@ -138,6 +138,16 @@ class RequestCounts:
         with self._lock:
             self.retries += 1
 
+    def merge(self, other: RequestCounts) -> None:
+        """Add ``other``'s requests (by kind) and retries to these, e.g. a task's counts to its
+        run's. ``other`` is read under its own lock and then added under this one: never both
+        at once, so two counters merged into each other from two threads cannot deadlock."""
+        with other._lock:
+            by_kind, retries = Counter(other.by_kind), other.retries
+        with self._lock:
+            self.by_kind.update(by_kind)
+            self.retries += retries
+
     @property
     def total(self) -> int:
         return sum(self.by_kind.values())

@@ -16,7 +16,7 @@ import requests
 
 from crawler import http
 from crawler.errors import FatalQidoError, RetriableQidoError
-from crawler.http import RetryPolicy, resolve_origin
+from crawler.http import RequestCounts, RetryPolicy, resolve_origin
 from crawler.qido import QidoClient
 from fixtures.fakepacs import FakePacs
 
@@ -260,6 +260,30 @@ def test_copies_of_a_client_count_their_own_requests_and_retries(monkeypatch, ma
         assert len(view.get("studies", "studies").items) == 2
     assert client.counts.as_dict() == {"total": 0, "retries": 0}
     assert view.counts.as_dict() == {"total": 2, "studies": 2, "retries": 1}
+    client.counts.merge(view.counts)
+    client.counts.merge(view.counts)
+    assert client.counts.as_dict() == {"total": 4, "studies": 4, "retries": 2}
+    assert view.counts.as_dict() == {"total": 2, "studies": 2, "retries": 1}
+
+
+def test_request_counts_merge_from_many_threads_loses_nothing():
+    total = RequestCounts()
+    task = RequestCounts()
+    for kind in ("studies", "instances", "instances"):
+        task.add(kind)
+    task.add_retry()
+
+    def merge_many() -> None:
+        for _ in range(500):
+            total.merge(task)
+            total.add("metadata")
+
+    threads = [threading.Thread(target=merge_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert total.as_dict() == {"total": 8000, "instances": 4000, "metadata": 2000, "studies": 2000, "retries": 2000}
 
 
 def test_a_closed_client_sends_nothing_more(monkeypatch):
