@@ -18,7 +18,8 @@ import requests
 import urllib3
 
 from .errors import FatalQidoError, RetriableQidoError
-from .qido import QidoClient, redact, transport_failure
+from .http import redact
+from .qido import QidoClient, transport_failure
 
 STUDY_CHANGES = frozenset({"NewStudy", "StableStudy"})
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
@@ -36,7 +37,8 @@ def orthanc_base(dicomweb_url: str) -> str:
     return dicomweb_url.rstrip("/").removesuffix("/dicom-web")
 
 
-def _get(client: QidoClient, url: str) -> dict:
+def _get(client: QidoClient, url: str) -> object:
+    """The JSON answer at ``url``, of whatever shape the server chose; ``{}`` for a 404."""
     client.counts.add("changes")
     try:  # through the client's fetch: its deadline, size cap and same-origin redirects apply
         response = client.fetch(url, accept="application/json")
@@ -49,16 +51,17 @@ def _get(client: QidoClient, url: str) -> dict:
     if response.status >= 400:
         raise FatalQidoError(f"HTTP {response.status} from {redact(url)}", url=redact(url), status=response.status)
     try:
-        return orjson.loads(response.body)
+        answer: object = orjson.loads(response.body)
     except ValueError:
         raise FatalQidoError(f"malformed JSON from {redact(url)}", url=redact(url)) from None
+    return answer
 
 
 def _malformed(url: str, what: str) -> FatalQidoError:
     return FatalQidoError(f"answer from {redact(url)}: {what}", url=redact(url))
 
 
-def _position(answer: dict, default: int, url: str) -> int:
+def _position(answer: dict[str, Any], default: int, url: str) -> int:
     value = answer.get("Last", default)
     if type(value) is not int or value < 0:
         raise _malformed(url, "Last is not a feed position")

@@ -22,8 +22,9 @@ from .figures import Figures
 from .kinds import StudyStatus
 from .listing import study_date
 from .sinks import Sink
+from .sinks.base import Resource
 from .state import State
-from .worker import Outcome, Resource, digest, study_hash
+from .worker import Outcome, digest, study_hash
 
 
 def outcome_body(message: str) -> bytes:

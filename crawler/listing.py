@@ -29,7 +29,7 @@ import logging
 import re
 from array import array
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,16 +133,16 @@ class WindowListing:
     """Kept with ``undated_seen``: the characters seen in Patient IDs, for the sweep's alphabet."""
     undated: int = 0
     untimed: int = 0
-    dates: array | None = None
+    dates: array[int] | None = None
     """StudyDates (as YYYYMMDD ints) and UID hashes of the first window, for the silent-cap check:
     compact arrays, since a window may hold up to VERIFY_MAX studies."""
-    uids: array = field(default_factory=lambda: array("q"))
+    uids: array[int] = field(default_factory=lambda: array("q"))
     budget: int | None = None
     """At most this many studies for one listing (a task's share of the work); a window over it
     is split like a capped one, unless it is a single day or cannot be split."""
 
 
-def study_date(item: dict[str, Any]) -> str | None:
+def study_date(item: Mapping[str, Any]) -> str | None:
     """The result's StudyDate when it is a plain YYYYMMDD date, else None."""
     try:
         value = dj.string(item, Tag.StudyDate)
@@ -151,7 +151,7 @@ def study_date(item: dict[str, Any]) -> str | None:
     return value if value and len(value) == 8 and value.isdigit() else None
 
 
-def _text(item: dict[str, Any], tag: str) -> str | None:
+def _text(item: Mapping[str, Any], tag: str) -> str | None:
     """The attribute's first value as text; None when absent or wrongly typed (the crawl of the
     study reports what is wrong with it)."""
     try:
@@ -215,7 +215,7 @@ def _form_works(client: QidoClient, report: ListingReport, items: list[dict[str,
     else:
         return True
     page_size = client.page_size(report.page_size)
-    params = [*Window(day, day).params(report.filters.keywords), ("limit", page_size)]
+    params: list[tuple[str, str | int]] = [*Window(day, day).params(report.filters.keywords), ("limit", page_size)]
     offset = 0
     for _ in range(pages):
         found = client.get("studies", "studies", params + ([("offset", offset)] if offset else [])).items
@@ -248,7 +248,9 @@ def list_window(
             state.capped = f"more results than the largest offset asked for ({max_offset})"
             return
         page_size = client.page_size(report.page_size)
-        params = [*window.params(filters.keywords), *extra, *includefields(STUDY_FIELDS), ("limit", page_size)]
+        params: list[tuple[str, str | int]] = [
+            *window.params(filters.keywords), *extra, *includefields(STUDY_FIELDS), ("limit", page_size)
+        ]
         if offset:
             params.append(("offset", offset))
         try:
@@ -336,7 +338,7 @@ def list_window(
 
 
 def _probe(
-    client: QidoClient, window: Window, dates: array, uid_hashes: array, page_size: int, filters: Filters
+    client: QidoClient, window: Window, dates: array[int], uid_hashes: array[int], page_size: int, filters: Filters
 ) -> bool | tuple[str, list[dict[str, Any]]]:
     """True when a half of ``window`` holds a study that the window's own listing did not
     return; the matching key a half's studies do not match (and those studies) when the server
@@ -348,7 +350,9 @@ def _probe(
         offset = 0
         previous: list[Any] | None = None
         while True:
-            params = [*half.params(filters.keywords), ("limit", page_size)] + ([("offset", offset)] if offset else [])
+            params: list[tuple[str, str | int]] = [*half.params(filters.keywords), ("limit", page_size)]
+            if offset:
+                params.append(("offset", offset))
             items = client.get("studies", "studies", params).items
             missed = _stray(half, items)
             if missed:

@@ -15,7 +15,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,8 +26,9 @@ from .figures import Figures, SyncResult
 from .mapping import MappingOptions
 from .mapping.ids import normalise_base
 from .mapping.validate import check_available
+from .http import redact
 from .planner import Window, plan
-from .qido import client_from, redact
+from .qido import client_from
 from .run import SyncRun, now_utc
 from .sinks import NdjsonFolder, Sink
 from .sinks.ndjson import recover
@@ -86,7 +87,7 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
     )
     outputs = list(sinks or [])
     if config.fhir_url:
-        outputs.append(_fhir_server(config))
+        outputs.append(_fhir_server(config, config.fhir_url))
     state = State(config.state, lock=True)
     try:
         for output in outputs:
@@ -125,12 +126,12 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
         client.close()
 
 
-def _fhir_server(config: SyncConfig) -> Sink:
-    """The FHIR server sink of ``config.fhir_url``, its capabilities checked."""
+def _fhir_server(config: SyncConfig, url: str) -> Sink:
+    """The FHIR server sink at ``url`` (``config.fhir_url``), its capabilities checked."""
     from .sinks.fhir import FhirServer
 
     fhir = FhirServer(
-        config.fhir_url,
+        url,
         fhir_version=config.fhir_version,
         batch_size=config.fhir_batch_size,
         token=config.fhir_token,
@@ -154,10 +155,8 @@ def iter_export(state: State) -> Iterator[tuple[str, bytes]]:
 
 def export(state_path: Path, out: Path) -> dict[str, int]:
     """Write every resource the state holds into ``out`` in the run-folder layout."""
-    from .state import open_existing
-
     _check_out(out)
-    state = open_existing(state_path)
+    state = State.open(state_path)
     try:
         if out.exists() and any(out.iterdir()):
             raise SinkError(f"{out} is not empty")

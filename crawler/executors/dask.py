@@ -22,12 +22,12 @@ keep one client (pooled connections) per run, dropped when the run ends.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 import uuid
 from array import array
-from collections import deque
+from collections import Counter, deque
+from copy import deepcopy
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,7 +41,8 @@ from ..listing import (
     Filters, ListingReport, UndatedRisk, WindowListing, follow_up, list_window, listing_failed, study_date, sweep_undated, verify_cap,
 )
 from ..planner import Window
-from ..qido import QidoClient, RequestCounts, client_from
+from ..http import RequestCounts
+from ..qido import QidoClient, client_from
 from ..worker import Candidate, CrawlJob, Outcome
 from .seam import CrawlRun
 
@@ -82,9 +83,7 @@ def _threads_here(config: SyncConfig) -> int:
 def _task_client(key: str, config: SyncConfig) -> tuple[QidoClient, Learned]:
     """The run's pooled client, with request counts of the task's own."""
     client, learned = _worker_client(key, config)
-    view = copy.copy(client)
-    view.counts = RequestCounts()
-    return view, learned
+    return client.for_task(), learned
 
 
 def _forget(key: str) -> None:
@@ -134,9 +133,8 @@ def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, ver
     accepted in any task so far, so a task does not learn it again with a refused request;
     ``filters`` how the server takes the matching keys, as learned so far (see listing)."""
     client, _ = _task_client(key, config)
-    if max_limit and (not client.max_limit or max_limit < client.max_limit):
-        client.max_limit = max_limit
-    report = ListingReport(cap=cap, verified=verified, page_size=config.page_size, filters=copy.deepcopy(filters or Filters()))
+    client.learn_max_limit(max_limit)
+    report = ListingReport(cap=cap, verified=verified, page_size=config.page_size, filters=deepcopy(filters or Filters()))
     state = WindowListing(window, budget=budget)
     if verify and cap is None:
         state.dates = array("L")
@@ -354,10 +352,7 @@ class Coordinator:
             submit()
 
     def _count(self, counted: Counted) -> None:
-        counts = self.run.client.counts
-        with counts._lock:
-            counts.by_kind.update(counted.requests)
-            counts.retries += counted.retries
+        self.run.client.counts.merge(RequestCounts(Counter(counted.requests), counted.retries))
         self.answered = self.answered or counted.answered
 
     def _consider(self, item: dict[str, Any]) -> None:
@@ -376,8 +371,7 @@ class Coordinator:
         if listed.filters is not None:
             self.report.filters.merge(listed.filters)
         self.report.repaired += listed.repaired
-        if listed.max_limit and (not self.run.client.max_limit or listed.max_limit < self.run.client.max_limit):
-            self.run.client.max_limit = listed.max_limit
+        self.run.client.learn_max_limit(listed.max_limit)
         for item in listed.items:
             self._consider(item)
         if listed.error is not None:
