@@ -26,7 +26,7 @@ from .mapping import MappingOptions, StudyInput, map_study
 from .mapping.ids import normalise_base
 from .memory import tuned_for_bulk
 from .planner import parse_day
-from .qido import check_base_url, redact
+from .http import check_base_url, redact
 from .crawl import METADATA, CrawlOptions, MetadataMode
 from .state import redact_url, state_location
 from .figures import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures
@@ -274,7 +274,7 @@ def verification(args: argparse.Namespace) -> bool | str:
     if args.ca_bundle:
         if not Path(args.ca_bundle).is_file():
             raise ConfigError(f"--ca-bundle: no file {args.ca_bundle}")
-        return args.ca_bundle
+        return str(args.ca_bundle)
     return True
 
 
@@ -404,7 +404,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     state = State.open(args.state)
     try:
         shown = redact_url(args.state) if isinstance(args.state, str) else str(args.state)
-        info = {"state": shown, "schema": state.schema_version, "studies": state.counts_by_status(), "runs": state.last_runs()}
+        info: dict[str, Any] = {"state": shown, "schema": state.schema_version, "studies": state.counts_by_status(), "runs": state.last_runs()}
         problems = [{"source": s, "study_uid": u, "status": st, "error": e} for s, u, st, e in state.problems()]
     finally:
         state.close()

@@ -41,7 +41,7 @@ class Connection:
     timeout: tuple[float, float] = (10.0, 120.0)
     """Seconds to connect, and for the whole answer."""
     max_response_mb: int = 240
-    """Answers larger than this (on the wire or decoded) are refused (see qido.MAX_BODY)."""
+    """Answers larger than this (on the wire or decoded) are refused (see http.MAX_BODY)."""
     retries: int = 4
     retry: RetryPolicy = RetryPolicy()
     verify: bool | str = True

@@ -31,7 +31,8 @@ from ..files import make_folder
 from ..listing import ListingReport, check_listed, iter_studies, listing_failed
 from ..mapping.ids import normalise_base
 from ..planner import Window, plan
-from ..qido import QidoClient, client_from, redact
+from ..http import redact
+from ..qido import QidoClient, client_from
 from ..figures import EXIT_OK, EXIT_PARTIAL
 from ..worker import study_hash
 from ..uids import path_uid, shown
