@@ -203,6 +203,12 @@ class QidoClient:
     def page_size(self, wanted: int) -> int:
         return min(wanted, self.max_limit) if self.max_limit else wanted
 
+    def learn_max_limit(self, limit: int | None) -> None:
+        """Keep ``limit`` as the largest page limit to ask for when it is smaller than the one
+        kept (another client of the run, e.g. a Dask task, found the server refusing more)."""
+        if limit and (not self.max_limit or limit < self.max_limit):
+            self.max_limit = limit
+
     def smaller_limit(self, exc: QidoError, page_size: int, offset: int) -> bool:
         """After a 400 on a first page, try half the limit (Azure refuses limits above 200);
         the smaller limit is kept for every later request."""
