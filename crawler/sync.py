@@ -1,9 +1,7 @@
-"""The job: plan -> list -> crawl changed studies -> map -> diff against state -> sinks -> commit.
+"""The job's entry points: ``sync()`` sets up the client, the sinks, the state and the run folder,
+then runs one ``SyncRun`` (see run); ``export()`` writes what the state holds.
 
-Crash safety: the state and the sinks move forward together at checkpoints. Between
-checkpoints the crawled studies are held back; at a checkpoint every sink flushes (NDJSON:
-synced to disk with its sizes recorded; FHIR server: transactions answered), the studies a sink
-refused are recorded as failed, the rest as synced, and only then is the state committed. A run
+Crash safety: the state and the sinks move forward together at checkpoints (see ledger). A run
 killed anywhere leaves the state at its last checkpoint and a run folder that the next run cuts
 back to the same point, so nothing the state calls synced is missing from the output, and no
 study is written twice into one run's output.
