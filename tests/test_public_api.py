@@ -6,6 +6,7 @@ process's garbage-collection settings alone while it runs."""
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import re
 import subprocess
@@ -39,6 +40,33 @@ def test_every_public_name_imports(name):
 @pytest.mark.parametrize("name", crawler.__all__)
 def test_every_public_name_is_documented(name):
     assert f"### `{name}" in API_DOC or f"`{name}`" in API_DOC, f"{name} is not in docs/api.md"
+
+
+def test_the_documented_signatures_name_the_real_parameters():
+    headings = re.findall(r"^### `(\w+)\((.*)\) -> .*`$", API_DOC, flags=re.M)
+    assert {name for name, _ in headings} == {"sync", "export", "audit", "map_study"}
+    for name, documented in headings:
+        shown = [part.split(":")[0].strip() for part in re.split(r",\s*(?![^\[]*\])", documented)]
+        assert shown == list(inspect.signature(getattr(crawler, name)).parameters), name
+
+
+@pytest.mark.parametrize("name", ["Connection", "SyncConfig", "AuditConfig", "MappingOptions", "StudyInput"])
+def test_the_documented_constructors_name_real_fields(name):
+    """Every field a constructor line of docs/api.md names exists, in order; a line that does not
+    end in ``...`` names them all."""
+    (line,) = re.findall(rf"^`{name}\((.*)\)`", API_DOC, flags=re.M)
+    shown = [part.split("=")[0].strip() for part in re.split(r",\s*(?![^(]*\))", line)]
+    complete = shown[-1] != "..."
+    shown = [n for n in shown if n not in ("*", "...", "*connection fields*")]
+    from dataclasses import fields
+
+    from crawler import Connection
+
+    real = [f.name for f in fields(getattr(crawler, name))]
+    if "*connection fields*" in line:
+        real = real[:1] + real[len(fields(Connection)):]
+    assert shown == (real if complete else [n for n in real if n in shown]), name
+    assert set(shown) <= set(real)
 
 
 def test_star_import_gives_every_public_name():
