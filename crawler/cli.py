@@ -28,7 +28,7 @@ from .memory import tuned_for_bulk
 from .planner import parse_day
 from .http import check_base_url, redact
 from .crawl import METADATA, CrawlOptions, MetadataMode
-from .state import redact_url, state_location
+from .state import state_location
 from .figures import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures
 from .sync import export, sync
 from .worker import convert
@@ -403,7 +403,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     state = State.open(args.state)
     try:
-        shown = redact_url(args.state) if isinstance(args.state, str) else str(args.state)
+        shown = redact(args.state, keep_user=True) if isinstance(args.state, str) else str(args.state)
         info: dict[str, Any] = {"state": shown, "schema": state.schema_version, "studies": state.counts_by_status(), "runs": state.last_runs()}
         problems = [{"source": s, "study_uid": u, "status": st, "error": e} for s, u, st, e in state.problems()]
     finally:
