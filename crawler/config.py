@@ -9,7 +9,7 @@ end (the CLI) names its own option for it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from datetime import tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -32,6 +32,7 @@ class Connection:
     so that whoever reads ``retry`` sees the same count."""
 
     url: str
+    _: KW_ONLY
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
@@ -75,7 +76,8 @@ class Connection:
 
 @dataclass(frozen=True, kw_only=True)
 class SyncConfig(Connection):
-    """Everything a sync needs to know: the connection, then the sync's own settings (keyword only)."""
+    """Everything a sync needs to know: the connection, then the sync's own settings. Every field
+    but ``url`` is keyword only."""
 
     out: Path | None = None
     state: Path | str = Path(DEFAULT_STATE)
@@ -143,8 +145,8 @@ class SyncConfig(Connection):
 
 @dataclass(frozen=True, kw_only=True)
 class AuditConfig(Connection):
-    """Settings of an audit: the connection, then the audit's own (keyword only). ``report`` is
-    the folder written."""
+    """Settings of an audit: the connection, then the audit's own. ``report`` is the folder
+    written. Every field but ``url`` is keyword only."""
 
     report: Path
     state: Path | str | None = None

@@ -75,6 +75,13 @@ def test_flat_construction_and_the_connection_of_each():
     assert expected.connection is expected
 
 
+def test_only_the_url_is_positional():
+    assert SyncConfig(URL).url == Connection(URL).url == URL
+    for build in (lambda: Connection(URL, "user"), lambda: SyncConfig(URL, "user"), lambda: AuditConfig(URL, Path("report"))):
+        with pytest.raises(TypeError):
+            build()
+
+
 def test_retries_is_the_one_count_of_attempts():
     config = SyncConfig(url=URL, retries=2, retry=RetryPolicy(base_delay=0.01, max_delay=0.05))
     assert config.retry == RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
