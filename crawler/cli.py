@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--changes", choices=["orthanc"], help="also crawl the studies that the server's change feed names since the last run (Orthanc's /changes), whatever their StudyDate")
     p.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes (default: URL without /dicom-web)")
     p.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list and compare with the state only: report how many studies are new, changed, unchanged and gone, "
+                        "and the requests a real run would add; write nothing, fetch no instances")
     p.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N", help="commit the state and flush the outputs every N crawled studies (and every minute) (default: 1000)")
     p.add_argument("--fhir-url", metavar="URL", help="also send the changes to this FHIR server (transaction Bundles of PUT by id; DELETE with --prune)")
     p.add_argument("--fhir-batch-size", type=_positive, default=100, metavar="N", help="studies per transaction Bundle (default: 100)")
@@ -334,6 +337,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         worker_threads=args.worker_threads,
         wado_url=args.wado_url,
     )
+    if args.dry_run:
+        return _dry_run(args, config)
     progress = _progress(args, sync_line)
     try:
         with tuned_for_bulk():
@@ -353,6 +358,29 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         ]
         if f.windows_incomplete:
             lines.append(f"  listing incomplete in {f.windows_incomplete} window(s): state kept as it was for those")
+        print("\n".join(lines), file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.summary(), sort_keys=True))
+    return result.exit_code
+
+
+def _dry_run(args: argparse.Namespace, config: SyncConfig) -> int:
+    from .dryrun import dry_run
+
+    result = dry_run(config)
+    if not args.quiet:
+        for message in result.errors[:20]:
+            print(f"{PROG}: warning: {message}", file=sys.stderr)
+        lines = [
+            f"{PROG}: dry run of {redact(config.url)} ({result.scope}): nothing written, {result.requests['total']} listing requests",
+            f"  studies: {result.studies_listed} listed, {result.studies_new} new, {result.studies_changed} changed, "
+            f"{result.studies_unchanged} unchanged, {result.studies_gone} gone"
+            + (f", {result.studies_to_retry} failed earlier (asked for again)" if result.studies_to_retry else ""),
+            f"  a real run would crawl {result.studies_new + result.studies_changed} studies with about {result.crawl_requests} more requests",
+        ]
+        if result.windows_incomplete or result.studies_not_listed:
+            lines.append(f"  listing incomplete ({result.windows_incomplete} window(s), {result.studies_not_listed} studies not listed "
+                         "but still on the server): a real run would mark nothing gone")
         print("\n".join(lines), file=sys.stderr)
     if args.json:
         print(json.dumps(result.summary(), sort_keys=True))

@@ -16,7 +16,7 @@ from typing import Any
 from . import dicomjson as dj
 from .changes import orthanc_base, orthanc_changes
 from .config import SyncConfig
-from .crawl import METADATA_UNAVAILABLE, SERIES_LEVEL_INSTANCES, STUDY_FIELDS, Learned, includefields, summarise
+from .crawl import METADATA_UNAVAILABLE, SERIES_LEVEL_INSTANCES, STUDY_FIELDS, Learned, StudySummary, includefields, summarise
 from .dicomjson import Tag
 from .errors import CrawlerError, QidoError, SourceUnreachable
 from .executors import executor
@@ -30,13 +30,25 @@ from .notices import Notices
 from .planner import Window
 from .qido import QidoClient
 from .sinks import NdjsonFolder, Sink
-from .state import State
+from .state import State, StudyRow
 from .worker import Candidate, CrawlJob, Outcome, study_hash
 
 log = logging.getLogger("crawler")
 
 RETRY_PER_RUN = 1000
 """Failed studies outside the run's windows asked for again per run (one request each)."""
+
+
+def unchanged(row: StudyRow, summary: StudySummary) -> bool:
+    """Whether a listed study is as the state recorded it, and need not be crawled: synced, the
+    same reported counts (the server reports them), the same study-level attributes."""
+    return (
+        row.status == StudyStatus.SYNCED
+        and row.n_series == summary.n_series
+        and row.n_instances == summary.n_instances
+        and summary.n_instances is not None
+        and row.study_hash == study_hash(dict(summary.attributes))
+    )
 
 
 def now_utc() -> str:
@@ -158,14 +170,7 @@ class SyncRun:
             state.mark_seen(self.source, summary.uid, self.run_id)
         else:
             self.ledger.listed(summary.uid)
-        if (
-            row is not None
-            and row.status == StudyStatus.SYNCED
-            and row.n_series == summary.n_series
-            and row.n_instances == summary.n_instances
-            and summary.n_instances is not None
-            and row.study_hash == study_hash(dict(summary.attributes))
-        ):
+        if row is not None and unchanged(row, summary):
             figures.studies_unchanged += 1
             if self.progress:
                 self.progress(figures)

@@ -35,14 +35,14 @@ from .state import State
 log = logging.getLogger("crawler")
 
 
-def choose_windows(config: SyncConfig, state: State, source: str, today: str) -> tuple[list[Window], str, bool]:
-    """(windows, a description, whether a complete listing moves the high-water mark)."""
+def choose_windows(config: SyncConfig, mark: str | None) -> tuple[list[Window], str, bool]:
+    """(windows, a description, whether a complete listing moves the high-water mark), given the
+    source's high-water mark (None: no run of it listed completely yet)."""
     if config.full:
         return [Window()], "full", True
     if config.since or config.until:
         windows = plan(config.since, config.until)
         return windows, str(windows[0]), False
-    mark = state.last_mark(source)
     if mark is None:
         return [Window()], "full (first run)", True
     day = datetime.strptime(mark, "%Y%m%d") - timedelta(days=config.lookback)
@@ -99,8 +99,7 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
         if state.close_interrupted_runs(run_id):
             log.info("an earlier run was interrupted; its state stands at its last checkpoint")
         today = _today(config, started)
-        # choose_windows does not read its `today` (yet): the mutant passing None is equivalent
-        windows, scope, moves_mark = choose_windows(config, state, source, today)
+        windows, scope, moves_mark = choose_windows(config, state.last_mark(source))
         completed, removed = recover(state.unfinished_folders(run_id))
         for folder in completed:
             log.warning("completed interrupted run folder %s at its last checkpoint", folder)
