@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from .audit import AuditResult, audit
     from .config import AuditConfig, Connection, SyncConfig
     from .mapping import MappingOptions, StudyInput, map_study
-    from .figures import SyncResult
+    from .dryrun import DryRunResult, dry_run
+    from .figures import RunProgress, SyncResult
     from .sync import export, sync
 
 __version__ = "0.1.0"
@@ -42,6 +43,9 @@ _LAZY = {
     "sync": ".sync",
     "export": ".sync",
     "SyncResult": ".figures",
+    "RunProgress": ".figures",
+    "dry_run": ".dryrun",
+    "DryRunResult": ".dryrun",
     "audit": ".audit",
     "AuditResult": ".audit",
     "SyncConfig": ".config",
@@ -59,6 +63,7 @@ __all__ = [
     "ConfigError",
     "Connection",
     "CrawlerError",
+    "DryRunResult",
     "Executor",
     "FatalQidoError",
     "FhirVersion",
@@ -67,6 +72,7 @@ __all__ = [
     "QidoError",
     "RetriableQidoError",
     "RunOutcome",
+    "RunProgress",
     "SinkError",
     "SourceUnreachable",
     "StateError",
@@ -76,6 +82,7 @@ __all__ = [
     "SyncResult",
     "__version__",
     "audit",
+    "dry_run",
     "export",
     "map_study",
     "sync",

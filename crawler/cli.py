@@ -29,7 +29,7 @@ from .planner import parse_day
 from .http import check_base_url, redact
 from .crawl import METADATA, CrawlOptions, MetadataMode
 from .state import state_location
-from .figures import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, Figures
+from .figures import EXIT_OK, EXIT_PARTIAL, EXIT_UNREACHABLE, EXIT_USAGE, RunProgress
 from .sync import export, sync
 from .worker import convert
 
@@ -218,7 +218,8 @@ class Progress(Generic[F]):
             self.stream.flush()
 
 
-def sync_line(figures: Figures) -> str:
+def sync_line(progress: RunProgress) -> str:
+    figures = progress.figures
     done = (figures.studies_new + figures.studies_changed + figures.studies_rechecked + figures.studies_unchanged
             + figures.studies_failed + figures.studies_inconsistent)
     return (f"studies listed {figures.studies_listed:>8}  done {done:>8}  new {figures.studies_new}  "

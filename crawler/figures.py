@@ -59,3 +59,48 @@ class SyncResult:
             "scope": self.scope,
             "exit_code": self.exit_code,
         }
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """What a progress display of a running sync shows; handed to ``sync``'s ``progress``.
+
+    ``crawled`` moves as studies finish (fetched, checked and mapped, or failed); ``saved`` only
+    at checkpoints, when the outputs and the state have taken them: a display names both, so
+    that nobody reads a checkpoint as the work done. ``to_crawl`` is known once the listing is
+    complete (every study to crawl has been found), and only then gives a percentage."""
+
+    figures: Figures
+    crawled: int
+    to_crawl: int | None
+    requests: int
+    retries: int
+    elapsed: float
+
+    @property
+    def saved(self) -> int:
+        f = self.figures
+        return f.studies_new + f.studies_changed + f.studies_rechecked
+
+    @property
+    def listing_complete(self) -> bool:
+        return self.to_crawl is not None
+
+    @property
+    def rate(self) -> float:
+        """Studies crawled per second so far."""
+        return self.crawled / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def fraction(self) -> float | None:
+        """Share of the studies to crawl that are crawled, once the listing is complete."""
+        if self.to_crawl is None:
+            return None
+        return 1.0 if self.to_crawl == 0 else min(self.crawled / self.to_crawl, 1.0)
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far, once the listing is complete and a study is crawled."""
+        if self.to_crawl is None or not self.crawled:
+            return None
+        return max(self.to_crawl - self.crawled, 0) / self.rate

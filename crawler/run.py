@@ -20,7 +20,7 @@ from .crawl import METADATA_UNAVAILABLE, SERIES_LEVEL_INSTANCES, STUDY_FIELDS, L
 from .dicomjson import Tag
 from .errors import CrawlerError, QidoError, SourceUnreachable
 from .executors import executor
-from .figures import EXIT_OK, EXIT_PARTIAL, Figures, SyncResult
+from .figures import EXIT_OK, EXIT_PARTIAL, Figures, RunProgress, SyncResult
 from .kinds import ChangeSource, RunOutcome, StudyStatus
 from .ledger import Ledger
 from .listing import ListingReport, check_listed
@@ -61,7 +61,7 @@ class SyncRun:
 
     def __init__(self, config: SyncConfig, client: QidoClient, state: State, source: str, mapping: MappingOptions,
                  sinks: list[Sink], ndjson: NdjsonFolder | None, run_id: int,
-                 progress: Callable[[Figures], None] | None = None) -> None:
+                 progress: Callable[[RunProgress], None] | None = None, started_clock: float | None = None) -> None:
         self.remembered = {} if config.full else state.fallbacks(source)
         """Fallbacks earlier runs learned for the source (a --full run asks the server again)."""
         if self.remembered:
@@ -74,6 +74,10 @@ class SyncRun:
         self.sinks = sinks
         self.run_id = run_id
         self.progress = progress
+        self.started_clock = time.monotonic() if started_clock is None else started_clock
+        self.crawled = 0
+        self.to_crawl = 0
+        self.listing_complete = False
         self.job = CrawlJob(config.crawl, mapping, config.fhir_version, config.validate)
         self.learned = Learned.of(config.crawl)
         self.figures = Figures()
@@ -172,9 +176,9 @@ class SyncRun:
             self.ledger.listed(summary.uid)
         if row is not None and unchanged(row, summary):
             figures.studies_unchanged += 1
-            if self.progress:
-                self.progress(figures)
+            self._report()
             return None
+        self.to_crawl += 1
         return Candidate(summary, row is not None)
 
     def take(self, outcome: Outcome, known: bool) -> None:
@@ -182,10 +186,22 @@ class SyncRun:
         enough time has passed."""
         self._note_fallbacks(outcome)
         self.ledger.hold(outcome, known)
-        if self.progress:
-            self.progress(self.figures)
+        self.crawled += 1
         if self.ledger.due(self.config.checkpoint_every, self.config.checkpoint_seconds):
             self.ledger.checkpoint()
+        self._report()
+
+    def listing_finished(self) -> None:
+        """Every study to crawl has been found: from now on the progress has a total."""
+        self.listing_complete = True
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is None:
+            return
+        counts = self.client.counts
+        self.progress(RunProgress(self.figures, self.crawled, self.to_crawl if self.listing_complete else None,
+                                  counts.total, counts.retries, time.monotonic() - self.started_clock))
 
     def changed_items(self) -> Iterator[dict[str, Any]]:
         """The studies to crawl that the windows' listing did not show: those Orthanc's change feed

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .config import SyncConfig
 from .errors import ConfigError, SinkError
-from .figures import Figures, SyncResult
+from .figures import RunProgress, SyncResult
 from .mapping import MappingOptions
 from .mapping.ids import normalise_base
 from .mapping.validate import check_available
@@ -67,7 +67,7 @@ def _today(config: SyncConfig, started: datetime) -> str:
     return started.astimezone(config.zone).strftime("%Y%m%d") if config.zone else started.astimezone().strftime("%Y%m%d")
 
 
-def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, sinks: list[Sink] | None = None) -> SyncResult:
+def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = None, sinks: list[Sink] | None = None) -> SyncResult:
     """Run one sync. Per-study problems are counted and reported, not raised; configuration,
     state and reachability problems raise CrawlerError subclasses.
 
@@ -116,7 +116,7 @@ def sync(config: SyncConfig, progress: Callable[[Figures], None] | None = None, 
                 fresh=True,
             )
             outputs.insert(0, ndjson)
-        run = SyncRun(config, client, state, source, mapping, outputs, ndjson, run_id, progress)
+        run = SyncRun(config, client, state, source, mapping, outputs, ndjson, run_id, progress, started_clock)
         return run.run(windows, scope, moves_mark, today, started_clock)
     finally:
         state.close()

@@ -14,7 +14,7 @@ import pytest
 from crawler.cli import OPTIONS, Progress, audit_line, build_parser, main, sync_line
 from crawler.config import AuditConfig, Connection, SyncConfig
 from crawler.errors import ConfigError
-from crawler.figures import Figures
+from crawler.figures import Figures, RunProgress
 from crawler.kinds import ChangeSource, Executor, FhirVersion
 from crawler.qido import RetryPolicy, client_from
 
@@ -190,8 +190,9 @@ def test_one_renderer_draws_the_sync_line_as_before():
                       studies_failed=1, studies_inconsistent=1)
     stream = Terminal()
     progress = Progress(stream, True, sync_line)
-    progress(figures)
-    progress(figures)  # within 0.1 s: not drawn again
+    running = RunProgress(figures, crawled=9, to_crawl=None, requests=40, retries=0, elapsed=2.0)
+    progress(running)
+    progress(running)  # within 0.1 s: not drawn again
     progress.close()
     assert stream.getvalue() == (
         "\rstudies listed       12  done       12  new 3  changed 2  unchanged 4  failed 2\x1b[K"
@@ -212,6 +213,6 @@ def test_one_renderer_draws_the_audit_line_as_before():
 def test_a_disabled_renderer_writes_nothing():
     stream = Terminal()
     progress = Progress(stream, False, sync_line)
-    progress(Figures(studies_listed=1))
+    progress(RunProgress(Figures(studies_listed=1), crawled=0, to_crawl=None, requests=1, retries=0, elapsed=0.1))
     progress.close()
     assert stream.getvalue() == ""

@@ -140,7 +140,7 @@ def test_a_server_without_metadata_is_mapped_from_qido_with_one_warning_and_reme
         assert first.figures.studies_new == 12 and first.figures.metadata_unavailable is True
         assert first.summary()["metadata_unavailable"] is True
         warnings = [r.getMessage() for r in caplog.records if "WADO-RS metadata" in r.getMessage()]
-        assert len(warnings) == 1 and f"HTTP {status}" in warnings[0] and "--metadata never" in warnings[0]
+        assert len(warnings) == 1 and f"HTTP {status}" in warnings[0] and "whatever the metadata setting" in warnings[0]
         assert pacs.counts()["metadata"] <= 3
         assert remembered(tmp_path, pacs) == {METADATA_UNAVAILABLE: f"HTTP {status} on WADO-RS metadata"}
 

@@ -391,7 +391,7 @@ def test_progress_is_reported_for_unchanged_studies_too(tmp_path):
         config = SyncConfig(url=pacs.url, state=tmp_path / "state.db", retry=RetryPolicy(base_delay=0.01, max_delay=0.05, max_seconds=10),
                             crawl=CrawlOptions(metadata=MetadataMode.NEVER), full=True)
         assert sys.modules["crawler.sync"].sync(config).exit_code == 0
-        result = sys.modules["crawler.sync"].sync(config, progress=lambda f: seen.append((f.studies_listed, f.studies_unchanged)))
+        result = sys.modules["crawler.sync"].sync(config, progress=lambda p: seen.append((p.figures.studies_listed, p.figures.studies_unchanged)))
     assert result.figures.studies_unchanged == 5
     assert seen[-1] == (5, 5) and [u for _, u in seen] == sorted(u for _, u in seen)
 

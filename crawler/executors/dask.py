@@ -293,6 +293,7 @@ class Coordinator:
                         self._consider(item)
                 except QidoError as exc:
                     listing_failed(exc, self.report, started=self.listed_any or self.answered)
+                self.run.listing_finished()
                 self._pump(client)
         finally:
             try:

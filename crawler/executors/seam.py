@@ -28,6 +28,9 @@ class CrawlRun(Protocol):
     def take(self, outcome: Outcome, known: bool) -> None:
         """A crawled study (in any order): held for the next checkpoint, which may come now."""
 
+    def listing_finished(self) -> None:
+        """Called once every study to crawl has been offered to ``consider``."""
+
     def changed_items(self) -> Iterator[dict[str, Any]]:
         """Listing entries of studies to crawl that the windows do not show (change feed, retries)."""
 

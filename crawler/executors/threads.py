@@ -52,5 +52,6 @@ def list_and_crawl(run: CrawlRun, windows: list[Window], report: ListingReport) 
                     take_oldest()
         except QidoError as exc:
             listing_failed(exc, report, started=considered > 0 or run.client.answered)
+        run.listing_finished()
         while in_flight:
             take_oldest()
