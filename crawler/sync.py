@@ -14,7 +14,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -134,7 +133,7 @@ def _fhir_server(config: SyncConfig, url: str) -> Sink:
         token=config.fhir_token,
         auth=(config.fhir_user, config.fhir_password) if config.fhir_user is not None and config.fhir_password is not None else None,
         timeout=config.timeout,
-        retry=replace(config.retry, attempts=config.retries + 1),
+        retry=config.retry,
         verify=config.verify,
         server_text=config.log_server_text,
         max_answer=config.max_response_mb * 2**20,
