@@ -86,6 +86,7 @@ from ..http import (
     check_base_url,
     read_answer,
     redact,
+    same_origin,
     server_wait,
 )
 from .base import Resource
@@ -783,7 +784,7 @@ class FhirServer:
         """Where a redirect leads, if it may be followed: to the same scheme, host and port only (a
         Bundle holds patient names, the session the credentials), and for a POST only by 307/308."""
         target = urljoin(current, location)
-        if _origin(target) != _origin(current):
+        if not same_origin(current, target):
             raise SinkError(
                 f"FHIR server {self.base_url} redirected {method} from {_shown_origin(current)} to another origin, "
                 f"{_shown_origin(target)}: not followed (the request would go there with its data and credentials)"
