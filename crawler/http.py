@@ -68,16 +68,38 @@ def check_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def redact(url: str) -> str:
-    """The URL with any user:password@ removed, for messages (also from URLs that do not parse,
-    such as a bad port or a broken IPv6 address)."""
+def redact(url: str, *, keep_user: bool = False) -> str:
+    """``url`` without its secrets, for messages: the ``user:password@`` part removed (with
+    ``keep_user``, as for a state's database URL, where the login tells which account is used:
+    the user kept and the password shown as ``***``), and the value of a ``password=`` query
+    parameter (libpq takes it there) shown as ``***``. Everything else keeps its bytes. From a URL
+    that does not parse (a broken IPv6 address) everything between ``//`` and ``@`` goes."""
+    if "@" not in url and "password=" not in url.lower():
+        return url
     try:
         parts = urlsplit(url)
     except ValueError:
-        return re.sub(r"//[^/?#]*@", "//", url)
-    if "@" not in parts.netloc:
+        return _hide_password_parameter(re.sub(r"//[^/?#]*@", "//", url))
+    head, slashes, tail = url.partition("//")
+    netloc = parts.netloc
+    if slashes and "@" in netloc and tail.startswith(netloc):
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        shown = f"{user}{':***' if colon else ''}@{hosts}" if keep_user else hosts
+        url = f"{head}//{shown}{tail[len(netloc):]}"
+    return _hide_password_parameter(url)
+
+
+_PASSWORD_PARAMETER = re.compile(r"(^|&)(password=)[^&#]*", re.IGNORECASE)
+
+
+def _hide_password_parameter(url: str) -> str:
+    before, mark, after = url.partition("?")
+    if not mark:
         return url
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    query, hash_mark, fragment = after.partition("#")
+    query = _PASSWORD_PARAMETER.sub(r"\g<1>\g<2>***", query)
+    return f"{before}?{query}{hash_mark}{fragment}"
 
 
 def origin_of(url: str) -> str:

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from .errors import ConfigError, StateError
 from .files import FILE_MODE, make_folder, make_private
+from .http import redact
 from .kinds import StudyStatus
 
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -216,24 +217,6 @@ def state_location(location: str | os.PathLike[str]) -> Path | str:
     return url if url is not None else Path(location)
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its password (in the user part or as ``?password=``), for messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url.split("@")[-1]
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hosts}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="/")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -399,7 +382,7 @@ class _Postgres:
             ) from None
         self.psycopg = psycopg
         self.url = url
-        self.shown = redact_url(url)
+        self.shown = redact(url, keep_user=True)
         self.errors: tuple[type[BaseException], ...] = (psycopg.Error,)
         self.lost: tuple[type[BaseException], ...] = (psycopg.OperationalError,)
 

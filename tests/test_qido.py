@@ -25,6 +25,21 @@ def test_redact_removes_credentials():
     assert redact("https://user:secret@h/dicom-web") == "https://h/dicom-web"
 
 
+def test_redact_hides_passwords_in_state_urls_and_leaves_other_urls_byte_for_byte():
+    url = "postgresql://crawler:s3cret@db.example:5432/qido?sslmode=require"
+    assert redact(url, keep_user=True) == "postgresql://crawler:***@db.example:5432/qido?sslmode=require"
+    assert redact(url) == "postgresql://db.example:5432/qido?sslmode=require"
+    assert redact("postgresql://crawler@h/qido", keep_user=True) == "postgresql://crawler@h/qido"
+    assert redact("postgresql://u:p@ss:w@h/db", keep_user=True) == "postgresql://u:***@h/db"
+    assert redact("postgresql://h/db?password=s3cret&sslmode=require") == "postgresql://h/db?password=***&sslmode=require"
+    assert redact("postgresql://h/db?sslmode=require&PassWord=s3cret") == "postgresql://h/db?sslmode=require&PassWord=***"
+    assert redact("postgresql:///qido?host=/run/postgresql") == "postgresql:///qido?host=/run/postgresql"
+    query = "http://h/dicom-web/studies?StudyDate=20240101-20240102&includefield=00080020,00100010&PatientName=A*%20B"
+    assert redact(query) == query
+    assert redact("http://ann:s3cret@h:bad/dicom-web") == "http://h:bad/dicom-web"
+    assert "s3cret" not in redact("postgresql://u:s3cret@[::1/db", keep_user=True)
+
+
 def test_retry_after():
     assert retry_after_seconds("7") == 7
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:05 GMT", now=1445412480.0) == 5

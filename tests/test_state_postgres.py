@@ -23,7 +23,8 @@ import pytest
 from crawler.cli import main
 from crawler.config import SyncConfig
 from crawler.errors import ConfigError, StateError
-from crawler.state import MIGRATIONS, State, StateLocked, open_existing, postgres_url, redact_url
+from crawler.http import redact as redact_url
+from crawler.state import MIGRATIONS, State, StateLocked, open_existing, postgres_url
 from fixtures import corpus
 from fixtures.fakepacs import FakePacs
 
