@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (shell completion: see crawler.cli.complete)
 import sys
 
 from .cli import main

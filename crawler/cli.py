@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (shell completion: see complete() and README's Shell completion)
 """Command line: argument parsing, progress, summaries, and the one place errors become exit codes.
 
 Exit codes: 0 success; 1 finished, but some studies failed or were inconsistent; 2 usage or
@@ -57,12 +58,54 @@ def _day(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions and epilogs to the terminal's width, except a text with line breaks of
+    its own (the worked examples), which is printed as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+_SYNC_EXAMPLES = """\
+examples:
+  first sync: list every study, write the resources into a run folder, keep the state
+    qido-crawler sync https://pacs.example.org/dicom-web --out /srv/qido/out --state /srv/qido/state.db
+
+  hourly incremental run, as a crontab line (the state is locked: no flock needed)
+    15 * * * *  qido-crawler sync https://pacs.example.org/dicom-web --out /srv/qido/out --state /srv/qido/state.db -q
+
+  weekly full listing that also sends deletions on (Sundays at 02:45)
+    45 2 * * 0  qido-crawler sync https://pacs.example.org/dicom-web --out /srv/qido/out --state /srv/qido/state.db --full --prune -q
+
+  to a FHIR server as well: the token comes from the environment (QIDO_CRAWLER_FHIR_TOKEN, e.g. set
+  by systemd's EnvironmentFile=), never from the command line, where other users can read it
+    qido-crawler sync https://pacs.example.org/dicom-web --state /srv/qido/state.db --fhir-url https://fhir.example.org/fhir
+
+  dry run: how many studies are new, changed and gone, and what a run would cost; nothing written
+    qido-crawler sync https://pacs.example.org/dicom-web --state /srv/qido/state.db --dry-run
+"""
+
+_AUDIT_EXAMPLES = """\
+example:
+  audit the whole PACS and compare it with the sync's state and the FHIR server (both read only)
+    qido-crawler audit https://pacs.example.org/dicom-web --report /srv/qido/audit --state /srv/qido/state.db --fhir-url https://fhir.example.org/fhir
+"""
+
+_STATE_HELP = f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line. Each command's options sit in groups (the README's option tables follow
+    the same groups, in the same order: tests/test_docs.py); a default is shown in the help of
+    every option that has one, except those read from the environment (they may be secrets)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Crawl a PACS over DICOMweb QIDO-RS and keep a FHIR ImagingStudy copy of it.",
         epilog="Exit codes: 0 success; 1 some studies failed or were inconsistent; 2 usage or "
         "configuration error; 3 the source or a sink could not be reached.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -72,68 +115,81 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the PACS, crawl what changed, write ImagingStudy resources",
         description="List the studies of a DICOMweb server, crawl the new and changed ones, map them to "
         "FHIR R5 ImagingStudy resources and write what changed since the last run.",
+        usage="%(prog)s [options] URL",
+        epilog=_SYNC_EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
-    p.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
-    p.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
-    p.add_argument("--since", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
-    p.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
-    p.add_argument("--full", action="store_true", help="list every study, not only those since the last run's mark (e.g. a weekly reconciliation)")
-    p.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="an incremental run lists from the last complete run's date minus this many days (default: 7)")
-    p.add_argument("--changes", choices=["orthanc"], help="also crawl the studies that the server's change feed names since the last run (Orthanc's /changes), whatever their StudyDate")
-    p.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes (default: URL without /dicom-web)")
-    p.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
-    p.add_argument("--dry-run", action="store_true",
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
+    g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=_STATE_HELP)
+    g.add_argument("--dry-run", action="store_true",
                    help="list and compare with the state only: report how many studies are new, changed, unchanged and gone, "
                         "and the requests a real run would add; write nothing, fetch no instances")
-    p.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N", help="commit the state and flush the outputs every N crawled studies (and every minute) (default: 1000)")
-    p.add_argument("--fhir-url", metavar="URL", help="also send the changes to this FHIR server (transaction Bundles of PUT by id; DELETE with --prune)")
-    p.add_argument("--fhir-batch-size", type=_positive, default=100, metavar="N", help="studies per transaction Bundle (default: 100)")
-    p.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
-    p.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
-    p.add_argument("--fhir-token", default=os.environ.get("QIDO_CRAWLER_FHIR_TOKEN"), help="bearer token for the FHIR server (env QIDO_CRAWLER_FHIR_TOKEN)")
-    p.add_argument("--fhir-ids", choices=["ours", "server"], default="ours", help="ours: PUT by the crawler's ids (the server must allow update as create); server: conditional updates by identifier, the server's ids kept in the state (default: ours)")
-    p.add_argument("--log-server-text", action="store_true", help="keep the FHIR server's error texts (OperationOutcome diagnostics) in logs and the state: they may contain patient data (default: status, issue codes and element paths only)")
-    p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once; with --executor dask and no --scheduler, the local cluster's worker processes (default: 4)")
-    p.add_argument("--executor", choices=["threads", "dask"], default="threads", help="crawl in this process's threads, or on a Dask cluster (needs the dask extra) (default: threads)")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: start a local cluster)")
-    p.add_argument("--worker-threads", type=_positive, default=4, metavar="N", help="with --executor dask and no --scheduler: threads per local worker process (default: 4)")
-    p.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: 100)")
-    p.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: 1000000)")
-    p.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
-    p.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: 1000)")
-    p.add_argument("--metadata", choices=[m.value for m in MetadataMode], default="auto", help="read WADO-RS metadata: auto (when QIDO leaves out sequences the mapping needs), never, always (default: auto)")
-    p.add_argument("--metadata-max-instances", type=_positive, default=1000, metavar="N", help="studies with more instances read one instance's metadata per series instead of the whole study's (default: 1000)")
-    p.add_argument("--wado-url", metavar="URL", help="WADO-RS base the Endpoint resource points at (default: URL)")
-    p.add_argument("--fhir-version", choices=["R5", "R4"], default="R5", help="FHIR version of the output (default: R5)")
-    p.add_argument("--patients", action="store_true", help="also write a Patient resource per (issuer, Patient ID) and reference it from the subject")
-    p.add_argument("--issuer-system", action="append", default=[], metavar="ISSUER=URI", help="identifier system for an Issuer of Patient ID or accession issuer (repeatable)")
-    p.add_argument("--validate", action="store_true", help="validate every resource with fhir.resources before writing it (needs the validate extra)")
-    p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for times without Timezone Offset From UTC (default: this machine's)")
-    _add_connection(p)
+    g.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N", help="commit the state and flush the outputs every N crawled studies (and every minute) (default: %(default)s)")
+    g = p.add_argument_group("what to list")
+    g.add_argument("--since", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
+    g.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
+    g.add_argument("--full", action="store_true", help="list every study, not only those since the last run's mark (e.g. a weekly reconciliation)")
+    g = p.add_argument_group("incremental runs and deletions")
+    g.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="an incremental run lists from the last complete run's date minus this many days (default: %(default)s)")
+    g.add_argument("--changes", choices=["orthanc"], help="also crawl the studies that the server's change feed names since the last run (Orthanc's /changes), whatever their StudyDate")
+    g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes (default: URL without /dicom-web)")
+    g.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
+    g = p.add_argument_group("FHIR resources")
+    g.add_argument("--fhir-version", choices=["R5", "R4"], default="R5", help="FHIR version of the output (default: %(default)s)")
+    g.add_argument("--patients", action="store_true", help="also write a Patient resource per (issuer, Patient ID) and reference it from the subject")
+    g.add_argument("--issuer-system", action="append", default=[], metavar="ISSUER=URI", help="identifier system for an Issuer of Patient ID or accession issuer (repeatable)")
+    g.add_argument("--wado-url", metavar="URL", help="WADO-RS base the Endpoint resource points at (default: URL)")
+    g.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for times without Timezone Offset From UTC (default: this machine's)")
+    g.add_argument("--metadata", choices=[m.value for m in MetadataMode], default="auto", help="read WADO-RS metadata: auto (when QIDO leaves out sequences the mapping needs), never, always (default: %(default)s)")
+    g.add_argument("--metadata-max-instances", type=_positive, default=1000, metavar="N", help="studies with more instances read one instance's metadata per series instead of the whole study's (default: %(default)s)")
+    g.add_argument("--validate", action="store_true", help="validate every resource with fhir.resources before writing it (needs the validate extra)")
+    g = p.add_argument_group("FHIR server", "send the changes to a FHIR server as well")
+    g.add_argument("--fhir-url", metavar="URL", help="also send the changes to this FHIR server (transaction Bundles of PUT by id; DELETE with --prune)")
+    g.add_argument("--fhir-batch-size", type=_positive, default=100, metavar="N", help="studies per transaction Bundle (default: %(default)s)")
+    g.add_argument("--fhir-ids", choices=["ours", "server"], default="ours", help="ours: PUT by the crawler's ids (the server must allow update as create); server: conditional updates by identifier, the server's ids kept in the state (default: %(default)s)")
+    _add_fhir_credentials(g)
+    g.add_argument("--log-server-text", action="store_true", help="keep the FHIR server's error texts (OperationOutcome diagnostics) in logs and the state: they may contain patient data (default: status, issue codes and element paths only)")
+    _add_connection(p.add_argument_group("connection and authentication", _CONNECTION))
+    g = p.add_argument_group("performance")
+    g.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once; with --executor dask and no --scheduler, the local cluster's worker processes (default: %(default)s)")
+    g.add_argument("--executor", choices=["threads", "dask"], default="threads", help="crawl in this process's threads, or on a Dask cluster (needs the dask extra) (default: %(default)s)")
+    g.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: start a local cluster)")
+    g.add_argument("--worker-threads", type=_positive, default=4, metavar="N", help="with --executor dask and no --scheduler: threads per local worker process (default: %(default)s)")
+    _add_max_rps(g)
+    g.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: %(default)s)")
+    g.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: %(default)s)")
+    g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
+    g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
+    _add_output_format(p.add_argument_group("output format and messages"))
 
     p = commands.add_parser(
         "export",
         help="write the full current set from the state",
         description="Write every resource the state holds into DIR, in the same layout as a run folder.",
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="an empty or new folder")
-    _add_verbosity(p)
+    g = p.add_argument_group("state and output")
+    g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=_STATE_HELP)
+    g.add_argument("--out", type=Path, required=True, metavar="DIR", help="an empty or new folder")
+    _add_verbosity(p.add_argument_group("messages"))
 
     p = commands.add_parser(
         "map",
         help="map one study's DICOM JSON to an ImagingStudy",
         description="Read a study's instance-level search results (one JSON array, as QIDO-RS returns them) "
         "and print the R5 ImagingStudy as JSON.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("file", metavar="FILE", help="DICOM JSON file, or - for standard input")
-    p.add_argument("--source", default="", metavar="URL", help="DICOMweb base URL the data came from (makes the resource id)")
-    p.add_argument("--wado-url", metavar="URL", help="WADO-RS base for the endpoint reference (default: none)")
-    p.add_argument("--fhir-version", choices=["R5", "R4"], default="R5", help="FHIR version of the output (default: R5)")
-    p.add_argument("--issuer-system", action="append", default=[], metavar="ISSUER=URI", help="identifier system for an issuer (repeatable)")
-    p.add_argument("--timezone", metavar="ZONE", help="IANA time zone for times without an offset (default: this machine's)")
-    _add_verbosity(p)
+    g = p.add_argument_group("mapping")
+    g.add_argument("--source", default="", metavar="URL", help="DICOMweb base URL the data came from (makes the resource id)")
+    g.add_argument("--wado-url", metavar="URL", help="WADO-RS base for the endpoint reference (default: none)")
+    g.add_argument("--fhir-version", choices=["R5", "R4"], default="R5", help="FHIR version of the output (default: %(default)s)")
+    g.add_argument("--issuer-system", action="append", default=[], metavar="ISSUER=URI", help="identifier system for an issuer (repeatable)")
+    g.add_argument("--timezone", metavar="ZONE", help="IANA time zone for times without an offset (default: this machine's)")
+    _add_verbosity(p.add_argument_group("messages"))
 
     p = commands.add_parser(
         "audit",
@@ -141,52 +197,91 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every study (or a StudyDate window) with the same engine as sync, read each study's series "
         "and instances, and write report.html, findings.json and studies.csv into DIR. Exit code 1 when findings of "
         "severity error exist.",
+        usage="%(prog)s --report DIR [options] URL",
+        epilog=_AUDIT_EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
-    p.add_argument("--report", type=Path, required=True, metavar="DIR", help="folder for report.html, findings.json and studies.csv (created if needed)")
-    p.add_argument("--state", type=state_location, metavar="PATH", help="also compare with this state (a SQLite file, read only, or a postgresql:// URL)")
-    p.add_argument("--fhir-url", metavar="URL", help="also compare with the ImagingStudy resources of this FHIR server (read only)")
-    p.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
-    p.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
-    p.add_argument("--fhir-token", default=os.environ.get("QIDO_CRAWLER_FHIR_TOKEN"), help="bearer token for the FHIR server (env QIDO_CRAWLER_FHIR_TOKEN)")
-    p.add_argument("--since", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
-    p.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
-    p.add_argument("--include-phi", action="store_true", help="put patient names, Patient IDs and full accession numbers into the report")
-    p.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies read at once (default: 4)")
-    p.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: 100)")
-    p.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts (default: 1000000)")
-    p.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known; found by itself otherwise")
-    p.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: 1000)")
-    p.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for what 'today' is (future dates) (default: this machine's)")
-    _add_connection(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--report", type=Path, required=True, metavar="DIR", help="folder for report.html, findings.json and studies.csv (created if needed)")
+    g.add_argument("--include-phi", action="store_true", help="put patient names, Patient IDs and full accession numbers into the report")
+    g.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for what 'today' is (future dates) (default: this machine's)")
+    g = p.add_argument_group("what to list")
+    g.add_argument("--since", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
+    g.add_argument("--until", type=_day, metavar="YYYYMMDD", help="only studies with StudyDate on or before this day")
+    g = p.add_argument_group("state and FHIR server to compare with")
+    g.add_argument("--state", type=state_location, metavar="PATH", help="also compare with this state (a SQLite file, read only, or a postgresql:// URL)")
+    g.add_argument("--fhir-url", metavar="URL", help="also compare with the ImagingStudy resources of this FHIR server (read only)")
+    _add_fhir_credentials(g)
+    _add_connection(p.add_argument_group("connection and authentication", _CONNECTION))
+    g = p.add_argument_group("performance")
+    g.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies read at once (default: %(default)s)")
+    _add_max_rps(g)
+    g.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: %(default)s)")
+    g.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts (default: %(default)s)")
+    g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known; found by itself otherwise")
+    g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
+    _add_output_format(p.add_argument_group("output format and messages"))
 
-    p = commands.add_parser("status", help="recent runs and studies by state", description="Show recent runs, studies by status and the studies that failed.")
-    p.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
-    p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    _add_verbosity(p)
+    p = commands.add_parser("status", help="recent runs and studies by state", description="Show recent runs, studies by status and the studies that failed.", formatter_class=_HelpFormatter)
+    g = p.add_argument_group("state")
+    g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
+    g = p.add_argument_group("output format and messages")
+    g.add_argument("--json", action="store_true", help="print JSON on stdout")
+    _add_verbosity(g)
     return parser
 
 
-def _add_connection(p: argparse.ArgumentParser) -> None:
-    """Auth, transport and output options that sync and audit share."""
-    p.add_argument("--user", default=os.environ.get("QIDO_CRAWLER_USER"), help="HTTP basic auth user (env QIDO_CRAWLER_USER)")
-    p.add_argument("--password", default=os.environ.get("QIDO_CRAWLER_PASSWORD"), help="HTTP basic auth password (env QIDO_CRAWLER_PASSWORD)")
-    p.add_argument("--token", default=os.environ.get("QIDO_CRAWLER_TOKEN"), help="bearer token (env QIDO_CRAWLER_TOKEN)")
-    p.add_argument("--token-command", default=os.environ.get("QIDO_CRAWLER_TOKEN_COMMAND"), metavar="CMD", help="command that prints a bearer token; run again after a 401 (env QIDO_CRAWLER_TOKEN_COMMAND)")
-    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header on every request (repeatable)")
-    p.add_argument("--ca-bundle", default=os.environ.get("QIDO_CRAWLER_CA_BUNDLE"), metavar="PATH", help="CA certificates to verify TLS with (env QIDO_CRAWLER_CA_BUNDLE)")
-    p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (warns)")
-    p.add_argument("--max-rps", type=float, metavar="R", help="at most R requests per second to the server")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="longest wait for an answer: each request, its whole body included, must arrive within 10 s (connecting) + SECONDS (default: 120)")
-    p.add_argument("--max-response-mb", type=_positive, default=240, metavar="N", help="refuse answers larger than N MB, on the wire or decoded (default: 240)")
-    p.add_argument("--retries", type=int, default=4, metavar="N", help="retries of a failed request (default: 4)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
-    _add_verbosity(p)
+_CONNECTION = "to the DICOMweb server; credentials are better given in the environment variables named than on the command line"
+
+_Group = argparse._ArgumentGroup
 
 
-def _add_verbosity(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr; no progress")
+def _add_fhir_credentials(g: _Group) -> None:
+    g.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
+    g.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
+    g.add_argument("--fhir-token", default=os.environ.get("QIDO_CRAWLER_FHIR_TOKEN"), help="bearer token for the FHIR server (env QIDO_CRAWLER_FHIR_TOKEN)")
+
+
+def _add_connection(g: _Group) -> None:
+    """Auth and transport options that sync and audit share."""
+    g.add_argument("--user", default=os.environ.get("QIDO_CRAWLER_USER"), help="HTTP basic auth user (env QIDO_CRAWLER_USER)")
+    g.add_argument("--password", default=os.environ.get("QIDO_CRAWLER_PASSWORD"), help="HTTP basic auth password (env QIDO_CRAWLER_PASSWORD)")
+    g.add_argument("--token", default=os.environ.get("QIDO_CRAWLER_TOKEN"), help="bearer token (env QIDO_CRAWLER_TOKEN)")
+    g.add_argument("--token-command", default=os.environ.get("QIDO_CRAWLER_TOKEN_COMMAND"), metavar="CMD", help="command that prints a bearer token; run again after a 401 (env QIDO_CRAWLER_TOKEN_COMMAND)")
+    g.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header on every request (repeatable)")
+    g.add_argument("--ca-bundle", default=os.environ.get("QIDO_CRAWLER_CA_BUNDLE"), metavar="PATH", help="CA certificates to verify TLS with (env QIDO_CRAWLER_CA_BUNDLE)")
+    g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (warns)")
+    g.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="longest wait for an answer: each request, its whole body included, must arrive within 10 s (connecting) + SECONDS (default: %(default)g)")
+    g.add_argument("--max-response-mb", type=_positive, default=240, metavar="N", help="refuse answers larger than N MB, on the wire or decoded (default: %(default)s)")
+    g.add_argument("--retries", type=int, default=4, metavar="N", help="retries of a failed request (default: %(default)s)")
+
+
+def _add_max_rps(g: _Group) -> None:
+    g.add_argument("--max-rps", type=float, metavar="R", help="at most R requests per second to the server")
+
+
+def _add_output_format(g: _Group) -> None:
+    g.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
+    _add_verbosity(g)
+
+
+def _add_verbosity(g: _Group | argparse.ArgumentParser) -> None:
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr; no progress")
+
+
+def complete(parser: argparse.ArgumentParser, exit_with: Callable[[int], object] = os._exit, output: TextIO | None = None) -> None:
+    """Shell completion (the completion extra): when the shell's hook asks (argcomplete sets
+    _ARGCOMPLETE), print the candidates and exit through ``exit_with``; otherwise return at once,
+    importing nothing."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser, exit_method=exit_with, output_stream=output)
 
 
 F = TypeVar("F")
@@ -554,6 +649,7 @@ COMMANDS = {"sync": _cmd_sync, "export": _cmd_export, "map": _cmd_map, "status":
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    complete(parser)
     args = parser.parse_args(argv)
     _setup_logging(args)
     try:

@@ -186,6 +186,32 @@ class StudyRow:
 _STUDY_COLUMNS = "study_uid, resource_id, n_series, n_instances, study_hash, resource_hash, status, last_error, last_seen_run, last_run, study_date"
 
 
+@dataclass(frozen=True)
+class RunRow:
+    """One run as the state records it. ``outcome`` None: the run has not recorded its end
+    (running, or killed); ``mark``, ``windows`` and ``pid`` are None in a state older than schema 3."""
+
+    id: int
+    source: str
+    started: str
+    ended: str | None
+    outcome: str | None
+    folder: str | None
+    figures: dict[str, Any] | None
+    mark: str | None
+    windows: list[str] | None
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class StatusCount:
+    """How many studies of a source have one status, and the oldest and newest run that set it."""
+
+    count: int
+    first_run: int | None
+    last_run: int | None
+
+
 class StateLocked(StateError):
     """Another run holds the state: exit code 2."""
 
@@ -879,6 +905,57 @@ class State:
             "SELECT source, study_uid, status, last_error FROM studies WHERE status NOT IN ('synced') ORDER BY source, study_uid LIMIT ?",
             (limit,),
         ).fetchall()
+
+    # --- what `status` reads (every one works on a state an older version wrote) ---
+
+    def source_names(self) -> list[str]:
+        """Every source the state knows of (by its runs, studies or learned facts), sorted."""
+        tables = ["runs", "studies"] + (["sources"] if self._version >= 2 else [])
+        sql = " UNION ".join(f"SELECT source FROM {table}" for table in tables)
+        return [row[0] for row in self._q(f"SELECT source FROM ({sql}) AS known ORDER BY source")]
+
+    def _runs(self, where: str, params: tuple[Any, ...]) -> list[RunRow]:
+        extra = "mark, windows, pid" if self._version >= 3 else "NULL, NULL, NULL"
+        rows = self._q(f"SELECT id, source, started, ended, outcome, folder, figures, {extra} FROM runs WHERE {where}", params).fetchall()
+        return [
+            RunRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None, r[7], json.loads(r[8]) if r[8] else None, r[9])
+            for r in rows
+        ]
+
+    def last_run(self, source: str) -> RunRow | None:
+        """The newest run of ``source``, ended or not."""
+        rows = self._runs("id = (SELECT MAX(id) FROM runs WHERE source = ?)", (source,))
+        return rows[0] if rows else None
+
+    def unended_runs(self, source: str) -> list[RunRow]:
+        """Runs of ``source`` that never recorded their end: running now, or killed (the next run
+        of any source closes them as interrupted and recovers their folders)."""
+        return self._runs("source = ? AND ended IS NULL ORDER BY id", (source,))
+
+    def status_counts(self, source: str) -> dict[str, StatusCount]:
+        """Per study status of ``source``: how many, and the oldest and newest run that set it."""
+        rows = self._q(
+            "SELECT status, COUNT(*), MIN(last_run), MAX(last_run) FROM studies WHERE source = ? GROUP BY status ORDER BY status", (source,)
+        ).fetchall()
+        return {r[0]: StatusCount(r[1], r[2], r[3]) for r in rows}
+
+    def oldest_failed(self, source: str) -> StudyRow | None:
+        """The failed or inconsistent study of ``source`` tried longest ago (the next run's first retry)."""
+        row = self._q(
+            f"SELECT {self._study_columns} FROM studies WHERE source = ? AND status IN ('failed', 'inconsistent') "
+            "ORDER BY last_run, study_uid LIMIT 1",
+            (source,),
+        ).fetchone()
+        return StudyRow(*row) if row else None
+
+    def gone_still_held(self, source: str) -> int:
+        """Studies of ``source`` marked gone whose ImagingStudy the state still holds (no --prune
+        run deleted them), so that ``export`` still writes them."""
+        return self._q(
+            "SELECT COUNT(*) FROM studies s JOIN resources r ON r.type = 'ImagingStudy' AND r.id = s.resource_id "
+            "WHERE s.source = ? AND s.status = 'gone'",
+            (source,),
+        ).fetchone()[0]
 
 
 def open_existing(path: str | os.PathLike[str]) -> State:
