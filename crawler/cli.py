@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,8 @@ from .worker import convert
 
 if TYPE_CHECKING:
     from .audit import AuditProgress
+    from .state import State
+    from .status import SourceFacts
 
 PROG = "qido-crawler"
 log = logging.getLogger("crawler")
@@ -223,11 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
     _add_output_format(p.add_argument_group("output format and messages"))
 
-    p = commands.add_parser("status", help="recent runs and studies by state", description="Show recent runs, studies by status and the studies that failed.", formatter_class=_HelpFormatter)
+    p = commands.add_parser("status", help="per source: the last run, the next window, studies by status, what to do", description="Per source: the last run, the window the next run lists, studies by status, the oldest failed study, what was learned about the server, and one line on what to do next for each problem. Reads the state only.", formatter_class=_HelpFormatter)
     g = p.add_argument_group("state")
     g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
+    g.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="the --lookback the next sync will use, for the window shown (default: 7)")
     g = p.add_argument_group("output format and messages")
-    g.add_argument("--json", action="store_true", help="print JSON on stdout")
+    g.add_argument("--json", action="store_true", help="print JSON on stdout (schema in README)")
     _add_verbosity(g)
     return parser
 
@@ -523,32 +527,107 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .state import State
+    from datetime import datetime, timezone
 
-    state = State.open(args.state)
+    from .run import RETRY_PER_RUN
+    from .state import State
+    from .status import report, render
+
+    if args.lookback < 0:
+        raise ConfigError(f"--lookback must be a number of days >= 0, not {args.lookback}")
+    state = State.open(args.state, read_only=True)
     try:
         shown = redact(args.state, keep_user=True) if isinstance(args.state, str) else str(args.state)
-        info: dict[str, Any] = {"state": shown, "schema": state.schema_version, "studies": state.counts_by_status(), "runs": state.last_runs()}
-        problems = [{"source": s, "study_uid": u, "status": st, "error": e} for s, u, st, e in state.problems()]
+        legacy: dict[str, Any] = {
+            "studies": state.counts_by_status(),
+            "runs": [{**run, "figures": _masked_figures(run["figures"])} for run in state.last_runs()],
+            "problems": [{"source": s, "study_uid": u, "status": st, "error": _masked(e)} for s, u, st, e in state.problems()],
+        }
+        schema = state.schema_version
+        sources = [_source_facts(state, source) for source in state.source_names()]
     finally:
         state.close()
+    status = report(shown, schema, sources, datetime.now(timezone.utc), lookback=args.lookback, retry_per_run=RETRY_PER_RUN, legacy=legacy)
     if args.json:
-        print(json.dumps({**info, "problems": problems}, sort_keys=True))
-        return EXIT_OK
-    out = sys.stdout
-    studies = ", ".join(f"{n} {s}" for s, n in info["studies"].items()) or "none"
-    print(f"state {info['state']} (schema {info['schema']}): studies {studies}", file=out)
-    for run in info["runs"]:
-        fig = run["figures"] or {}
-        print(
-            f"  run {run['id']} {run['started']} {run['outcome']}: listed {fig.get('studies_listed', '-')}, "
-            f"written {fig.get('resources_written', '-')}, failed {fig.get('studies_failed', '-')}"
-            f"{', folder ' + run['folder'] if run['folder'] else ''}",
-            file=out,
-        )
-    for p in problems:
-        print(f"  {p['status']}: {p['error'] or p['study_uid']}", file=out)
+        print(json.dumps(status, sort_keys=True))
+    else:
+        print("\n".join(render(status)))
     return EXIT_OK
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _masked(text: str | None, limit: int = 500) -> str | None:
+    """A stored error as ``status`` shows it: one line of printable characters, any URL in it
+    without credentials (as the run's messages are), at most ``limit`` characters. The run's
+    errors name studies by UID and causes only; this keeps a state edited by hand, or written by
+    an older version, from printing more."""
+    if text is None:
+        return None
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    line = _URL_IN_TEXT.sub(lambda m: _short_url(redact(m.group(0))), line)
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+
+
+def _short_url(url: str, keep: int = 60) -> str:
+    """A URL with a long query (the includefield lists of a QIDO search) cut after ``keep`` characters of it;
+    punctuation that ends a sentence stays outside."""
+    stripped = url.rstrip(".,:;)")
+    head, mark, query = stripped.partition("?")
+    short = stripped if len(query) <= keep else f"{head}{mark}{query[:keep]}\u2026"
+    return short + url[len(stripped):]
+
+
+def _masked_figures(figures: dict[str, Any] | None) -> dict[str, Any] | None:
+    if figures is None or not isinstance(figures.get("error"), str):
+        return figures
+    return {**figures, "error": _masked(figures["error"])}
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _source_facts(state: State, source: str) -> SourceFacts:
+    """What the state holds about one source, read for ``status`` (errors masked)."""
+    from .state import RunRow
+    from .status import FailedStudy, RunFacts, SourceFacts, StudyCount
+
+    local = state.dialect == "sqlite"   # a PostgreSQL state's runs may be on other machines
+
+    def facts(run: RunRow) -> RunFacts:
+        error = (run.figures or {}).get("error")
+        return RunFacts(run.id, run.started, run.ended, run.outcome, _masked_figures(run.figures), run.folder,
+                        alive=(_alive(run.pid) if local else None) if run.ended is None else None,
+                        error=_masked(error) if isinstance(error, str) else None)
+
+    last = state.last_run(source)
+    oldest = state.oldest_failed(source)
+    cap, verified = state.source_facts(source)
+    version = state.schema_version
+    return SourceFacts(
+        source=source,
+        last_run=facts(last) if last is not None else None,
+        unended=tuple(facts(run) for run in state.unended_runs(source)),
+        mark=state.last_mark(source) if version >= 3 else None,
+        changes_cursor=state.changes_position(source) if version >= 4 else None,
+        studies={status: StudyCount(c.count, c.first_run, c.last_run) for status, c in state.status_counts(source).items()},
+        oldest_failed=None if oldest is None else FailedStudy(oldest.study_uid, oldest.status, oldest.last_run, _masked(oldest.last_error)),
+        gone_still_held=state.gone_still_held(source),
+        cap=cap,
+        verified=verified,
+        fallbacks=state.fallbacks(source) if version >= 8 else {},
+    )
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

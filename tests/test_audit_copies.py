@@ -4,6 +4,8 @@ FakeFhir simulator (fixtures/fakefhir.py): no real server fails on demand."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from crawler.audit.copies import FhirReader
@@ -51,3 +53,22 @@ def test_an_unreachable_reader_says_so_after_its_retries(monkeypatch):
     with pytest.raises(SinkError, match=r"^cannot reach FHIR server http://127\.0\.0\.1:9/fhir: ConnectionError$"):
         reader.rows("http://pacs/dicom-web", [])
     assert reader.requests == 2 and len(waits) == 1
+
+
+def test_a_trickling_fhir_server_holds_the_reader_no_longer_than_its_deadline():
+    """Each byte comes well within the read timeout; the total deadline (connect + read) ends it."""
+    with FakeFhir(trickle=0.2) as server:
+        reader = FhirReader(server.url, timeout=(1.0, 1.0), retries=0)
+        started = time.monotonic()
+        with pytest.raises(SinkError, match=r"^cannot reach FHIR server http://127\.0\.0\.1:\d+/fhir: no complete answer within 2 s$"):
+            reader.rows("http://pacs/dicom-web", [])
+        assert time.monotonic() - started < 4.0
+
+
+def test_a_fhir_answer_over_the_cap_is_refused_in_every_encoding():
+    for compress in (None, "gzip", "deflate"):
+        with FakeFhir(pad_answers=200_000, compress=compress) as server:
+            reader = FhirReader(server.url, retries=2, max_answer=100_000, sleep=lambda s: None)
+            with pytest.raises(SinkError, match=r"^FHIR server http://127\.0\.0\.1:\d+/fhir: the answer to GET http://127\.0\.0\.1:\d+/fhir/ImagingStudy\?_count=200&_elements=\S+ was refused: larger than 100000 bytes$"):
+                reader.rows("http://pacs/dicom-web", [])
+            assert len(server.requests) == 1, compress   # not asked again: the same answer would come

@@ -22,7 +22,24 @@ import orjson
 import requests
 
 from ..errors import SinkError
-from ..http import RETRIABLE_STATUS, Retriable, Retrier, RetryPolicy, check_base_url, redact, retriable_error, server_wait
+from ..http import (
+    RETRIABLE_STATUS,
+    WATCHDOG,
+    Answer,
+    BodyTooLarge,
+    DeadlineAdapter,
+    DeadlineExceeded,
+    Retriable,
+    Retrier,
+    RetryPolicy,
+    UnsupportedEncoding,
+    check_base_url,
+    read_answer,
+    redact,
+    retriable_error,
+    server_wait,
+    total_deadline,
+)
 from ..mapping.ids import study_id
 from ..mapping.r5 import DICOM_UID
 from ..state import State
@@ -33,6 +50,9 @@ log = logging.getLogger("crawler")
 SEARCH_COUNT = 200
 ELEMENTS = "identifier,numberOfSeries,numberOfInstances,started"
 NO_SEARCH = frozenset({400, 404, 405, 501})
+MAX_ANSWER = 64 << 20
+"""Bytes of an answer at most (on the wire and decoded): a search page of SEARCH_COUNT
+ImagingStudy resources reduced to ELEMENTS is tens of kilobytes."""
 
 
 def read_state(path: Path | str, source: str) -> tuple[dict[str, CopyRow], tuple[int | None, int]]:
@@ -88,9 +108,13 @@ class FhirReader:
         retries: int = 4,
         sleep: Callable[[float], None] = time.sleep,
         session: requests.Session | None = None,
+        max_answer: int = MAX_ANSWER,
     ) -> None:
         self.base_url = check_base_url(base_url)
         self.session = session or requests.Session()
+        adapter = DeadlineAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.session.verify = verify
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -98,6 +122,9 @@ class FhirReader:
             self.session.auth = auth
         self.session.headers["Accept"] = "application/fhir+json"
         self.timeout = timeout
+        self.deadline = total_deadline(timeout)
+        """Seconds a request may take in all (connect, redirects, the whole answer)."""
+        self.max_answer = max_answer
         self.retries = retries
         self._retrier = Retrier(RetryPolicy(attempts=retries + 1), sleep=sleep)
         self.requests = 0
@@ -108,31 +135,43 @@ class FhirReader:
     def close(self) -> None:
         self.session.close()
 
-    def _get(self, url: str, allowed: Iterable[int] = ()) -> requests.Response:
+    def _get(self, url: str, allowed: Iterable[int] = ()) -> Answer:
         """GET with the transport's retries (connection errors, timeouts, 408/429/5xx); raises SinkError."""
         try:
-            response = self._retrier(self._get_once, url)
+            answer = self._retrier(self._get_once, url)
         except Retriable as exc:
             if exc.status is None:
                 raise SinkError(f"cannot reach FHIR server {redact(self.base_url)}: {exc.reason}") from None
             raise SinkError(f"FHIR server answered HTTP {exc.status} for GET {redact(url)}") from None
-        if response.status_code in (401, 403):
-            raise SinkError(f"FHIR server {redact(self.base_url)} refused the credentials (HTTP {response.status_code})")
-        if response.status_code == 200 or response.status_code in allowed:
-            return response
-        raise SinkError(f"FHIR server answered HTTP {response.status_code} for GET {redact(url)}")
+        if answer.status in (401, 403):
+            raise SinkError(f"FHIR server {redact(self.base_url)} refused the credentials (HTTP {answer.status})")
+        if answer.status == 200 or answer.status in allowed:
+            return answer
+        raise SinkError(f"FHIR server answered HTTP {answer.status} for GET {redact(url)}")
 
-    def _get_once(self, url: str) -> requests.Response:
+    def _get_once(self, url: str) -> Answer:
+        """One GET (redirects as requests follows them) and its whole answer, within the total
+        deadline (``WATCHDOG`` cuts a server sending its headers a byte at a time) and up to
+        ``max_answer`` bytes on the wire and decoded."""
         self.requests += 1
-        try:
-            response = self.session.get(url, timeout=self.timeout)
-        except requests.RequestException as exc:
-            if not retriable_error(exc):
-                raise SinkError(f"cannot reach FHIR server {redact(self.base_url)}: {type(exc).__name__}") from None
-            raise Retriable(type(exc).__name__, connect=True) from None
+        deadline = time.monotonic() + self.deadline
+        with WATCHDOG.deadline(deadline) as watched:
+            try:
+                response = self.session.get(url, timeout=self.timeout, stream=True)
+                body = read_answer(response.raw, self.max_answer, deadline, self.timeout[1])
+            except (BodyTooLarge, UnsupportedEncoding) as exc:
+                raise SinkError(f"FHIR server {redact(self.base_url)}: the answer to GET {redact(url)} was refused: {exc}") from None
+            except requests.RequestException as exc:
+                if watched.fired or isinstance(exc, DeadlineExceeded):
+                    raise Retriable(f"no complete answer within {self.deadline:g} s") from None
+                if not retriable_error(exc):
+                    raise SinkError(f"cannot reach FHIR server {redact(self.base_url)}: {type(exc).__name__}") from None
+                raise Retriable(type(exc).__name__, connect=True) from None
+        if watched.fired:
+            raise Retriable(f"no complete answer within {self.deadline:g} s")
         if response.status_code in RETRIABLE_STATUS:
             raise Retriable(f"HTTP {response.status_code}", status=response.status_code, retry_after=server_wait(response.headers))
-        return response
+        return Answer(response.status_code, response.headers, body, None)
 
     def _same_origin(self, url: str) -> bool:
         a, b = urlsplit(url), urlsplit(self.base_url)
@@ -144,15 +183,15 @@ class FhirReader:
         uids = list(uids)
         url = f"{self.base_url}/ImagingStudy?_count={SEARCH_COUNT}&_elements={ELEMENTS}"
         first = self._get(url, allowed=NO_SEARCH)
-        if first.status_code != 200:
-            log.warning("the FHIR server cannot search ImagingStudy (HTTP %d): reading study by study; extra resources are not looked for", first.status_code)
+        if first.status != 200:
+            log.warning("the FHIR server cannot search ImagingStudy (HTTP %d): reading study by study; extra resources are not looked for", first.status)
             return self._by_id(source, uids)
         out: dict[str, CopyRow] = {}
         seen_urls = {url}
         response = first
         for _ in range(1_000_000):
             try:
-                bundle = orjson.loads(response.content)
+                bundle = orjson.loads(response.body)
             except orjson.JSONDecodeError:
                 raise SinkError(f"FHIR server {redact(self.base_url)} answered a search with malformed JSON") from None
             if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
@@ -190,10 +229,10 @@ class FhirReader:
         out: dict[str, CopyRow] = {}
         for uid in uids:
             response = self._get(f"{self.base_url}/ImagingStudy/{study_id(source, uid)}", allowed=(404, 410))
-            if response.status_code != 200:
+            if response.status != 200:
                 continue
             try:
-                resource = orjson.loads(response.content)
+                resource = orjson.loads(response.body)
             except orjson.JSONDecodeError:
                 raise SinkError(f"FHIR server {redact(self.base_url)} answered malformed JSON for an ImagingStudy") from None
             if isinstance(resource, dict):
