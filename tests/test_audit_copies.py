@@ -1,6 +1,7 @@
 """The audit's FHIR reader goes through the transport's one retry loop (crawler.http.Retrier):
-which failures are asked again, the server's Retry-After, when to give up. The server is the
-FakeFhir simulator (fixtures/fakefhir.py): no real server fails on demand."""
+which failures are asked again, the server's Retry-After, when to give up. The servers are
+simulators (fixtures/fakefhir.py, fixtures/hostile.py): no real server fails or redirects to a
+stranger on demand."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from crawler.audit.copies import FhirReader
 from crawler.errors import SinkError
 from fixtures.fakefhir import FakeFhir
+from fixtures.hostile import Hostile
 
 
 def test_the_reader_asks_again_after_503_honouring_retry_after_without_sleeping():
@@ -72,3 +74,23 @@ def test_a_fhir_answer_over_the_cap_is_refused_in_every_encoding():
             with pytest.raises(SinkError, match=r"^FHIR server http://127\.0\.0\.1:\d+/fhir: the answer to GET http://127\.0\.0\.1:\d+/fhir/ImagingStudy\?_count=200&_elements=\S+ was refused: larger than 100000 bytes$"):
                 reader.rows("http://pacs/dicom-web", [])
             assert len(server.requests) == 1, compress   # not asked again: the same answer would come
+
+
+def test_a_redirect_to_another_origin_is_not_followed_and_the_token_stays_home():
+    with Hostile("json", body=b'{"resourceType": "Bundle", "type": "searchset", "entry": []}') as other:
+        with Hostile("redirect", location=other.url) as source:
+            reader = FhirReader(source.url, token="t-SECRET-9", retries=2, sleep=lambda s: None)
+            with pytest.raises(SinkError) as raised:
+                reader.rows("http://pacs/dicom-web", ["1.2.3"])
+    assert other.seen == [], "nothing may reach the other origin"
+    assert len(source.seen) == 1 and source.seen[0]["authorization"] == "Bearer t-SECRET-9"
+    assert str(raised.value) == f"FHIR server {source.url}: redirect from {source.origin} to {other.origin} refused (another origin)"
+
+
+def test_same_origin_redirects_are_followed_a_bounded_number_of_times():
+    with Hostile("redirect") as server:
+        server.location = server.url
+        reader = FhirReader(server.url, retries=0)
+        with pytest.raises(SinkError, match=r"^FHIR server http://127\.0\.0\.1:\d+/\S+ redirected GET more than 5 times$"):
+            reader.rows("http://pacs/dicom-web", [])
+        assert len(server.seen) == 6

@@ -6,7 +6,8 @@ credentials the FHIR sink uses: a search ``[base]/ImagingStudy?_count=N&_element
 followed along its ``next`` links, keeping the resources whose id is the one this source
 would give their Study Instance UID (``crawler.mapping.ids.study_id``). A server that cannot
 search ImagingStudy (400/404/405/501) is read study by study (``GET ImagingStudy/{id}``) instead,
-and then extra resources cannot be found.
+and then extra resources cannot be found. Every GET goes through the crawler's transport
+(``crawler.http``): its retries, a total deadline, a size cap, redirects within the origin only.
 """
 
 from __future__ import annotations
@@ -23,19 +24,23 @@ import requests
 
 from ..errors import SinkError
 from ..http import (
+    MAX_REDIRECTS,
     RETRIABLE_STATUS,
     WATCHDOG,
     Answer,
     BodyTooLarge,
     DeadlineAdapter,
     DeadlineExceeded,
+    RedirectRefused,
     Retriable,
     Retrier,
     RetryPolicy,
     UnsupportedEncoding,
     check_base_url,
+    follow_redirect,
     read_answer,
     redact,
+    redirect_location,
     retriable_error,
     server_wait,
     total_deadline,
@@ -150,15 +155,27 @@ class FhirReader:
         raise SinkError(f"FHIR server answered HTTP {answer.status} for GET {redact(url)}")
 
     def _get_once(self, url: str) -> Answer:
-        """One GET (redirects as requests follows them) and its whole answer, within the total
-        deadline (``WATCHDOG`` cuts a server sending its headers a byte at a time) and up to
-        ``max_answer`` bytes on the wire and decoded."""
+        """One GET and its whole answer, within the total deadline (``WATCHDOG`` cuts a server
+        sending its headers a byte at a time) and up to ``max_answer`` bytes on the wire and
+        decoded; redirects followed within the origin only (``http.follow_redirect``: another
+        host would get the credentials, and its answers would pass for this server's)."""
         self.requests += 1
         deadline = time.monotonic() + self.deadline
+        target = url
         with WATCHDOG.deadline(deadline) as watched:
             try:
-                response = self.session.get(url, timeout=self.timeout, stream=True)
+                for _ in range(MAX_REDIRECTS + 1):
+                    response = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
+                    location = redirect_location(response.status_code, response.headers)
+                    if location is None:
+                        break
+                    response.close()
+                    target = follow_redirect(target, location)
+                else:
+                    raise SinkError(f"FHIR server {redact(self.base_url)} redirected GET more than {MAX_REDIRECTS} times")
                 body = read_answer(response.raw, self.max_answer, deadline, self.timeout[1])
+            except RedirectRefused as exc:
+                raise SinkError(f"FHIR server {redact(self.base_url)}: {exc}") from None
             except (BodyTooLarge, UnsupportedEncoding) as exc:
                 raise SinkError(f"FHIR server {redact(self.base_url)}: the answer to GET {redact(url)} was refused: {exc}") from None
             except requests.RequestException as exc:
