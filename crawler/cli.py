@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("status", help="per source: the last run, the next window, studies by status, what to do", description="Per source: the last run, the window the next run lists, studies by status, the oldest failed study, what was learned about the server, and one line on what to do next for each problem. Reads the state only.", formatter_class=_HelpFormatter)
     g = p.add_argument_group("state")
     g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=f"state: a SQLite file, or a postgresql://user@host:port/dbname URL (needs the postgres extra) (default: ./{DEFAULT_STATE})")
-    g.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="the --lookback the next sync will use, for the window shown (default: 7)")
+    g.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="the --lookback the next sync will use, for the window shown (default: %(default)s)")
     g = p.add_argument_group("output format and messages")
     g.add_argument("--json", action="store_true", help="print JSON on stdout (schema in README)")
     _add_verbosity(g)

@@ -951,11 +951,11 @@ class State:
     def gone_still_held(self, source: str) -> int:
         """Studies of ``source`` marked gone whose ImagingStudy the state still holds (no --prune
         run deleted them), so that ``export`` still writes them."""
-        return self._q(
+        return int(self._q(
             "SELECT COUNT(*) FROM studies s JOIN resources r ON r.type = 'ImagingStudy' AND r.id = s.resource_id "
             "WHERE s.source = ? AND s.status = 'gone'",
             (source,),
-        ).fetchone()[0]
+        ).fetchone()[0])
 
 
 def open_existing(path: str | os.PathLike[str]) -> State:

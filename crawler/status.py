@@ -125,7 +125,9 @@ def _runs_text(count: StudyCount) -> str:
 def _outcome(run: RunFacts) -> str:
     if run.outcome is not None:
         return run.outcome
-    return {True: "running", False: "interrupted"}.get(run.alive, "not ended")  # type: ignore[arg-type]
+    if run.alive is None:
+        return "not ended"
+    return "running" if run.alive else "interrupted"
 
 
 def _run(run: RunFacts, now: datetime) -> dict[str, Any]:

@@ -353,3 +353,23 @@ def test_a_source_without_problems_has_nothing_to_do():
     assert lines[2] == (f"  last run: run 3, 1 h ago ({_at(1)}): ok; listed 4, new 1, unchanged 3; 2 resources written; "
                         "7 requests (1 retried); 1.2 s")
     assert lines[-1] == "  to do: nothing"
+
+
+def test_a_postgresql_state_says_the_same_and_cannot_tell_a_killed_run_from_a_running_one(postgres_server, tmp_path, capsys):
+    """The same reads on PostgreSQL (its SQL dialect, a read-only session); a run that never
+    recorded its end may be on another machine, so it is "not ended", not "interrupted"."""
+    url = postgres_server.create_database()
+    with FakePacs(n_studies=12, seed=41, **A_FAULTS) as a:
+        assert main(["sync", a.url, "--state", url, *COMMON]) == 1
+        a.delete_study(7)
+        assert main(["sync", a.url, "--state", url, "--full", *COMMON]) == 1
+    state = State(url)
+    try:
+        state.begin_run(a.url, "2026-12-06T00:00:00+00:00")   # a run that never ends, as a killed one
+    finally:
+        state.close()
+    (source,) = status_json(capsys, url)["sources"]
+    assert source["source"] == a.url and source["studies"] == {"synced": 8, "failed": 2, "inconsistent": 1, "gone": 1}
+    assert source["last_run"]["id"] == 3 and source["last_run"]["outcome"] == "not ended"
+    assert [item["code"] for item in source["advice"]] == ["not_ended", "failed", "inconsistent", "gone_kept"]
+    assert source["oldest_failed"]["last_run"] == 2 and source["verified"] == 12
