@@ -282,7 +282,7 @@ def complete(parser: argparse.ArgumentParser, exit_with: Callable[[int], object]
     if "_ARGCOMPLETE" not in os.environ:
         return
     try:
-        import argcomplete
+        import argcomplete  # type: ignore[import-not-found, unused-ignore]  # the optional completion extra
     except ImportError:
         return
     argcomplete.autocomplete(parser, exit_method=exit_with, output_stream=output)
