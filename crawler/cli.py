@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -544,7 +545,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "problems": [{"source": s, "study_uid": u, "status": st, "error": _masked(e)} for s, u, st, e in state.problems()],
         }
         schema = state.schema_version
-        sources = [_source_facts(state, source) for source in state.source_names()]
+        holder = state.lock_holder()
+        sources = [_source_facts(state, source, holder) for source in state.source_names()]
     finally:
         state.close()
     status = report(shown, schema, sources, datetime.now(timezone.utc), lookback=args.lookback, retry_per_run=RETRY_PER_RUN, legacy=legacy)
@@ -585,10 +587,21 @@ def _masked_figures(figures: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**figures, "error": _masked(figures["error"])}
 
 
-def _alive(pid: int | None) -> bool:
+def _running(pid: int | None, holder: tuple[int, str] | None, local: bool) -> bool | None:
+    """Whether the run of process ``pid``, which never recorded its end, still runs: it holds the
+    run lock (the lock's label names its pid) and that process is alive here. None when that
+    cannot be told from this machine (the lock's holder is on another host, or not recorded in
+    a PostgreSQL state)."""
+    if holder is None:
+        return False if local else None
+    holder_pid, host = holder
+    if host != socket.gethostname():
+        return None
+    return pid == holder_pid and _alive(holder_pid)
+
+
+def _alive(pid: int) -> bool:
     """Whether a process ``pid`` runs on this machine."""
-    if pid is None:
-        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -598,17 +611,18 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _source_facts(state: State, source: str) -> SourceFacts:
-    """What the state holds about one source, read for ``status`` (errors masked)."""
+def _source_facts(state: State, source: str, holder: tuple[int, str] | None) -> SourceFacts:
+    """What the state holds about one source, read for ``status`` (errors masked); ``holder``:
+    the run lock's last holder (see State.lock_holder)."""
     from .state import RunRow
     from .status import FailedStudy, RunFacts, SourceFacts, StudyCount
 
-    local = state.dialect == "sqlite"   # a PostgreSQL state's runs may be on other machines
+    local = state.dialect == "sqlite"
 
     def facts(run: RunRow) -> RunFacts:
         error = (run.figures or {}).get("error")
         return RunFacts(run.id, run.started, run.ended, run.outcome, _masked_figures(run.figures), run.folder,
-                        alive=(_alive(run.pid) if local else None) if run.ended is None else None,
+                        alive=_running(run.pid, holder, local) if run.ended is None else None,
                         error=_masked(error) if isinstance(error, str) else None)
 
     last = state.last_run(source)

@@ -57,3 +57,4 @@ class FhirVersion(Kind):
 
 class ChangeSource(Kind):
     ORTHANC = "orthanc"
+    AZURE = "azure"

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import dicomjson as dj
-from .changes import orthanc_base, orthanc_changes
+from .changes import Change, orthanc_base, read_changes
 from .config import SyncConfig
 from .crawl import METADATA_UNAVAILABLE, SERIES_LEVEL_INSTANCES, STUDY_FIELDS, Learned, StudySummary, includefields, summarise
 from .dicomjson import Tag
@@ -23,7 +23,7 @@ from .executors import executor
 from .figures import EXIT_OK, EXIT_PARTIAL, Figures, RunProgress, SyncResult
 from .kinds import ChangeSource, RunOutcome, StudyStatus
 from .ledger import Ledger
-from .listing import ListingReport, check_listed
+from .listing import ListingReport, check_listed, listing_failed
 from .mapping import MappingOptions
 from .mapping.ids import normalise_base
 from .notices import Notices
@@ -87,7 +87,9 @@ class SyncRun:
         self.fallbacks_used: dict[str, str] = {}
         self.crawled_ok = 0
         self.listing_errors = 0
-        self.changes_position: int | None = None
+        self.changes: tuple[Change, ...] = ()
+        self.change_cursor: str | None = None
+        """Where the change source was read up to: stored when the run's listing is complete."""
         self.full_listing = False
 
     def run(self, windows: list[Window], scope: str, moves_mark: bool, today: str, started_clock: float) -> SyncResult:
@@ -95,12 +97,14 @@ class SyncRun:
         self.full_listing = windows == [Window()]
         state.begin()
         try:
-            report = self._list_and_crawl(windows)
+            report = self._new_report()
+            windows, scope = self._read_changes(windows, scope, report)
+            self._list_and_crawl(windows, report)
             listing_clean = not report.incomplete and not self.listing_errors
             if listing_clean:
                 listing_clean = self._find_gone(windows)
-                if listing_clean and self.changes_position is not None:
-                    state.set_changes_position(self.source, self.changes_position)
+                if listing_clean and self.change_cursor is not None and self.config.changes is not None:
+                    state.set_change_cursor(self.source, self.config.changes, self.change_cursor)
             self.ledger.checkpoint()
             run_dir = self.ndjson.finish() if self.ndjson else None
             for sink in self.sinks:
@@ -124,12 +128,42 @@ class SyncRun:
             state.finish_run(run_id, now_utc(), failed, kept, {**vars(self.figures), "error": error})
             raise
 
-    def _list_and_crawl(self, windows: list[Window]) -> ListingReport:
-        config, state, figures = self.config, self.state, self.figures
-        known_cap, verified = state.source_facts(self.source)
-        report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
-        report.filters.keywords = state.key_form(self.source) == "keywords"
+    def _new_report(self) -> ListingReport:
+        known_cap, verified = self.state.source_facts(self.source)
+        report = ListingReport(cap=self.config.max_results or known_cap, verified=verified, page_size=self.config.page_size)
+        report.filters.keywords = self.state.key_form(self.source) == "keywords"
         self.notices = report.notices
+        return report
+
+    def _read_changes(self, windows: list[Window], scope: str, report: ListingReport) -> tuple[list[Window], str]:
+        """With a change source: read it from the stored cursor before the listing starts (a change
+        made while the run lists is read by the next run). A source whose log was reset since the
+        cursor makes this run list everything; a source that cannot be read leaves the listing
+        incomplete (the cursor stays, the mark too) and the run goes on with its windows."""
+        kind = self.config.changes
+        if kind is None:
+            return windows, scope
+        if kind == ChangeSource.ORTHANC:
+            base = normalise_base(self.config.orthanc_url) if self.config.orthanc_url else orthanc_base(self.client.base_url)
+        else:
+            base = self.client.base_url
+        cursor = None if self.full_listing else self.state.change_cursor(self.source, kind)
+        try:
+            read = read_changes(kind, self.client, base, cursor)
+        except QidoError as exc:
+            listing_failed(exc, report, started=self.client.answered)
+            return windows, scope
+        self.change_cursor = read.cursor
+        if read.reset and not self.full_listing:
+            log.warning("the %s change log was reset since the last run: this run lists every study", kind)
+            self.full_listing = True
+            return [Window()], f"full (the {kind} change log was reset)"
+        self.changes = read.changes
+        return windows, scope
+
+    def _list_and_crawl(self, windows: list[Window], report: ListingReport) -> None:
+        config, state, figures = self.config, self.state, self.figures
+        known_cap, _ = state.source_facts(self.source)
         executor(config.executor)(self, windows, report)
         check_listed(report, figures.studies_listed)
         state.set_source_facts(self.source, report.cap if config.max_results is None else known_cap, report.verified)
@@ -145,7 +179,6 @@ class SyncRun:
             self._error(f"not listed completely: {message}", level=logging.ERROR, kind="windows not listed completely")
         figures.listing_entries_repaired = report.repaired
         figures.warnings_not_shown = report.notices.close()
-        return report
 
     def consider(self, item: dict[str, Any]) -> Candidate | None:
         """A listed study: counted and marked seen; a Candidate when it must be crawled, None when
@@ -225,17 +258,19 @@ class SyncRun:
         return self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
 
     def _fed_items(self) -> Iterator[dict[str, Any]]:
-        """With --changes orthanc: the studies Orthanc's change feed names that the listing did not show."""
-        if self.config.changes != ChangeSource.ORTHANC:
-            return
-        rest = normalise_base(self.config.orthanc_url) if self.config.orthanc_url else orthanc_base(self.client.base_url)
-        since = None if self.full_listing else self.state.changes_position(self.source)
-        changes = orthanc_changes(self.client, rest, since)
-        self.changes_position = changes.last
-        for uid in changes.study_uids:
+        """The studies the change source named that the listing did not show, each asked for by
+        UID; one the server no longer has (a deletion) is gone at once, as a study a complete
+        listing no longer shows."""
+        for change in self.changes:
+            uid = change.study_uid
             row = self.state.study(self.source, uid)
-            if uid not in self.ledger.unrecorded and (row is None or row.last_seen_run != self.run_id):
-                yield from self._listing_of(uid)
+            if uid in self.ledger.unrecorded or (row is not None and row.last_seen_run == self.run_id):
+                continue
+            items = self._listing_of(uid)
+            if items:
+                yield from items
+            elif row is not None and row.status != StudyStatus.GONE:
+                self._gone(uid, row.resource_id, "the change source named it, and the server no longer has it")
 
     def _error(self, message: str, level: int = logging.WARNING, kind: str | None = None) -> None:
         """Record and log a problem; one of a ``kind`` that can recur per study or window is
@@ -275,12 +310,7 @@ class SyncRun:
                 if not self._absent(uid):
                     missed += 1
                     continue
-                self.figures.studies_gone += 1
-                log.warning("study %s is no longer in the PACS%s", uid, "; deleting it" if self.config.prune else "")
-                if self.config.prune and resource_id:
-                    self.ledger.delete(uid, resource_id)
-                else:
-                    self.state.mark_gone(self.source, uid, self.run_id)
+                self._gone(uid, resource_id)
         if missed:
             # the mutant '= 1' is equivalent: run() calls this only after a listing with no
             # incomplete window, so the count is 0 here
@@ -288,6 +318,16 @@ class SyncRun:
             self._error(f"not listed completely: the listing missed {missed} studies the server still has; none of them is marked gone",
                         level=logging.ERROR)
         return not missed
+
+    def _gone(self, uid: str, resource_id: str | None, why: str = "") -> None:
+        """A study the server no longer has: marked gone, and with --prune deleted from the sinks
+        (marked gone at the checkpoint, if every sink accepted the deletion)."""
+        self.figures.studies_gone += 1
+        log.warning("study %s is no longer in the PACS%s%s", uid, f" ({why})" if why else "", "; deleting it" if self.config.prune else "")
+        if self.config.prune and resource_id:
+            self.ledger.delete(uid, resource_id)
+        else:
+            self.state.mark_gone(self.source, uid, self.run_id)
 
     def _absent(self, uid: str) -> bool:
         """Whether the server answers a search for this Study Instance UID with no study at all (a

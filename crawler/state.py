@@ -932,6 +932,22 @@ class State:
         of any source closes them as interrupted and recovers their folders)."""
         return self._runs("source = ? AND ended IS NULL ORDER BY id", (source,))
 
+    def lock_holder(self) -> tuple[int, str] | None:
+        """(pid, host) that the run lock last recorded: the running run, or the last one that held
+        it (the label is not cleared on release). SQLite: the pid in ``<state>.lock``, on this
+        host; PostgreSQL: the ``run_lock`` row. None when nothing is recorded. Read only: the lock
+        itself is not tried (that could turn away a run starting at that moment)."""
+        if isinstance(self._dialect, _Sqlite):
+            try:
+                text = self._dialect.path.with_name(self._dialect.path.name + ".lock").read_text(errors="replace").strip()
+            except OSError:
+                return None
+            return (int(text), socket.gethostname()) if text.isdigit() else None
+        if self._version < 5:
+            return None
+        row = self._q("SELECT pid, host FROM run_lock WHERE name = 'run'").fetchone()
+        return (int(row[0]), str(row[1])) if row and row[0] is not None else None
+
     def status_counts(self, source: str) -> dict[str, StatusCount]:
         """Per study status of ``source``: how many, and the oldest and newest run that set it."""
         rows = self._q(

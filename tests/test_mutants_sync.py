@@ -168,7 +168,7 @@ def test_the_change_feed_position_is_kept_only_after_a_clean_listing(tmp_path, c
         asked.append(since)
         return Changes((), positions.pop(0))
 
-    monkeypatch.setattr(sys.modules["crawler.run"], "orthanc_changes", feed)
+    monkeypatch.setattr(sys.modules["crawler.changes"], "orthanc_changes", feed)
     state = tmp_path / "state.db"
     with FakePacs(n_studies=10, seed=35) as pacs:
         common = (pacs.url, "--state", str(state), "--changes", "orthanc", "--metadata", "never", "--retries", "0", "--json", "--timezone", "UTC")

@@ -357,7 +357,8 @@ def test_a_source_without_problems_has_nothing_to_do():
 
 def test_a_postgresql_state_says_the_same_and_cannot_tell_a_killed_run_from_a_running_one(postgres_server, tmp_path, capsys):
     """The same reads on PostgreSQL (its SQL dialect, a read-only session); a run that never
-    recorded its end may be on another machine, so it is "not ended", not "interrupted"."""
+    recorded its end, while the run lock names another machine, may be running there: it is
+    "not ended", not "interrupted"."""
     url = postgres_server.create_database()
     with FakePacs(n_studies=12, seed=41, **A_FAULTS) as a:
         assert main(["sync", a.url, "--state", url, *COMMON]) == 1
@@ -365,11 +366,35 @@ def test_a_postgresql_state_says_the_same_and_cannot_tell_a_killed_run_from_a_ru
         assert main(["sync", a.url, "--state", url, "--full", *COMMON]) == 1
     state = State(url)
     try:
-        state.begin_run(a.url, "2026-12-06T00:00:00+00:00")   # a run that never ends, as a killed one
+        state.begin_run(a.url, "2026-12-06T00:00:00+00:00")   # a run that never ends
     finally:
         state.close()
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("UPDATE run_lock SET host = 'another-machine' WHERE name = 'run'")
     (source,) = status_json(capsys, url)["sources"]
     assert source["source"] == a.url and source["studies"] == {"synced": 8, "failed": 2, "inconsistent": 1, "gone": 1}
     assert source["last_run"]["id"] == 3 and source["last_run"]["outcome"] == "not ended"
     assert [item["code"] for item in source["advice"]] == ["not_ended", "failed", "inconsistent", "gone_kept"]
     assert source["oldest_failed"]["last_run"] == 2 and source["verified"] == 12
+
+
+@pytest.mark.parametrize(("lock_names", "outcome"), [("the run", "running"), ("another process", "interrupted"), ("nobody", "interrupted")])
+def test_a_run_is_running_only_while_it_is_alive_and_the_run_lock_names_it(lock_names, outcome, tmp_path, capsys):
+    """A killed run's pid may be taken by another process: a live pid alone does not make a run
+    running, the run lock's label (``<state>.lock``) must name it too."""
+    path = tmp_path / "state.db"
+    state = State(path)
+    try:
+        state.begin_run("http://pacs/dicom-web", "2026-12-06T00:00:00+00:00")   # this process's pid, alive
+    finally:
+        state.close()
+    lock = tmp_path / "state.db.lock"
+    if lock_names == "the run":
+        lock.write_text(str(os.getpid()))
+    elif lock_names == "another process":
+        lock.write_text("2147483646")
+    (source,) = status_json(capsys, path)["sources"]
+    assert source["last_run"]["outcome"] == outcome
+    assert source["advice"][0]["code"] == outcome
