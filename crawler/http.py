@@ -148,7 +148,7 @@ def check_header_value(name: str, value: str) -> str:
 class RequestCounts:
     """HTTP requests made, by kind (studies, series, instances, metadata); thread-safe."""
 
-    by_kind: Counter = field(default_factory=Counter)
+    by_kind: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -236,10 +236,10 @@ def retry_wait(policy: RetryPolicy, state: tenacity.RetryCallState) -> float:
     """Seconds before the next attempt: the server's Retry-After when it gave one (bounded by the
     policy's total time), else exponential backoff with jitter."""
     exc = state.outcome.exception() if state.outcome else None
-    hinted = getattr(exc, "retry_after", None)
+    hinted: float | None = getattr(exc, "retry_after", None)
     if hinted is not None:
         return min(hinted, policy.max_seconds)
-    backoff = policy.base_delay * 2 ** (state.attempt_number - 1)
+    backoff: float = policy.base_delay * 2 ** (state.attempt_number - 1)
     return min(policy.max_delay, backoff) * (0.5 + random.random() / 2)
 
 
@@ -468,7 +468,7 @@ class Watchdog:
 @dataclass(eq=False)
 class _Watched:
     deadline: float
-    sockets: list[weakref.ref] = field(default_factory=list)
+    sockets: list[weakref.ref[socket.socket]] = field(default_factory=list)
     done: bool = False
     fired: bool = False
 
@@ -507,7 +507,7 @@ class DeadlineAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> urllib3.PoolManager:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager: urllib3.PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
         if not proxy.lower().startswith("socks"):
             manager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
         return manager
@@ -683,7 +683,7 @@ def gunzip(data: bytes, limit: int | None = None) -> bytes:
     metadata. Raises urllib3's DecodeError for a body that is not gzip, BodyTooLarge past
     ``limit`` (default MAX_BODY)."""
     room = MAX_BODY if limit is None else limit
-    out = []
+    out: list[bytes] = []
     while data:
         try:
             piece, decoder = _inflate(data, 16 + zlib.MAX_WBITS, room)
@@ -770,7 +770,7 @@ def resolve_origin(session: requests.Session, base_url: str) -> Origin | None:
         return None
     verify = settings["verify"] if session.verify is True else session.verify
     prepared = session.prepare_request(requests.Request("GET", base_url))
-    authorization = prepared.headers.get("Authorization")
+    authorization = header_text(prepared.headers.get("Authorization"))
     if authorization == session.headers.get("Authorization"):
         authorization = None
     parts = urlsplit(base_url)
@@ -783,6 +783,11 @@ def urllib3_timeout(timeout: float | tuple[float, float] | urllib3.Timeout | Non
         return urllib3.Timeout() if timeout is None else timeout
     connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
     return urllib3.Timeout(connect=connect, read=read, total=total_deadline((connect, read)))
+
+
+def header_text(value: str | bytes | None) -> str | None:
+    """A header value as text: requests keeps what it was given, which may be bytes (Latin-1 on the wire)."""
+    return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
 def redirect_location(status: int, headers: Mapping[str, str]) -> str | None:

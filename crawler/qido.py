@@ -44,6 +44,7 @@ from .http import (
     check_header_value,
     failure_reason,
     follow_redirect,
+    header_text,
     read_answer,
     redact,
     redirect_location,
@@ -229,7 +230,8 @@ class QidoClient:
         another origin, BodyTooLarge, DeadlineExceeded). ``accept`` replaces the Accept header
         (e.g. for Orthanc's REST API)."""
         timeout = self._urllib3_timeout()
-        deadline = time.monotonic() + (timeout.total or total_deadline(self.timeout))
+        total = timeout.total
+        deadline = time.monotonic() + (total if isinstance(total, (int, float)) and total else total_deadline(self.timeout))
         with WATCHDOG.deadline(deadline) as watched:
             try:
                 for _ in range(MAX_REDIRECTS + 1):
@@ -261,14 +263,15 @@ class QidoClient:
         response, body = origin.adapter.get(origin, url[len(origin.prefix):], headers, timeout, limit=self.max_body, deadline=deadline)
         if "set-cookie" in response.headers:
             requests.cookies.extract_cookies_to_jar(session.cookies, requests.Request("GET", url, headers=headers).prepare(), response)
-        return Answer(response.status, response.headers, body, headers.get("Authorization")), redirect_location(response.status, response.headers)
+        return Answer(response.status, response.headers, body, header_text(headers.get("Authorization"))), redirect_location(response.status, response.headers)
 
     def _fetch_by_session(self, url: str, timeout: urllib3.Timeout, deadline: float, accept: str | None = None) -> tuple[Answer, str | None]:
         verify = None if self.session.verify is True else self.session.verify
         headers = {"Accept": accept} if accept else None
-        response = self.session.get(url, timeout=timeout, verify=verify, stream=True, allow_redirects=False, headers=headers)
+        # requests takes urllib3's Timeout as it is (HTTPAdapter.send), though its stubs say otherwise
+        response = self.session.get(url, timeout=timeout, verify=verify, stream=True, allow_redirects=False, headers=headers)  # type: ignore[arg-type]
         body = read_answer(response.raw, self.max_body, deadline, self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout)
-        answer = Answer(response.status_code, response.headers, body, response.request.headers.get("Authorization"))
+        answer = Answer(response.status_code, response.headers, body, header_text(response.request.headers.get("Authorization")))
         return answer, redirect_location(response.status_code, response.headers)
 
     def _urllib3_timeout(self) -> urllib3.Timeout:

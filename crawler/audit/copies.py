@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -72,7 +73,7 @@ def read_state(path: Path | str, source: str) -> tuple[dict[str, CopyRow], tuple
         state.close()
 
 
-def _uid_of(resource: dict) -> str | None:
+def _uid_of(resource: dict[str, Any]) -> str | None:
     for identifier in resource.get("identifier") or []:
         if isinstance(identifier, dict) and identifier.get("system") == DICOM_UID:
             value = identifier.get("value")

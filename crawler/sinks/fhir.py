@@ -890,7 +890,7 @@ def _same(held: dict[str, Any], sent: bytes, references: bool = True) -> bool:
         kept = {k: v for k, v in resource.items() if k not in ("meta", "text") and (references or k != "id")}
         return kept if references else _rewrite_references(kept, lambda reference: "")
 
-    return content(held) == content(orjson.loads(sent))
+    return bool(content(held) == content(orjson.loads(sent)))
 
 
 def _condition(resource: dict[str, Any]) -> str | None:
@@ -989,8 +989,12 @@ def _issue_summary(outcome: dict[str, Any], server_text: bool = False) -> str | 
 
 
 def _free_text(issue: dict[str, Any]) -> str | None:
-    details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
-    codings = details.get("coding") if isinstance(details.get("coding"), list) else []
+    details = issue.get("details")
+    if not isinstance(details, dict):
+        details = {}
+    codings = details.get("coding")
+    if not isinstance(codings, list):
+        codings = []
     for text in (issue.get("diagnostics"), details.get("text"), *(c.get("display") for c in codings if isinstance(c, dict))):
         if isinstance(text, str) and text.strip():
             return "".join(c if c.isprintable() else " " for c in text)
@@ -1011,7 +1015,9 @@ def _size_refusal(status: int, body: bytes) -> tuple[bool, int | None]:
     for issue in issues if isinstance(issues, list) else []:
         if not isinstance(issue, dict):
             continue
-        details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
+        details = issue.get("details")
+        if not isinstance(details, dict):
+            details = {}
         texts = [t for t in (issue.get("diagnostics"), details.get("text")) if isinstance(t, str)]
         for text in texts:
             for known, limit in KNOWN_SIZE_LIMITS.items():
