@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -137,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full", action="store_true", help="list every study, not only those since the last run's mark (e.g. a weekly reconciliation)")
     g = p.add_argument_group("incremental runs and deletions")
     g.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="an incremental run lists from the last complete run's date minus this many days (default: %(default)s)")
-    g.add_argument("--changes", choices=["orthanc"], help="also crawl the studies that the server's change feed names since the last run (Orthanc's /changes), whatever their StudyDate")
+    g.add_argument("--changes", choices=["orthanc", "azure"],
+                   help="also crawl the studies that the server's change source names since the last run, whatever their StudyDate "
+                        "(orthanc: Orthanc's /changes log; azure: the Azure DICOM service's change feed); one it names that the "
+                        "server no longer has is gone")
     g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes (default: URL without /dicom-web)")
     g.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
     g = p.add_argument_group("FHIR resources")
@@ -293,41 +297,118 @@ F = TypeVar("F")
 
 
 class Progress(Generic[F]):
-    """One self-overwriting status line on a terminal, at most ten times a second; nothing at all
-    when not enabled (stderr is not a TTY, or --quiet). ``line`` renders the figures."""
+    """A live display of a few lines on a terminal, redrawn in place at most ten times a second;
+    nothing at all when not enabled (stderr is not a TTY, or --quiet). ``line`` renders the
+    figures as lines (one string, lines separated by newlines).
+
+    Each line is cut to the terminal's width: a line that wrapped would move the cursor further
+    than the redraw goes back. A log record of the ``crawler`` logger first clears the display,
+    so that the message stands on its own lines; the next call draws the display again below it."""
 
     def __init__(self, stream: TextIO, enabled: bool, line: Callable[[F], str]) -> None:
         self.stream = stream
         self.enabled = enabled
         self.line = line
         self.last = 0.0
+        self.height = 0
         self.shown = False
+        self._lock = threading.RLock()
+        self._handlers: list[logging.Handler] = list(logging.getLogger("crawler").handlers) if enabled else []
+        for handler in self._handlers:
+            handler.addFilter(self._clear_before_logging)
 
     def __call__(self, figures: F) -> None:
         now = time.monotonic()
         if not self.enabled or now - self.last < 0.1:
             return
         self.last = now
-        self.stream.write(f"\r{self.line(figures)}\x1b[K")
-        self.stream.flush()
-        self.shown = True
+        width = _columns(self.stream) - 1
+        lines = [line[:width] for line in self.line(figures).split("\n")]
+        with self._lock:
+            self.stream.write(self._home() + "\x1b[K\n".join(lines) + "\x1b[J")
+            self.stream.flush()
+            self.height = len(lines)
+            self.shown = True
+
+    def clear(self) -> None:
+        with self._lock:
+            if self.height:
+                self.stream.write(self._home() + "\x1b[J")
+                self.stream.flush()
+                self.height = 0
 
     def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
+        self.clear()
+        for handler in self._handlers:
+            handler.removeFilter(self._clear_before_logging)
+        self._handlers = []
+
+    def _home(self) -> str:
+        """Back to the start of the display's first line."""
+        return "\r" + (f"\x1b[{self.height - 1}A" if self.height > 1 else "")
+
+    def _clear_before_logging(self, record: logging.LogRecord) -> bool:
+        self.clear()
+        return True
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        return 80
+    return columns if columns >= 20 else 80
+
+
+def _tqdm() -> Any:
+    """tqdm, imported only when a display is drawn: its import costs start-up time that ``--help``
+    and runs without a display need not pay. Only its formatting is used (``format_meter``,
+    ``format_interval``); the drawing in place is ``Progress``'s, as the display has three lines."""
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    return tqdm
+
+
+def _elapsed(seconds: float) -> str:
+    return str(_tqdm().format_interval(seconds))
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:.1f} studies/s" if per_second >= 1 else f"{per_second:.2f} studies/s"
+
+
+def _bar(done: int, total: int | None, eta: float | None, what: str) -> str:
+    """The bar, percentage and ETA once ``total`` is known, else what stands in for them until the
+    listing is complete."""
+    if total is None:
+        return "listing: a percentage and an ETA once the listing is complete"
+    encoding = (getattr(sys.stderr, "encoding", None) or "ascii").lower().replace("-", "")
+    meter = _tqdm().format_meter(min(done, total) if total else 1, total or 1, 0, ascii=not encoding.startswith("utf"),
+                                 bar_format="{percentage:3.0f}% |{bar:30}|")
+    left = _elapsed(0) if done >= total else _elapsed(eta) if eta is not None else "?"
+    return f"{meter} {done}/{total} to {what}  ETA {left}"
 
 
 def sync_line(progress: RunProgress) -> str:
-    figures = progress.figures
-    done = (figures.studies_new + figures.studies_changed + figures.studies_rechecked + figures.studies_unchanged
-            + figures.studies_failed + figures.studies_inconsistent)
-    return (f"studies listed {figures.studies_listed:>8}  done {done:>8}  new {figures.studies_new}  "
-            f"changed {figures.studies_changed}  unchanged {figures.studies_unchanged}  failed {figures.studies_failed + figures.studies_inconsistent}")
+    """Three lines: the studies (``crawled`` as they finish, ``saved`` only at checkpoints), the
+    bar once the listing is complete, and the pace and the problems."""
+    f = progress.figures
+    return "\n".join((
+        f"listed {f.studies_listed}  crawled {progress.crawled}  saved {progress.saved} (at checkpoints)  "
+        f"skipped unchanged {f.studies_unchanged}",
+        _bar(progress.crawled, progress.to_crawl, progress.eta, "crawl"),
+        f"{_rate(progress.rate)}  elapsed {_elapsed(progress.elapsed)}  failed {f.studies_failed + f.studies_inconsistent}  "
+        f"requests {progress.requests}  retries {progress.retries}",
+    ))
 
 
 def audit_line(figures: AuditProgress) -> str:
-    return f"studies listed {figures.studies_listed:>8}  read {figures.studies_read:>8}  unreadable {figures.studies_unreadable}"
+    return "\n".join((
+        f"listed {figures.studies_listed}  read {figures.studies_read}",
+        _bar(figures.studies_read, figures.to_read, figures.eta, "read"),
+        f"{_rate(figures.rate)}  elapsed {_elapsed(figures.elapsed)}  unreadable {figures.studies_unreadable}  "
+        f"requests {figures.requests}  retries {figures.retries}",
+    ))
 
 
 def _progress(args: argparse.Namespace, line: Callable[[F], str]) -> Progress[F]:
