@@ -184,7 +184,7 @@ class RateLimit:
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         if rate <= 0:
-            raise ConfigError(f"--max-rps must be above 0, not {rate}")
+            raise ConfigError(f"the request rate must be above 0 per second, not {rate}", setting="max_rps")
         self.interval = 1.0 / rate
         self._next = 0.0
         self._lock = threading.Lock()
