@@ -612,7 +612,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
     from .run import RETRY_PER_RUN
-    from .state import State
+    from .state import MIGRATIONS, State
     from .status import report, render
 
     if args.lookback < 0:
@@ -620,6 +620,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     state = State.open(args.state, read_only=True)
     try:
         shown = redact(args.state, keep_user=True) if isinstance(args.state, str) else str(args.state)
+        newest = max(version for version, _, _ in MIGRATIONS)
+        if state.schema_version > newest:   # its rows may mean what this version cannot tell
+            raise StateError(f"state {shown} was written by a newer qido-crawler (schema {state.schema_version}); "
+                             f"this one reads up to schema {newest}")
         legacy: dict[str, Any] = {
             "studies": state.counts_by_status(),
             "runs": [{**run, "figures": _masked_figures(run["figures"])} for run in state.last_runs()],
