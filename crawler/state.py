@@ -160,6 +160,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE sources ADD COLUMN key_form TEXT;
         """,
     ),
+    (
+        10,
+        "a change source's cursor, of any kind",
+        """
+        ALTER TABLE sources ADD COLUMN change_feed TEXT;
+        ALTER TABLE sources ADD COLUMN change_cursor TEXT;
+        UPDATE sources SET change_feed = 'orthanc', change_cursor = changes_seq || '' WHERE changes_seq IS NOT NULL;
+        """,
+    ),
 ]
 
 MIGRATIONS_TABLE = "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
@@ -827,15 +836,26 @@ class State:
             (source, form),
         )
 
+    def change_cursor(self, source: str, feed: str) -> str | None:
+        """Where the source's change source ``feed`` was read up to; None when it never was (or a
+        change source of another kind was: its cursor means nothing to this one)."""
+        row = self._q("SELECT change_feed, change_cursor FROM sources WHERE source = ?", (source,)).fetchone()
+        return row[1] if row and row[0] == feed else None
+
+    def set_change_cursor(self, source: str, feed: str, cursor: str) -> None:
+        self._q(
+            "INSERT INTO sources (source, change_feed, change_cursor) VALUES (?, ?, ?) ON CONFLICT (source) DO UPDATE SET "
+            "change_feed = excluded.change_feed, change_cursor = excluded.change_cursor",
+            (source, feed, cursor),
+        )
+
     def changes_position(self, source: str) -> int | None:
-        row = self._q("SELECT changes_seq FROM sources WHERE source = ?", (source,)).fetchone()
-        return row[0] if row else None
+        """Orthanc's change log position for the source (see change_cursor)."""
+        cursor = self.change_cursor(source, "orthanc")
+        return int(cursor) if cursor is not None and cursor.isdigit() else None
 
     def set_changes_position(self, source: str, position: int) -> None:
-        self._q(
-            "INSERT INTO sources (source, changes_seq) VALUES (?, ?) ON CONFLICT (source) DO UPDATE SET changes_seq = excluded.changes_seq",
-            (source, position),
-        )
+        self.set_change_cursor(source, "orthanc", str(position))
 
     def fallbacks(self, source: str) -> dict[str, str]:
         """The fallbacks the source needed (name -> reason; see crawl.FALLBACKS)."""
