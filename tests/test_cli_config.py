@@ -185,29 +185,75 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_one_renderer_draws_the_sync_line_as_before():
+def test_the_sync_display_names_crawled_and_saved_and_shows_the_pace_before_the_listing_is_complete():
     figures = Figures(studies_listed=12, studies_new=3, studies_changed=2, studies_unchanged=4, studies_rechecked=1,
                       studies_failed=1, studies_inconsistent=1)
     stream = Terminal()
     progress = Progress(stream, True, sync_line)
-    running = RunProgress(figures, crawled=9, to_crawl=None, requests=40, retries=0, elapsed=2.0)
+    running = RunProgress(figures, crawled=9, to_crawl=None, requests=40, retries=3, elapsed=2.0)
     progress(running)
     progress(running)  # within 0.1 s: not drawn again
     progress.close()
     assert stream.getvalue() == (
-        "\rstudies listed       12  done       12  new 3  changed 2  unchanged 4  failed 2\x1b[K"
-        "\r\x1b[K"
+        "\rlisted 12  crawled 9  saved 6 (at checkpoints)  skipped unchanged 4\x1b[K\n"
+        "listing: a percentage and an ETA once the listing is complete\x1b[K\n"
+        "4.5 studies/s  elapsed 00:02  failed 2  requests 40  retries 3\x1b[J"
+        "\r\x1b[2A\x1b[J"
     )
 
 
-def test_one_renderer_draws_the_audit_line_as_before():
-    from crawler.audit import AuditProgress
+def test_the_sync_display_draws_a_bar_with_percentage_and_eta_once_the_listing_is_complete():
+    figures = Figures(studies_listed=300, studies_new=100, studies_unchanged=4)
+    line = sync_line(RunProgress(figures, crawled=120, to_crawl=296, requests=640, retries=0, elapsed=60.0))
+    assert line.split("\n")[1] == " 41% |████████████▏                 | 120/296 to crawl  ETA 01:28"
+    done = sync_line(RunProgress(Figures(studies_listed=4, studies_unchanged=4), crawled=0, to_crawl=0, requests=1, retries=0, elapsed=0.5))
+    assert done.split("\n")[1] == "100% |██████████████████████████████| 0/0 to crawl  ETA 00:00"
+
+
+def test_the_display_redraws_in_place_and_cuts_lines_to_the_terminal_width():
+    stream = Terminal()
+    progress = Progress(stream, True, lambda text: text)
+    progress("a" * 200 + "\nb")
+    progress.last = 0.0
+    progress("c")
+    progress.close()
+    assert stream.getvalue() == (
+        "\r" + "a" * 79 + "\x1b[K\nb\x1b[J"  # 80 columns when the width is unknown; the last column left free
+        "\r\x1b[1Ac\x1b[J"  # back to the first line; the second erased
+        "\r\x1b[J"
+    )
+
+
+def test_a_log_message_clears_the_display_first():
+    import logging
 
     stream = Terminal()
-    progress = Progress(stream, True, audit_line)
-    progress(AuditProgress(studies_listed=7, studies_read=5, studies_unreadable=1))
-    progress.close()
-    assert stream.getvalue() == "\rstudies listed        7  read        5  unreadable 1\x1b[K\r\x1b[K"
+    logger = logging.getLogger("crawler")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        progress = Progress(stream, True, lambda text: text)
+        progress("one\ntwo")
+        logger.warning("study 1.2.3: refused")
+        progress.close()
+        logger.warning("after")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "\rone\x1b[K\ntwo\x1b[J" "\r\x1b[1A\x1b[J" "study 1.2.3: refused\n" "after\n"
+
+
+def test_the_audit_display_shows_read_unreadable_and_the_pace():
+    from crawler.audit import AuditProgress
+
+    listing = AuditProgress(studies_listed=7, studies_read=5, studies_unreadable=1, requests=12, retries=0, elapsed=2.0)
+    assert audit_line(listing).split("\n") == [
+        "listed 7  read 5",
+        "listing: a percentage and an ETA once the listing is complete",
+        "2.5 studies/s  elapsed 00:02  unreadable 1  requests 12  retries 0",
+    ]
+    listed = AuditProgress(studies_listed=8, studies_read=6, studies_unreadable=1, listing_complete=True, requests=14, retries=1, elapsed=3.0)
+    assert listed.to_read == 8 and listed.fraction == 0.75 and listed.eta == 1.0
+    assert audit_line(listed).split("\n")[1] == " 75% |██████████████████████▌       | 6/8 to read  ETA 00:01"
 
 
 def test_a_disabled_renderer_writes_nothing():

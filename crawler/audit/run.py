@@ -48,9 +48,40 @@ INSTANCE_KEYS = (Tag.SeriesInstanceUID, Tag.SOPInstanceUID)
 
 @dataclass
 class AuditProgress:
+    """What ``audit``'s ``progress`` receives as the audit runs (one object, updated in place):
+    studies listed, read (asked for their series and instances, readable or not) and unreadable;
+    once the listing is over (complete, or cut short by an error), ``to_read`` (every listed
+    study) and from it ``fraction`` and ``eta``; the source's requests and retries so far, and the seconds since the audit began."""
+
     studies_listed: int = 0
     studies_read: int = 0
     studies_unreadable: int = 0
+    listing_complete: bool = False
+    requests: int = 0
+    retries: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def to_read(self) -> int | None:
+        return self.studies_listed if self.listing_complete else None
+
+    @property
+    def rate(self) -> float:
+        """Studies read per second so far."""
+        return self.studies_read / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def fraction(self) -> float | None:
+        if self.to_read is None:
+            return None
+        return 1.0 if self.to_read == 0 else min(self.studies_read / self.to_read, 1.0)
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far, once the listing is complete and a study is read."""
+        if self.to_read is None or not self.studies_read:
+            return None
+        return max(self.to_read - self.studies_read, 0) / self.rate
 
 
 @dataclass
@@ -155,7 +186,7 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
         collector = Collector()
         figures = AuditProgress()
         report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
-        _crawl(client, config, windows, report, collector, figures, progress)
+        _crawl(client, config, windows, report, collector, figures, progress, started_clock)
         fhir_rows = fhir.rows(source, collector.studies) if fhir is not None else None
         if fhir is not None:
             report.incomplete.extend(fhir.problems)
@@ -221,10 +252,18 @@ def _crawl(
     collector: Collector,
     figures: AuditProgress,
     progress: Callable[[AuditProgress], None] | None,
+    started_clock: float,
 ) -> None:
     """List the windows and read every study once (the same listing engine as sync: caps found
     and windows split the same way)."""
     in_flight: deque[Future[tuple[str, Any, str | None]]] = deque()
+
+    def report_progress() -> None:
+        if progress:
+            counts = client.counts.as_dict()
+            figures.requests, figures.retries = counts["total"], counts["retries"]
+            figures.elapsed = time.monotonic() - started_clock
+            progress(figures)
 
     def done(future: Future[tuple[str, Any, str | None]]) -> None:
         uid, rows, error = future.result()
@@ -235,8 +274,7 @@ def _crawl(
         else:
             collector.crawled(uid, *rows)
         figures.studies_read += 1
-        if progress:
-            progress(figures)
+        report_progress()
 
     with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="audit") as pool:
         try:
@@ -256,11 +294,12 @@ def _crawl(
                 in_flight.append(pool.submit(_read, client, summary.uid, config))
                 while len(in_flight) > config.workers * 4:
                     done(in_flight.popleft())
-                if progress:
-                    progress(figures)
+                report_progress()
         except QidoError as exc:
             listing_failed(exc, report, started=figures.studies_listed > 0 or client.answered)
         finally:
+            figures.listing_complete = True
+            report_progress()
             while in_flight:
                 done(in_flight.popleft())
     check_listed(report, figures.studies_listed)
