@@ -46,7 +46,7 @@ from requests.models import REDIRECT_STATI
 
 from .errors import ConfigError
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -322,7 +322,7 @@ class Retrier:
             reraise=True,
         )
 
-    def __call__(self, request: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def __call__(self, request: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         return self._retrying(request, *args, **kwargs)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
