@@ -60,7 +60,8 @@ class SourceFacts:
     last_run: RunFacts | None = None
     unended: tuple[RunFacts, ...] = ()
     mark: str | None = None
-    changes_cursor: int | None = None
+    changes_cursor: tuple[str, str] | None = None
+    """(change source, where it was read up to), e.g. ("orthanc", "4711")."""
     studies: dict[str, StudyCount] = field(default_factory=dict)
     oldest_failed: FailedStudy | None = None
     gone_still_held: int = 0
@@ -208,7 +209,7 @@ def source_report(facts: SourceFacts, now: datetime, lookback: int, retry_per_ru
         "source": facts.source,
         "last_run": last,
         "next_window": next_window(facts.mark, lookback),
-        "changes_cursor": facts.changes_cursor,
+        "changes_cursor": None if facts.changes_cursor is None else {"feed": facts.changes_cursor[0], "cursor": facts.changes_cursor[1]},
         "studies": studies,
         "oldest_failed": None if oldest is None else {
             "study_uid": oldest.study_uid, "status": oldest.status, "last_run": oldest.last_run, "error": oldest.error},
@@ -265,8 +266,9 @@ def render(status: dict[str, Any]) -> list[str]:
             if run["error"]:
                 lines.append(f"    error: {run['error']}")
         lines.append(f"  next run: {source['next_window']['text']}")
-        if source["changes_cursor"] is not None:
-            lines.append(f"  change feed: at position {source['changes_cursor']} (where the next run with --changes reads on)")
+        feed = source["changes_cursor"]
+        if feed is not None:
+            lines.append(f"  change feed: {feed['feed']}, read up to {feed['cursor']} (the next run with --changes {feed['feed']} reads on from there)")
         counts = source["studies"]
         order = [s for s in STATUSES if s in counts] + sorted(s for s in counts if s not in STATUSES)
         lines.append("  studies: " + ", ".join(f"{counts[status]:,} {status}" for status in order))

@@ -272,9 +272,11 @@ def test_the_oldest_failed_study_is_the_one_tried_longest_ago(tmp_path, capsys):
         state.record_study(source, "1.7", run_id=runs[1], status="failed", error="study 1.7: oldest")
         for run in runs:
             state.finish_run(run, "2026-12-06T00:00:00+00:00", "partial", None, {}, mark="20261205")
+        state.set_changes_position(source, 4711)
     finally:
         state.close()
     (source_info,) = status_json(capsys, path)["sources"]
+    assert source_info["changes_cursor"] == {"feed": "orthanc", "cursor": "4711"}
     assert source_info["oldest_failed"] == {"study_uid": "1.5", "status": "inconsistent", "last_run": 2, "error": "study 1.5: middle"}
     assert source_info["advice"][0]["message"].startswith("2 studies failed (last tried in runs 2 to 3): ")
 
@@ -300,7 +302,7 @@ def test_advice_for_an_unreachable_source_without_a_complete_listing_and_many_fa
         last_run=RunFacts(14, _at(2.5), _at(2), "unreachable", {"error": "x"}, error="cannot reach pacs.example:443: connection refused"),
         studies={"failed": StudyCount(2500, 3, 12), "synced": StudyCount(10, 1, 12)},
         oldest_failed=FailedStudy("1.2.3", "failed", 3, "study 1.2.3: 404"),
-        changes_cursor=4711,
+        changes_cursor=("orthanc", "4711"),
         cap=1000, verified=0, fallbacks={"metadata_unavailable": "404 on WADO-RS metadata"},
     )
     info = report("s.db", 10, [facts], NOW, lookback=7, retry_per_run=1000)
@@ -315,7 +317,8 @@ def test_advice_for_an_unreachable_source_without_a_complete_listing_and_many_fa
     ]
     assert source["next_window"]["text"] == "lists everything (no complete listing yet)"
     lines = render(info)
-    assert "  change feed: at position 4711 (where the next run with --changes reads on)" in lines
+    assert source["changes_cursor"] == {"feed": "orthanc", "cursor": "4711"}
+    assert "  change feed: orthanc, read up to 4711 (the next run with --changes orthanc reads on from there)" in lines
     assert "  server: a cap of 1,000 results per query (learned; windows are split under it)" in lines
     assert "  fallback: metadata_unavailable (404 on WADO-RS metadata)" in lines
     assert "  last run: run 14, 2 h ago (" + _at(2.5) + "): unreachable" in lines
