@@ -297,3 +297,14 @@ def test_a_closed_client_sends_nothing_more(monkeypatch):
             with pytest.raises(FatalQidoError, match="the client was closed"):
                 c.get("studies", "studies")
     assert len(seen) == 1
+
+
+def test_azures_throttling_wait_in_milliseconds_is_honoured(monkeypatch):
+    """Azure's services answer throttling with x-ms-retry-after-ms; the server here is a simulator."""
+    no_proxy(monkeypatch)
+    answers = iter([(429, {"x-ms-retry-after-ms": "1500"}, b""), (503, {"Retry-After": "2", "x-ms-retry-after-ms": "9000"}, b""), (200, {}, b"[]")])
+    waits: list[float] = []
+    with server(lambda h: next(answers)) as (url, seen):
+        client = QidoClient(url, retry=RetryPolicy(attempts=3), sleep=waits.append)
+        assert client.get("studies", "studies").items == []
+    assert waits == [1.5, 2.0] and len(seen) == 3 and client.counts.retries == 2
