@@ -11,6 +11,7 @@ import pytest
 
 from crawler.audit.copies import FhirReader
 from crawler.errors import SinkError
+from crawler.http import RetryPolicy
 from fixtures.fakefhir import FakeFhir
 from fixtures.hostile import Hostile
 
@@ -94,3 +95,11 @@ def test_same_origin_redirects_are_followed_a_bounded_number_of_times():
         with pytest.raises(SinkError, match=r"^FHIR server http://127\.0\.0\.1:\d+/\S+ redirected GET more than 5 times$"):
             reader.rows("http://pacs/dicom-web", [])
         assert len(server.seen) == 6
+
+
+def test_the_reader_waits_as_the_connections_retry_policy_says():
+    waits: list[float] = []
+    with FakeFhir(fail_requests={1: 503}) as server:
+        reader = FhirReader(server.url, retries=1, retry=RetryPolicy(attempts=9, base_delay=8, max_delay=8), sleep=waits.append)
+        reader.rows("http://pacs/dicom-web", [])
+    assert len(waits) == 1 and 4 <= waits[0] <= 8

@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,6 +113,7 @@ class FhirReader:
         verify: bool | str = True,
         timeout: tuple[float, float] = (10.0, 120.0),
         retries: int = 4,
+        retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         session: requests.Session | None = None,
         max_answer: int = MAX_ANSWER,
@@ -132,7 +134,8 @@ class FhirReader:
         """Seconds a request may take in all (connect, redirects, the whole answer)."""
         self.max_answer = max_answer
         self.retries = retries
-        self._retrier = Retrier(RetryPolicy(attempts=retries + 1), sleep=sleep)
+        self._retrier = Retrier(replace(retry or RetryPolicy(), attempts=retries + 1), sleep=sleep)
+        """The waits of ``retry`` (the connection's policy), ``retries`` + 1 attempts."""
         self.requests = 0
         self.searched = False
         self.problems: list[str] = []
