@@ -172,7 +172,8 @@ class RequestCounts:
 
     @property
     def total(self) -> int:
-        return sum(self.by_kind.values())
+        with self._lock:   # another thread may add a kind meanwhile
+            return sum(self.by_kind.values())
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:

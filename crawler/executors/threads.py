@@ -13,7 +13,7 @@ from ..errors import QidoError
 from ..listing import ListingReport, iter_study_pages, listing_failed
 from ..planner import Window
 from ..readahead import read_ahead
-from ..worker import Outcome, crawl_one
+from ..worker import Candidate, Outcome, crawl_one
 from .seam import CrawlRun
 
 LISTING_AHEAD = 1000
@@ -31,27 +31,43 @@ def listed(run: CrawlRun, windows: list[Window], report: ListingReport) -> Itera
     yield from run.changed_items()
 
 
+PENDING = 10_000
+"""Studies found to crawl that wait for a free crawl thread, at most: the listing goes on while
+they wait (so a run with fewer studies to crawl knows their total, for the progress, as soon as
+its listing ends), and a listing far ahead of the crawl stops here (a few kB per study)."""
+
+
 def list_and_crawl(run: CrawlRun, windows: list[Window], report: ListingReport) -> None:
     workers = run.config.workers
     in_flight: deque[tuple[Future[Outcome], bool]] = deque()
+    pending: deque[Candidate] = deque()
     considered = 0
 
     def take_oldest() -> None:
         future, known = in_flight.popleft()
         run.take(future.result(), known)
 
+    def submit(pool: ThreadPoolExecutor) -> None:
+        while pending and len(in_flight) <= workers * 4:
+            chosen = pending.popleft()
+            in_flight.append((pool.submit(crawl_one, run.client, chosen.summary, run.job, run.learned), chosen.known))
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crawl") as pool:
         try:
             for item in listed(run, windows, report):
                 considered += 1
                 chosen = run.consider(item)
-                if chosen is None:
-                    continue
-                in_flight.append((pool.submit(crawl_one, run.client, chosen.summary, run.job, run.learned), chosen.known))
-                while len(in_flight) > workers * 4:
+                if chosen is not None:
+                    pending.append(chosen)
+                submit(pool)
+                while in_flight and in_flight[0][0].done():
                     take_oldest()
+                while len(pending) >= PENDING:
+                    take_oldest()
+                    submit(pool)
         except QidoError as exc:
             listing_failed(exc, report, started=considered > 0 or run.client.answered)
         run.listing_finished()
-        while in_flight:
+        while pending or in_flight:
+            submit(pool)
             take_oldest()
