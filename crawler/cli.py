@@ -696,12 +696,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _changes_cursor(state: State, source: str, version: int) -> tuple[str, str] | None:
-    """Where the source's change feed was read up to (Orthanc's, the one the state records)."""
-    position = state.changes_position(source) if version >= 4 else None
-    return None if position is None else ("orthanc", str(position))
-
-
 def _source_facts(state: State, source: str, holder: tuple[int, str] | None) -> SourceFacts:
     """What the state holds about one source, read for ``status`` (errors masked); ``holder``:
     the run lock's last holder (see State.lock_holder)."""
@@ -725,7 +719,7 @@ def _source_facts(state: State, source: str, holder: tuple[int, str] | None) -> 
         last_run=facts(last) if last is not None else None,
         unended=tuple(facts(run) for run in state.unended_runs(source)),
         mark=state.last_mark(source) if version >= 3 else None,
-        changes_cursor=_changes_cursor(state, source, version),
+        changes_cursor=state.change_feed(source),
         studies={status: StudyCount(c.count, c.first_run, c.last_run) for status, c in state.status_counts(source).items()},
         oldest_failed=None if oldest is None else FailedStudy(oldest.study_uid, oldest.status, oldest.last_run, _masked(oldest.last_error)),
         gone_still_held=state.gone_still_held(source),

@@ -952,6 +952,17 @@ class State:
         of any source closes them as interrupted and recovers their folders)."""
         return self._runs("source = ? AND ended IS NULL ORDER BY id", (source,))
 
+    def change_feed(self, source: str) -> tuple[str, str] | None:
+        """(change source, cursor) the source's change feed was last read up to, whatever its
+        kind; in a state of schema 4 to 9, Orthanc's position in its own column."""
+        if self._version >= 10:
+            row = self._q("SELECT change_feed, change_cursor FROM sources WHERE source = ?", (source,)).fetchone()
+            return (str(row[0]), str(row[1])) if row and row[0] is not None and row[1] is not None else None
+        if self._version >= 4:
+            row = self._q("SELECT changes_seq FROM sources WHERE source = ?", (source,)).fetchone()
+            return ("orthanc", str(row[0])) if row and row[0] is not None else None
+        return None
+
     def lock_holder(self) -> tuple[int, str] | None:
         """(pid, host) that the run lock last recorded: the running run, or the last one that held
         it (the label is not cleared on release). SQLite: the pid in ``<state>.lock``, on this

@@ -401,3 +401,35 @@ def test_a_run_is_running_only_while_it_is_alive_and_the_run_lock_names_it(lock_
     (source,) = status_json(capsys, path)["sources"]
     assert source["last_run"]["outcome"] == outcome
     assert source["advice"][0]["code"] == outcome
+
+
+@pytest.mark.parametrize("version", [1, 4, 9])
+def test_a_state_an_older_version_wrote_is_read_as_it_is(version, tmp_path, capsys):
+    """Status reads a state of an older schema read-only, with the columns it has: no mark before
+    schema 3, Orthanc's change position in its own column from schema 4 to 9 (a later schema keeps
+    a cursor per change source)."""
+    from crawler.state import MIGRATIONS
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)")
+    for number, name, sql in MIGRATIONS[:version]:
+        db.executescript(sql)
+        db.execute("INSERT INTO migrations (version, name) VALUES (?, ?)", (number, name))
+    source = "http://pacs/dicom-web"
+    db.execute("INSERT INTO runs (id, source, started, ended, outcome, figures) VALUES (1, ?, '2026-12-06T00:00:00+00:00', "
+               "'2026-12-06T00:00:05+00:00', 'partial', '{\"studies_listed\": 2}')", (source,))
+    db.execute("INSERT INTO studies (source, study_uid, status, last_error, last_run) VALUES (?, '1.5', 'failed', 'study 1.5: 404', 1)", (source,))
+    if version >= 3:
+        db.execute("UPDATE runs SET mark = '20261206'")
+    if version >= 4:
+        db.execute("INSERT INTO sources (source, cap, verified_uncapped, changes_seq) VALUES (?, NULL, 2, 77)", (source,))
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    (info,) = status_json(capsys, path)["sources"]
+    assert path.read_bytes() == before
+    assert info["studies"] == {"synced": 0, "failed": 1, "inconsistent": 0, "gone": 0}
+    assert info["oldest_failed"] == {"study_uid": "1.5", "status": "failed", "last_run": 1, "error": "study 1.5: 404"}
+    assert info["next_window"]["mark"] == (None if version < 3 else "20261206")
+    assert info["changes_cursor"] == (None if version < 4 else {"feed": "orthanc", "cursor": "77"})
