@@ -31,10 +31,11 @@ def listed(run: CrawlRun, windows: list[Window], report: ListingReport) -> Itera
     yield from run.changed_items()
 
 
-PENDING = 10_000
+PENDING = 2_000
 """Studies found to crawl that wait for a free crawl thread, at most: the listing goes on while
 they wait (so a run with fewer studies to crawl knows their total, for the progress, as soon as
-its listing ends), and a listing far ahead of the crawl stops here (a few kB per study)."""
+its listing ends), and a listing far ahead of the crawl stops here (a few kB per study: memory
+stays bounded whatever the size of the archive)."""
 
 
 def list_and_crawl(run: CrawlRun, windows: list[Window], report: ListingReport) -> None:
