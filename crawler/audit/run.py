@@ -158,11 +158,11 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
     started_clock = time.monotonic()
     source = normalise_base(config.url)
     if config.report.exists() and not config.report.is_dir():
-        raise ConfigError(f"--report {config.report} is a file, not a folder")
+        raise ConfigError(f"the report folder {config.report} is a file", setting="report")
     try:
         make_folder(config.report)
     except OSError as exc:
-        raise ConfigError(f"--report: cannot create {config.report}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot create the report folder {config.report}: {exc.strerror or exc}", setting="report") from None
     state_rows: dict[str, CopyRow] | None = None
     known_cap, verified = None, 0
     if config.state is not None:
