@@ -613,7 +613,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from .run import RETRY_PER_RUN
     from .state import MIGRATIONS, State
-    from .status import report, render
+    from .status import render, report
 
     if args.lookback < 0:
         raise ConfigError(f"--lookback must be a number of days >= 0, not {args.lookback}")

@@ -58,7 +58,6 @@ class Made:
         self.a_uids: dict[int, str] = {}
         self.patient_data: list[str] = []
         self.while_running: dict[str, Any] = {}
-        self.killed_pid = 0
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Made:
             with contextlib.redirect_stdout(shown):
                 assert main(["status", "--state", state, "--json"]) == 0
             made.while_running = json.loads(shown.getvalue())
-            made.killed_pid = process.pid
         finally:
             os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
@@ -130,10 +128,10 @@ def test_json_gives_per_source_the_last_run_window_studies_oldest_failure_and_ad
                         r"\(the state stands at its last checkpoint; its folder is completed or removed\)", messages[0]), messages[0]
     assert messages[1:] == [
         "2 studies failed (last tried in run 2): they are asked for again by UID each run (at most 1,000 a run); the errors name the cause",
-        "1 study inconsistent (last tried in run 2): the server's count of instances disagrees with the instances it lists; "
-        "it is asked for again each run until the two agree",
-        "1 study gone from the PACS (found in run 2), 1 still in the state and in `export`: found without --prune, "
-        "and a later --prune run deletes only what it finds gone itself",
+        ("1 study inconsistent (last tried in run 2): the server's count of instances disagrees with the instances it lists; "
+         "it is asked for again each run until the two agree"),
+        ("1 study gone from the PACS (found in run 2), 1 still in the state and in `export`: found without --prune, "
+         "and a later --prune run deletes only what it finds gone itself"),
     ]
 
     assert b["last_run"]["id"] == 4 and b["last_run"]["outcome"] == "unreachable"
@@ -312,8 +310,8 @@ def test_advice_for_an_unreachable_source_without_a_complete_listing_and_many_fa
     assert [item["message"] for item in source["advice"]] == [
         "last run ended unreachable 2 h ago: the source could not be reached; check the URL and network",
         "no complete listing yet: the next run lists everything",
-        "2,500 studies failed (last tried in runs 3 to 12): they are asked for again by UID each run "
-        "(at most 1,000 a run, so about 3 runs); the errors name the cause",
+        ("2,500 studies failed (last tried in runs 3 to 12): they are asked for again by UID each run "
+         "(at most 1,000 a run, so about 3 runs); the errors name the cause"),
     ]
     assert source["next_window"]["text"] == "lists everything (no complete listing yet)"
     lines = render(info)
