@@ -138,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full", action="store_true", help="list every study, not only those since the last run's mark (e.g. a weekly reconciliation)")
     g = p.add_argument_group("incremental runs and deletions")
     g.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="an incremental run lists from the last complete run's date minus this many days (default: %(default)s)")
-    g.add_argument("--changes", choices=["orthanc", "azure"],
+    g.add_argument("--changes", choices=["orthanc", "azure", "dcm4chee"],
                    help="also crawl the studies that the server's change source names since the last run, whatever their StudyDate "
-                        "(orthanc: Orthanc's /changes log; azure: the Azure DICOM service's change feed); one it names that the "
+                        "(orthanc: Orthanc's /changes log; azure: the Azure DICOM service's change feed; dcm4chee: the studies "
+                        "dcm4chee-arc received since, by StudyReceiveDateTime); one it names that the "
                         "server no longer has is gone")
     g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes (default: URL without /dicom-web)")
     g.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")

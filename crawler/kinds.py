@@ -58,3 +58,4 @@ class FhirVersion(Kind):
 class ChangeSource(Kind):
     ORTHANC = "orthanc"
     AZURE = "azure"
+    DCM4CHEE = "dcm4chee"
