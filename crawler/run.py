@@ -7,6 +7,7 @@ executors)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -35,6 +36,11 @@ from .worker import Candidate, CrawlJob, Outcome, study_hash
 
 log = logging.getLogger("crawler")
 
+
+class Stopped(Exception):
+    """A watch was told to stop during a run that lists (see SyncRun.stop)."""
+
+
 RETRY_PER_RUN = 1000
 """Failed studies outside the run's windows asked for again per run (one request each)."""
 
@@ -49,6 +55,13 @@ def unchanged(row: StudyRow, summary: StudySummary) -> bool:
         and summary.n_instances is not None
         and row.study_hash == study_hash(dict(summary.attributes))
     )
+
+
+def change_base(config: SyncConfig, client: QidoClient) -> str:
+    """Where ``config.changes`` is read: Orthanc's REST base, or the DICOMweb base (Azure)."""
+    if config.changes == ChangeSource.ORTHANC:
+        return normalise_base(config.orthanc_url) if config.orthanc_url else orthanc_base(client.base_url)
+    return client.base_url
 
 
 def now_utc() -> str:
@@ -91,9 +104,15 @@ class SyncRun:
         self.change_cursor: str | None = None
         """Where the change source was read up to: stored when the run's listing is complete."""
         self.full_listing = False
+        self.polled: set[str] | None = None
+        """In a watch's poll (see ``poll``): the studies considered in this poll. A run of
+        polls crawls a study again each time the change source names it."""
+        self.retry_in_poll = False
+        self.stop: threading.Event | None = None
+        """When set, a run that lists (a watch's full listing) stops at the next study: Stopped."""
 
     def run(self, windows: list[Window], scope: str, moves_mark: bool, today: str, started_clock: float) -> SyncResult:
-        config, state, run_id = self.config, self.state, self.run_id
+        state = self.state
         self.full_listing = windows == [Window()]
         state.begin()
         try:
@@ -105,28 +124,60 @@ class SyncRun:
                 listing_clean = self._find_gone(windows)
                 if listing_clean and self.change_cursor is not None and self.config.changes is not None:
                     state.set_change_cursor(self.source, self.config.changes, self.change_cursor)
-            self.ledger.checkpoint()
-            run_dir = self.ndjson.finish() if self.ndjson else None
-            for sink in self.sinks:
-                if sink is not self.ndjson:
-                    sink.finish()
-            f = self.figures
-            exit_code = EXIT_PARTIAL if (f.studies_failed or f.studies_inconsistent or f.windows_incomplete) else EXIT_OK
-            result = SyncResult(f, self.client.counts.as_dict(), time.monotonic() - started_clock, run_id, run_dir, exit_code, scope, self.errors)
-            mark = today if moves_mark and listing_clean else None
-            outcome = RunOutcome.PARTIAL if exit_code else RunOutcome.OK
-            state.finish_run(run_id, now_utc(), outcome, run_dir, result.summary(), mark, [str(w) for w in windows])
-            state.commit()
-            return result
+            return self.finish(scope, today if moves_mark and listing_clean else None, [str(w) for w in windows])
         except BaseException as exc:
-            for sink in self.sinks:
-                sink.abort()
-            state.rollback()
-            failed = RunOutcome.UNREACHABLE if isinstance(exc, SourceUnreachable) else RunOutcome.FAILED
-            error = str(exc) if isinstance(exc, CrawlerError) else type(exc).__name__
-            kept = str(self.ndjson.folder.absolute()) if self.ndjson and self.ndjson.folder.is_dir() else None
-            state.finish_run(run_id, now_utc(), failed, kept, {**vars(self.figures), "error": error})
+            self.abort(exc)
             raise
+
+    def finish(self, scope: str, mark: str | None, windows: list[str]) -> SyncResult:
+        """The end of a run: a last checkpoint, the run folder finished with its manifest (none
+        made when nothing was written), the run recorded, committed."""
+        self.ledger.checkpoint()
+        run_dir = self.ndjson.finish() if self.ndjson else None
+        for sink in self.sinks:
+            if sink is not self.ndjson:
+                sink.finish()
+        f = self.figures
+        exit_code = EXIT_PARTIAL if (f.studies_failed or f.studies_inconsistent or f.windows_incomplete) else EXIT_OK
+        result = SyncResult(f, self.client.counts.as_dict(), time.monotonic() - self.started_clock, self.run_id, run_dir, exit_code,
+                            scope, self.errors)
+        outcome = RunOutcome.PARTIAL if exit_code else RunOutcome.OK
+        self.state.finish_run(self.run_id, now_utc(), outcome, run_dir, result.summary(), mark, windows)
+        self.state.commit()
+        return result
+
+    def abort(self, exc: BaseException) -> None:
+        """A run that cannot go on: the sinks keep what the last checkpoint holds (the run folder
+        is cut back to it), the state rolls back to it, the run is recorded as failed."""
+        for sink in self.sinks:
+            sink.abort()
+        self.state.rollback()
+        failed = RunOutcome.UNREACHABLE if isinstance(exc, SourceUnreachable) else RunOutcome.FAILED
+        error = str(exc) if isinstance(exc, CrawlerError) else type(exc).__name__
+        kept = str(self.ndjson.folder.absolute()) if self.ndjson and self.ndjson.folder.is_dir() else None
+        self.state.finish_run(self.run_id, now_utc(), failed, kept, {**vars(self.figures), "error": error})
+
+    def poll(self, changes: tuple[Change, ...], cursor: str, *, retry: bool = False) -> bool:
+        """One poll of a watch: crawl the studies ``changes`` names (asked for by UID; one the
+        server no longer has is gone), and with ``retry`` those earlier runs failed, then a
+        checkpoint that stores ``cursor`` with them. The cursor is not stored when a study named
+        could not be asked for (the next poll reads the same changes again). Returns whether
+        it was stored. The state must be in the run's transaction (``state.begin()``)."""
+        self.changes = changes
+        self.polled = set()
+        self.retry_in_poll = retry
+        report = self._new_report()
+        executor(self.config.executor)(self, [], report)
+        self.figures.warnings_not_shown += report.notices.close()
+        for message in report.incomplete:
+            self._error(f"not every study the change source named could be asked for: {message}", kind="change source polls incomplete")
+        # an unusable entry is counted failed and passed over, as in a listing: asking again
+        # would not mend it, and the cursor would never move past it
+        stored = not report.incomplete and self.config.changes is not None
+        if stored and self.config.changes is not None:
+            self.state.set_change_cursor(self.source, self.config.changes, cursor)
+        self.ledger.checkpoint()
+        return stored
 
     def _new_report(self) -> ListingReport:
         known_cap, verified = self.state.source_facts(self.source)
@@ -143,10 +194,7 @@ class SyncRun:
         kind = self.config.changes
         if kind is None:
             return windows, scope
-        if kind == ChangeSource.ORTHANC:
-            base = normalise_base(self.config.orthanc_url) if self.config.orthanc_url else orthanc_base(self.client.base_url)
-        else:
-            base = self.client.base_url
+        base = change_base(self.config, self.client)
         cursor = None if self.full_listing else self.state.change_cursor(self.source, kind)
         try:
             read = read_changes(kind, self.client, base, cursor)
@@ -184,6 +232,7 @@ class SyncRun:
         """A listed study: counted and marked seen; a Candidate when it must be crawled, None when
         it is unchanged, listed already or unusable."""
         figures, state = self.figures, self.state
+        self._check_stop()
         problem = item.get(dj.UNREADABLE)
         if problem is not None:
             figures.studies_failed += 1
@@ -200,8 +249,10 @@ class SyncRun:
             self._error(f"listing entry: {exc}", kind="unusable listing entries")
             return None
         row = state.study(self.source, summary.uid)
-        if summary.uid in self.ledger.unrecorded or (row is not None and row.last_seen_run == self.run_id):
+        if self._listed_already(summary.uid, row):
             return None
+        if self.polled is not None:
+            self.polled.add(summary.uid)
         figures.studies_listed += 1
         if row is not None:
             state.mark_seen(self.source, summary.uid, self.run_id)
@@ -217,6 +268,7 @@ class SyncRun:
     def take(self, outcome: Outcome, known: bool) -> None:
         """A crawled study: held for the next checkpoint, which comes when enough are held or
         enough time has passed."""
+        self._check_stop()
         self._note_fallbacks(outcome)
         self.ledger.hold(outcome, known)
         self.crawled += 1
@@ -229,6 +281,10 @@ class SyncRun:
         self.listing_complete = True
         self._report()
 
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped("stopped before the listing was complete; the state stands at the last checkpoint")
+
     def _report(self) -> None:
         if self.progress is None:
             return
@@ -240,7 +296,16 @@ class SyncRun:
         """The studies to crawl that the windows' listing did not show: those Orthanc's change feed
         names (with --changes orthanc), then those an earlier run failed (see ``_retried_items``)."""
         yield from self._fed_items()
-        yield from self._retried_items()
+        if self.polled is None or self.retry_in_poll:
+            yield from self._retried_items()
+
+    def _listed_already(self, uid: str, row: StudyRow | None) -> bool:
+        """Whether this run has listed the study already (a watch's poll: this poll has)."""
+        if uid in self.ledger.unrecorded:
+            return True
+        if self.polled is not None:
+            return uid in self.polled
+        return row is not None and row.last_seen_run == self.run_id
 
     def _retried_items(self) -> Iterator[dict[str, Any]]:
         """Studies the state holds as failed or inconsistent that this run has not listed (their
@@ -264,7 +329,7 @@ class SyncRun:
         for change in self.changes:
             uid = change.study_uid
             row = self.state.study(self.source, uid)
-            if uid in self.ledger.unrecorded or (row is not None and row.last_seen_run == self.run_id):
+            if self._listed_already(uid, row):
                 continue
             items = self._listing_of(uid)
             if items:

@@ -31,6 +31,8 @@ longer has is gone), and the cursor moves only at the end of a run whose listing
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from ..kinds import ChangeSource
 from ..qido import QidoClient
 from .azure import azure_changes
@@ -41,17 +43,18 @@ from .orthanc import Changes, orthanc_base, orthanc_changes
 __all__ = ["Change", "Changes", "ChangesRead", "azure_changes", "dcm4chee_changes", "orthanc_base", "orthanc_changes", "read_changes"]
 
 
-def read_changes(kind: ChangeSource, client: QidoClient, base: str, cursor: str | None) -> ChangesRead:
+def read_changes(kind: ChangeSource, client: QidoClient, base: str, cursor: str | None, stable_before: datetime | None = None) -> ChangesRead:
     """The changes ``kind`` names since ``cursor`` (None: a first read, which only finds where the
-    source stands now). ``base`` is Orthanc's REST base, or the Azure service's DICOMweb base."""
+    source stands now). ``base`` is Orthanc's REST base, or the Azure service's DICOMweb base.
+    ``stable_before``: only changes made before that moment (the rest, and the cursor, wait)."""
     if kind == ChangeSource.ORTHANC:
         since = int(cursor) if cursor is not None and cursor.isdigit() else None
-        found = orthanc_changes(client, base, since)
+        found = orthanc_changes(client, base, since) if stable_before is None else orthanc_changes(client, base, since, stable_before=stable_before)
         if since is not None and found.last < since:
             return ChangesRead((), str(found.last), reset=True)
-        return ChangesRead(tuple(Change(uid) for uid in found.study_uids), str(found.last))
+        return ChangesRead(tuple(Change(uid) for uid in found.study_uids), str(found.last), newest=found.newest, held=found.held)
     if kind == ChangeSource.AZURE:
-        return azure_changes(client, base, cursor)
+        return azure_changes(client, base, cursor) if stable_before is None else azure_changes(client, base, cursor, end=stable_before)
     if kind == ChangeSource.DCM4CHEE:
         return dcm4chee_changes(client, base, cursor)
     raise ValueError(f"no change source {kind!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -20,10 +21,30 @@ def _azure_cursor(entry: dict[str, Any]) -> tuple[str, int] | None:
     return timestamp.strip(), sequence
 
 
-def azure_changes(client: QidoClient, base: str, cursor: str | None) -> ChangesRead:
+def feed_time(moment: datetime) -> str:
+    """A ``startTime``/``endTime`` value: UTC, ISO 8601 with ``Z``."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _entry_time(text: str) -> datetime | None:
+    """An entry's Timestamp (fractions of a second past microseconds cut off); None if it is none."""
+    value = text.strip().replace("Z", "+00:00")
+    head, dot, rest = value.partition(".")
+    if dot:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        value = f"{head}.{rest[:digits][:6].ljust(6, '0')}{rest[digits:]}"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def azure_changes(client: QidoClient, base: str, cursor: str | None, end: datetime | None = None) -> ChangesRead:
     """The Azure change feed v2 since ``cursor`` (``<Timestamp>|<Sequence>``; None: where the feed
     stands now, from ``/changefeed/latest``). Entries that are not well-formed are passed over; an
-    answer that is no feed is a FatalQidoError."""
+    answer that is no feed is a FatalQidoError. ``end``: only entries made before it (the feed's
+    ``endTime``, exclusive): a later one is read by a later call, the cursor never passes it."""
     base = base.rstrip("/")
     if cursor is None:
         url = f"{base}/changefeed/latest?includeMetadata=false"
@@ -40,6 +61,8 @@ def azure_changes(client: QidoClient, base: str, cursor: str | None) -> ChangesR
     offset = 0
     while True:
         query = f"offset={offset}&limit={AZURE_PAGE}&includeMetadata=false" + (f"&startTime={quote(start, safe='')}" if start else "")
+        if end is not None:
+            query += f"&endTime={quote(feed_time(end), safe='')}"
         url = f"{base}/changefeed?{query}"
         page = get_json(client, url)
         if page == {}:
@@ -58,4 +81,5 @@ def azure_changes(client: QidoClient, base: str, cursor: str | None) -> ChangesR
         if len(page) < AZURE_PAGE:
             break
         offset += len(page)
-    return ChangesRead(tuple(Change(uid, deleted) for uid, deleted in changes.items()), f"{newest[0]}|{newest[1]}")
+    return ChangesRead(tuple(Change(uid, deleted) for uid, deleted in changes.items()), f"{newest[0]}|{newest[1]}",
+                       newest=_entry_time(newest[0]) if newest[0] else None)

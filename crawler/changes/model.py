@@ -5,6 +5,7 @@ same-origin redirects apply)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import orjson
 import requests
@@ -32,6 +33,11 @@ class ChangesRead:
     changes: tuple[Change, ...]
     cursor: str
     reset: bool = False
+    newest: datetime | None = None
+    """When the newest change read was made (as the source dates it), if it says."""
+    held: bool = False
+    """Changes newer than the read's ``stable_before`` were left for a later read (the cursor
+    stops before the first of them)."""
 
 
 def get_json(client: QidoClient, url: str) -> object:
