@@ -168,3 +168,23 @@ def test_a_sync_following_the_receive_time_finds_a_late_arrival_with_an_old_stud
         assert parse_dt(_cursor(state, pacs.url) or "") == pacs.clock
         asked = [q for q in _asked(pacs) if q.startswith("StudyReceiveDateTime=")]
         assert len(asked) == 2                                             # none in the first run
+
+
+def test_an_archive_that_refuses_a_search_matching_too_many_studies_is_asked_for_shorter_spans_of_time():
+    """dcm4chee-arc answers 413 when a search matches more studies than its Query Max Number of
+    Results, whatever the limit asked (QidoRS): a change read after a busy spell must not fail
+    every run from then on."""
+    hidden = tuple(range(5, 140))
+    with Dcm4cheePacs(n_studies=140, seed=78, hidden=hidden, max_results=40, cap_mode="413") as pacs:
+        cursor = pacs.written(pacs.clock)
+        for index in hidden:
+            pacs.tick(0.5)
+            pacs.arrive(index)
+        client = _client(pacs)
+        try:
+            read = dcm4chee_changes(client, pacs.url, cursor)
+        finally:
+            client.close()
+        assert sorted(c.study_uid for c in read.changes) == sorted(pacs.study_uid(i) for i in hidden)
+        assert parse_dt(read.cursor) == pacs.clock
+        assert pacs.statuses[413] >= 1 and pacs.statuses[200] >= 4

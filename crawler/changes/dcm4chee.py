@@ -32,6 +32,11 @@ its conformance statement, dcm4chee-arc-cs, lists no private matching keys) and 
   received before the cursor (a series added, a corrected name) and deletions are therefore not
   seen here; the weekly ``--full`` run finds them.
 
+- A search that matches more studies than the archive's Query Max Number of Results (off by
+  default) is refused with 413 whatever the limit asked (dcm4chee-arc-qido ``QidoRS``): after a
+  busy spell the span is then read in halves (closed ranges ``A-B``), so that the read does not
+  fail every run from then on.
+
 The cursor is the newest receive time seen, as text in the form sent back (UTC with ``+0000``,
 or the archive's local time when it answers without an offset). Each read asks for
 ``StudyReceiveDateTime=<cursor - OVERLAP>-`` (open-ended: the archive's clock, not this
@@ -60,6 +65,8 @@ DCM4CHEE_PAGE = 100
 PRIVATE_CREATOR = "DCM4CHEE Archive 5"
 RECEIVE_KEY = "StudyReceiveDateTime"
 RECEIVE_ELEMENT = 0x20
+_TICK = timedelta(milliseconds=1)
+"""The archive's precision: the sides of split spans are this far apart."""
 """Study Receive Date Time is ``(7777,xx20)`` in the block the private creator reserves."""
 _DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?")
 _CREATOR = re.compile(r"777700[1-9A-F][0-9A-F]", re.IGNORECASE)
@@ -140,19 +147,63 @@ def dcm4chee_changes(client: QidoClient, base: str, cursor: str | None, page_siz
     start = parse_dt(cursor)
     if start is None:
         return ChangesRead((), format_dt(now), reset=True)
-    params = [(RECEIVE_KEY, f"{format_dt(start - OVERLAP)}-")]
-    newest: datetime | None = start
-    changes: dict[str, None] = {}
-    for page in client.iter_pages("changes", "studies", params, page_size):
-        for item in page.items:
-            received = receive_time(item)
-            if received is None:
-                shown = redact(client.url("studies", params))
-                raise FatalQidoError(f"answer from {shown}: a study without its {RECEIVE_KEY}: the server does not match on it (is it dcm4chee-arc?)", url=shown)
-            uid = _study_uid(item)
-            if uid is not None:
-                changes[uid] = None
-            if _newer(received, newest):
-                newest = received
-    cursor_text = format_dt(newest) if newest is not None else cursor
-    return ChangesRead(tuple(Change(uid) for uid in changes), cursor_text)
+    read = _Read(client, page_size)
+    read.newest = start
+    read.since(start - OVERLAP, _horizon(start, now))
+    cursor_text = format_dt(read.newest) if read.newest is not None else cursor
+    return ChangesRead(tuple(Change(uid) for uid in read.changes), cursor_text)
+
+
+def _horizon(start: datetime, now: datetime) -> datetime:
+    """A time no receive time the archive has stamped yet is past, in the form of ``start``:
+    this machine's clock plus OVERLAP (for a clock running ahead), or for an archive that writes
+    its local time without an offset, UTC plus 14 hours (the largest offset) plus OVERLAP."""
+    if start.tzinfo is not None:
+        return now + OVERLAP
+    return now.replace(tzinfo=None) + timedelta(hours=14) + OVERLAP
+
+
+class _Read:
+    """One read: the studies named and the newest receive time seen, over one or more searches."""
+
+    def __init__(self, client: QidoClient, page_size: int) -> None:
+        self.client, self.page_size = client, page_size
+        self.changes: dict[str, None] = {}
+        self.newest: datetime | None = None
+
+    def since(self, low: datetime, horizon: datetime) -> None:
+        """Receive times from ``low`` on. dcm4chee-arc refuses (413) a search that matches more
+        studies than its Query Max Number of Results, whatever the limit asked (QidoRS): then
+        the span up to ``horizon`` is read in halves, and what lies beyond it by one more search."""
+        try:
+            self.search(f"{format_dt(low)}-")
+        except FatalQidoError as exc:
+            if exc.status != 413 or low >= horizon:
+                raise
+            self.span(low, horizon)
+            self.search(f"{format_dt(horizon + _TICK)}-")
+
+    def span(self, low: datetime, high: datetime) -> None:
+        try:
+            self.search(f"{format_dt(low)}-{format_dt(high)}")
+        except FatalQidoError as exc:
+            if exc.status != 413 or high - low < 2 * _TICK:
+                raise
+            middle = low + (high - low) / 2
+            middle -= timedelta(microseconds=middle.microsecond % 1000)
+            self.span(low, middle)
+            self.span(middle + _TICK, high)
+
+    def search(self, value: str) -> None:
+        params = [(RECEIVE_KEY, value)]
+        for page in self.client.iter_pages("changes", "studies", params, self.page_size):
+            for item in page.items:
+                received = receive_time(item)
+                if received is None:
+                    shown = redact(self.client.url("studies", params))
+                    raise FatalQidoError(f"answer from {shown}: a study without its {RECEIVE_KEY}: the server does not match on it (is it dcm4chee-arc?)", url=shown)
+                uid = _study_uid(item)
+                if uid is not None:
+                    self.changes[uid] = None
+                if _newer(received, self.newest):
+                    self.newest = received
