@@ -211,16 +211,17 @@ def token_from_command(command: str) -> Callable[[], str]:
 
     argv = shlex.split(command)
     if not argv:
-        raise ConfigError("--token-command is empty")
+        raise ConfigError("the token command is empty", setting="token_command")
 
     def provide() -> str:
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ConfigError(f"--token-command {argv[0]!r} could not run: {type(exc).__name__}") from None
+            raise ConfigError(f"the token command {argv[0]!r} could not run: {type(exc).__name__}", setting="token_command") from None
         token = done.stdout.strip()
         if done.returncode != 0 or not token:
-            raise ConfigError(f"--token-command {argv[0]!r} failed (exit {done.returncode}, {len(token)} characters of output)")
+            raise ConfigError(f"the token command {argv[0]!r} failed (exit {done.returncode}, {len(token)} characters of output)",
+                              setting="token_command")
         return token
 
     return provide

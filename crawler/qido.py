@@ -317,7 +317,7 @@ class QidoClient:
 
 
 def _bearer(token: str) -> str:
-    return "Bearer " + check_header_value("the bearer token (--token, QIDO_CRAWLER_TOKEN or --token-command's output)", token)
+    return "Bearer " + check_header_value("the bearer token (given, or printed by the token command)", token)
 
 
 def transport_failure(exc: Exception, shown: str) -> QidoError:

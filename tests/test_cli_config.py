@@ -16,7 +16,8 @@ from crawler.config import AuditConfig, Connection, SyncConfig
 from crawler.errors import ConfigError
 from crawler.figures import Figures, RunProgress
 from crawler.kinds import ChangeSource, Executor, FhirVersion
-from crawler.qido import RetryPolicy, client_from
+from crawler.http import RetryPolicy
+from crawler.qido import client_from
 
 URL = "http://127.0.0.1:9/dicom-web"
 

@@ -42,7 +42,7 @@ def test_token_command_is_run_again_after_a_401(tmp_path, capsys):
 def test_a_failing_token_command_is_a_configuration_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "sync", "http://127.0.0.1:9/dicom-web", "--state", str(tmp_path / "s.db"), "--token-command", "false")
     assert code == 2
-    assert "--token-command 'false' failed" in err
+    assert "--token-command: the token command 'false' failed" in err
 
 
 def test_extra_headers_are_sent_and_never_shown(tmp_path, capsys):

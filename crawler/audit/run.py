@@ -177,6 +177,7 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
             verify=config.verify,
             timeout=config.timeout,
             retries=config.retries,
+            retry=config.retry,
         )
     try:
         generated = datetime.now(timezone.utc).replace(microsecond=0)
@@ -223,7 +224,7 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
             totals=figures_total,
             windows=window_info,
             include_phi=config.include_phi,
-            compared={"state": str(config.state) if config.state else None, "fhir": redact(config.fhir_url) if config.fhir_url else None},
+            compared={"state": _shown_state(config.state), "fhir": redact(config.fhir_url) if config.fhir_url else None},
         )
         return AuditResult(
             source=redact(config.url),
@@ -306,3 +307,10 @@ def _crawl(
     for message in report.incomplete:
         report.notices.emit("windows not listed completely", f"not listed completely: {message}", logging.ERROR)
     report.notices.close()
+
+
+def _shown_state(state: Path | str | None) -> str | None:
+    """The state as the report names it: a PostgreSQL URL without its password."""
+    if state is None:
+        return None
+    return redact(state, keep_user=True) if isinstance(state, str) else str(state)

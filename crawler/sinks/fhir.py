@@ -236,7 +236,7 @@ class FhirServer:
         self.base_url = url
         version = str(fhir_version).upper()
         if version not in ACCEPTED_VERSIONS:
-            raise ConfigError(f"--fhir-version must be R5 or R4, not {fhir_version!r}")
+            raise ConfigError(f"the FHIR version must be R5 or R4, not {fhir_version!r}", setting="fhir_version")
         self.fhir_version = version
         if batch_size < 1:
             raise ConfigError(f"the FHIR batch size must be at least 1, not {batch_size}")
@@ -252,7 +252,7 @@ class FhirServer:
         self.server_text = server_text
         self.written_types = tuple(written_types)
         if ids not in ("ours", "server"):
-            raise ConfigError(f"--fhir-ids must be ours or server, not {ids!r}")
+            raise ConfigError(f"the FHIR ids must be ours or server, not {ids!r}", setting="fhir_ids")
         self.ids = ids
         self.server_id_lookup: Callable[[str, str], str | None] = lambda resource_type, resource_id: None
         """With ids="server": the server id of one of our resources that an earlier run learned."""
