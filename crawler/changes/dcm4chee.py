@@ -26,12 +26,12 @@ its conformance statement, dcm4chee-arc-cs, lists no private matching keys) and 
   The reader finds the creator's block rather than assuming ``xx`` = ``10``.
 - Study Update Date Time ``(7777,xx21)`` (the study's ``updated_time``) is returned with
   ``includefield=all`` but is no matching key; nor is the standard Study Update DateTime
-  ``(0008,041F)`` (PS3.6: DT, VM 1) in dcm4chee-arc's query builder, and PS3.18 does not make it
-  a matching key of the study search any server must support. A key an archive does not match
-  on is ignored, so a search on it would answer every study: it is not sent. Changes to a study
-  received before the cursor (a series added, a corrected name) and deletions are therefore not
-  seen here; the weekly ``--full`` run finds them.
-
+  ``(0008,041F)`` (PS3.6: DT, VM 1), which neither dcm4chee-arc's query builder nor the study
+  matching attributes of its conformance statement (dcm4chee-arc-cs
+  ``study-attribute-matching.csv``) name. A key the archive does not match on is kept as a
+  return key and ignored, so a search on it would answer every study: it is not sent. Changes
+  to a study received before the cursor (a series added, a corrected name) and deletions are
+  therefore not seen here; the weekly ``--full`` run finds them.
 - A search that matches more studies than the archive's Query Max Number of Results (off by
   default) is refused with 413 whatever the limit asked (dcm4chee-arc-qido ``QidoRS``): after a
   busy spell the span is then read in halves (closed ranges ``A-B``), so that the read does not
