@@ -56,6 +56,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return value
+
+
 def _day(text: str) -> str:
     try:
         return parse_day(text, "date")
@@ -145,21 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "server no longer has is gone")
     g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes (default: URL without /dicom-web)")
     g.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
-    g = p.add_argument_group("FHIR resources")
-    g.add_argument("--fhir-version", choices=["R5", "R4"], default="R5", help="FHIR version of the output (default: %(default)s)")
-    g.add_argument("--patients", action="store_true", help="also write a Patient resource per (issuer, Patient ID) and reference it from the subject")
-    g.add_argument("--issuer-system", action="append", default=[], metavar="ISSUER=URI", help="identifier system for an Issuer of Patient ID or accession issuer (repeatable)")
-    g.add_argument("--wado-url", metavar="URL", help="WADO-RS base the Endpoint resource points at (default: URL)")
-    g.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for times without Timezone Offset From UTC (default: this machine's)")
-    g.add_argument("--metadata", choices=[m.value for m in MetadataMode], default="auto", help="read WADO-RS metadata: auto (when QIDO leaves out sequences the mapping needs), never, always (default: %(default)s)")
-    g.add_argument("--metadata-max-instances", type=_positive, default=1000, metavar="N", help="studies with more instances read one instance's metadata per series instead of the whole study's (default: %(default)s)")
-    g.add_argument("--validate", action="store_true", help="validate every resource with fhir.resources before writing it (needs the validate extra)")
-    g = p.add_argument_group("FHIR server", "send the changes to a FHIR server as well")
-    g.add_argument("--fhir-url", metavar="URL", help="also send the changes to this FHIR server (transaction Bundles of PUT by id; DELETE with --prune)")
-    g.add_argument("--fhir-batch-size", type=_positive, default=100, metavar="N", help="studies per transaction Bundle (default: %(default)s)")
-    g.add_argument("--fhir-ids", choices=["ours", "server"], default="ours", help="ours: PUT by the crawler's ids (the server must allow update as create); server: conditional updates by identifier, the server's ids kept in the state (default: %(default)s)")
-    _add_fhir_credentials(g)
-    g.add_argument("--log-server-text", action="store_true", help="keep the FHIR server's error texts (OperationOutcome diagnostics) in logs and the state: they may contain patient data (default: status, issue codes and element paths only)")
+    _add_fhir_resources(p.add_argument_group("FHIR resources"))
+    _add_fhir_server(p.add_argument_group("FHIR server", "send the changes to a FHIR server as well"))
     _add_connection(p.add_argument_group("connection and authentication", _CONNECTION))
     g = p.add_argument_group("performance")
     g.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once; with --executor dask and no --scheduler, the local cluster's worker processes (default: %(default)s)")
@@ -171,6 +168,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: %(default)s)")
     g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
     g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
+    _add_output_format(p.add_argument_group("output format and messages"))
+
+    p = commands.add_parser(
+        "watch",
+        help="follow the server's change source and write what changes within seconds, until stopped",
+        description="Follow the DICOMweb server's change source: a full listing first (on a state without one), then "
+        "every --interval the studies the change source names, once quiet for --stable-after, crawled and written as run "
+        "folders rolled every --roll-every (or sent to a FHIR server); a complete listing every --reconcile-every finds what "
+        "the change source does not tell. Runs until SIGTERM or SIGINT, then finishes the current run folder and exits 0.",
+        usage="%(prog)s --changes SOURCE (--out DIR | --fhir-url URL) [options] URL",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
+    g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=_STATE_HELP)
+    g.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N", help="commit the state and flush the outputs every N crawled studies (and every minute; and after every poll) (default: %(default)s)")
+    g = p.add_argument_group("watching")
+    g.add_argument("--changes", choices=["orthanc", "azure", "dcm4chee"], required=True,
+                   help="the change source to follow (orthanc: Orthanc's /changes log; azure: the Azure DICOM service's change feed; "
+                        "dcm4chee: the studies dcm4chee-arc received, by StudyReceiveDateTime)")
+    g.add_argument("--interval", type=_seconds, default=10.0, metavar="SECONDS", help="read the change source this often (default: %(default)g)")
+    g.add_argument("--stable-after", type=_seconds, default=60.0, metavar="SECONDS", help="crawl a study once its changes are this old, so that a study being received is not synced half-way (default: %(default)g)")
+    g.add_argument("--roll-every", type=_seconds, default=300.0, metavar="SECONDS", help="finish the current run folder (with its manifest) this often; none is made while nothing changes (default: %(default)g)")
+    g.add_argument("--reconcile-every", type=_seconds, default=86400.0, metavar="SECONDS", help="list every study this often, to find what the change source does not tell (deletions on Orthanc, lost changes) (default: %(default)g)")
+    g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes orthanc (default: URL without /dicom-web)")
+    g.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
+    _add_fhir_resources(p.add_argument_group("FHIR resources"))
+    _add_fhir_server(p.add_argument_group("FHIR server", "send the changes to a FHIR server as well (or instead of --out)"))
+    _add_connection(p.add_argument_group("connection and authentication", _CONNECTION))
+    g = p.add_argument_group("performance")
+    g.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once (default: %(default)s)")
+    _add_max_rps(g)
+    g.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: %(default)s)")
+    g.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: %(default)s)")
+    g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
+    g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
+    p.set_defaults(since=None, until=None)
     _add_output_format(p.add_argument_group("output format and messages"))
 
     p = commands.add_parser(
@@ -245,6 +280,27 @@ def build_parser() -> argparse.ArgumentParser:
 _CONNECTION = "to the DICOMweb server; credentials are better given in the environment variables named than on the command line"
 
 _Group = argparse._ArgumentGroup
+
+
+def _add_fhir_resources(g: _Group) -> None:
+    """What the resources hold (sync and watch)."""
+    g.add_argument("--fhir-version", choices=["R5", "R4"], default="R5", help="FHIR version of the output (default: %(default)s)")
+    g.add_argument("--patients", action="store_true", help="also write a Patient resource per (issuer, Patient ID) and reference it from the subject")
+    g.add_argument("--issuer-system", action="append", default=[], metavar="ISSUER=URI", help="identifier system for an Issuer of Patient ID or accession issuer (repeatable)")
+    g.add_argument("--wado-url", metavar="URL", help="WADO-RS base the Endpoint resource points at (default: URL)")
+    g.add_argument("--timezone", metavar="ZONE", help="IANA time zone of the PACS, for times without Timezone Offset From UTC (default: this machine's)")
+    g.add_argument("--metadata", choices=[m.value for m in MetadataMode], default="auto", help="read WADO-RS metadata: auto (when QIDO leaves out sequences the mapping needs), never, always (default: %(default)s)")
+    g.add_argument("--metadata-max-instances", type=_positive, default=1000, metavar="N", help="studies with more instances read one instance's metadata per series instead of the whole study's (default: %(default)s)")
+    g.add_argument("--validate", action="store_true", help="validate every resource with fhir.resources before writing it (needs the validate extra)")
+
+
+def _add_fhir_server(g: _Group) -> None:
+    """The FHIR server to send the changes to (sync and watch)."""
+    g.add_argument("--fhir-url", metavar="URL", help="also send the changes to this FHIR server (transaction Bundles of PUT by id; DELETE with --prune)")
+    g.add_argument("--fhir-batch-size", type=_positive, default=100, metavar="N", help="studies per transaction Bundle (default: %(default)s)")
+    g.add_argument("--fhir-ids", choices=["ours", "server"], default="ours", help="ours: PUT by the crawler's ids (the server must allow update as create); server: conditional updates by identifier, the server's ids kept in the state (default: %(default)s)")
+    _add_fhir_credentials(g)
+    g.add_argument("--log-server-text", action="store_true", help="keep the FHIR server's error texts (OperationOutcome diagnostics) in logs and the state: they may contain patient data (default: status, issue codes and element paths only)")
 
 
 def _add_fhir_credentials(g: _Group) -> None:
@@ -547,6 +603,58 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    """Watch until SIGTERM or SIGINT: the signal sets the stop event (the watch finishes its poll,
+    its run folder and its state, then returns); the handlers are put back afterwards."""
+    import signal
+
+    from .watch import WatchOptions, watch
+
+    shared = _shared(args)
+    if args.wado_url:
+        check_base_url(args.wado_url)
+    config = SyncConfig(
+        **shared,
+        out=args.out,
+        state=args.state,
+        prune=args.prune,
+        changes=args.changes,
+        fhir_batch_size=args.fhir_batch_size,
+        log_server_text=args.log_server_text,
+        fhir_ids=args.fhir_ids,
+        orthanc_url=check_base_url(args.orthanc_url) if args.orthanc_url else None,
+        checkpoint_every=args.checkpoint_every,
+        crawl=CrawlOptions(args.instance_page_size, MetadataMode(args.metadata), args.metadata_max_instances),
+        fhir_version=args.fhir_version,
+        patients=args.patients,
+        validate=args.validate,
+        issuer_systems=issuer_systems(args.issuer_system),
+        wado_url=args.wado_url,
+    )
+    options = WatchOptions(interval=args.interval, stable_after=args.stable_after, roll_every=args.roll_every,
+                           reconcile_every=args.reconcile_every)
+    stop = threading.Event()
+
+    def stopping(signum: int, frame: object) -> None:
+        if not stop.is_set():
+            log.warning("%s: finishing the current poll and run folder, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    before = {sig: signal.signal(sig, stopping) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        result = watch(config, options, stop)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if not args.quiet:
+        print(f"{PROG}: watched {redact(config.url)}: {result.polls} polls ({result.poll_errors} failed, tried again), "
+              f"{result.runs} runs, {len(result.run_dirs)} run folders, {result.reconciliations} reconciliations; studies: "
+              f"{result.studies_synced} synced, {result.studies_failed} failed, {result.studies_gone} gone", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.summary(), sort_keys=True))
+    return result.exit_code
+
+
 def _dry_run(args: argparse.Namespace, config: SyncConfig) -> int:
     from .dryrun import dry_run
 
@@ -823,7 +931,7 @@ def config_message(exc: ConfigError) -> str:
     return f"{option}: {exc}" if option else str(exc)
 
 
-COMMANDS = {"sync": _cmd_sync, "export": _cmd_export, "map": _cmd_map, "status": _cmd_status, "audit": _cmd_audit}
+COMMANDS = {"sync": _cmd_sync, "watch": _cmd_watch, "export": _cmd_export, "map": _cmd_map, "status": _cmd_status, "audit": _cmd_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,7 @@ def choose_windows(config: SyncConfig, mark: str | None) -> tuple[list[Window], 
     return plan(since, None), f"since {since} (mark {mark} - {config.lookback} days)", True
 
 
-def _check_out(out: Path | None) -> None:
+def check_out(out: Path | None) -> None:
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"the output folder {out} is a file")
 
@@ -62,7 +62,7 @@ def run_folder_name(started: datetime, run_id: int, state_identity: str, source:
     return f"{started.strftime('%Y%m%dT%H%M%SZ')}-run{run_id}-{tag}"
 
 
-def _today(config: SyncConfig, started: datetime) -> str:
+def run_day(config: SyncConfig, started: datetime) -> str:
     return started.astimezone(config.zone).strftime("%Y%m%d") if config.zone else started.astimezone().strftime("%Y%m%d")
 
 
@@ -73,7 +73,7 @@ def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = No
     ``sinks`` adds sinks besides the NDJSON folder of ``config.out`` (e.g. a FHIR server).
     """
     started_clock = time.monotonic()
-    _check_out(config.out)
+    check_out(config.out)
     if config.validate:
         check_available(config.fhir_version)
     client = client_from(config)
@@ -84,7 +84,7 @@ def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = No
     )
     outputs = list(sinks or [])
     if config.fhir_url:
-        outputs.append(_fhir_server(config, config.fhir_url))
+        outputs.append(fhir_server(config, config.fhir_url))
     state = State(config.state, lock=True)
     try:
         for output in outputs:
@@ -97,7 +97,7 @@ def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = No
         run_id = state.begin_run(source, started.isoformat())
         if state.close_interrupted_runs(run_id):
             log.info("an earlier run was interrupted; its state stands at its last checkpoint")
-        today = _today(config, started)
+        today = run_day(config, started)
         windows, scope, moves_mark = choose_windows(config, state.last_mark(source))
         completed, removed = recover(state.unfinished_folders(run_id))
         for folder in completed:
@@ -122,7 +122,7 @@ def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = No
         client.close()
 
 
-def _fhir_server(config: SyncConfig, url: str) -> Sink:
+def fhir_server(config: SyncConfig, url: str) -> Sink:
     """The FHIR server sink at ``url`` (``config.fhir_url``), its capabilities checked."""
     from .sinks.fhir import FhirServer
 
@@ -151,7 +151,7 @@ def iter_export(state: State) -> Iterator[tuple[str, bytes]]:
 
 def export(state_path: Path, out: Path) -> dict[str, int]:
     """Write every resource the state holds into ``out`` in the run-folder layout."""
-    _check_out(out)
+    check_out(out)
     state = State.open(state_path)
     try:
         if out.exists() and any(out.iterdir()):

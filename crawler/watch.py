@@ -45,7 +45,7 @@ from .run import Stopped, SyncRun, change_base
 from .sinks import NdjsonFolder, Sink
 from .sinks.ndjson import recover
 from .state import State
-from .sync import _check_out, _fhir_server, _today, run_folder_name
+from .sync import check_out, fhir_server, run_day, run_folder_name
 
 log = logging.getLogger("crawler")
 
@@ -116,7 +116,7 @@ class Watcher:
             raise ConfigError("watch needs an output: an output folder or a FHIR server", setting="out")
         if config.since or config.until:
             raise ConfigError("watch lists every study when it lists: it takes no since or until", setting="since")
-        _check_out(config.out)
+        check_out(config.out)
         if config.validate:
             check_available(config.fhir_version)
         self.config = replace(config, full=False)
@@ -272,7 +272,7 @@ class Watcher:
 
     def _fhir(self) -> Sink:
         assert self.config.fhir_url is not None
-        fhir: Any = _fhir_server(self.config, self.config.fhir_url)
+        fhir: Any = fhir_server(self.config, self.config.fhir_url)
         learned = self.state.fhir_max_entries(fhir.base_url) if hasattr(fhir, "learned_max_entries") else None
         if learned is not None and learned < fhir.max_entries:
             fhir.max_entries = learned
@@ -291,7 +291,7 @@ class Watcher:
         started = datetime.now(timezone.utc)
         scope = "full (first run)" if first else "full (reconciliation)"
         try:
-            result = run.run([Window()], scope, True, _today(config, started), run.started_clock)
+            result = run.run([Window()], scope, True, run_day(config, started), run.started_clock)
         except BaseException:
             self._count(run, None)
             raise
