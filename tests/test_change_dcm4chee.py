@@ -188,3 +188,17 @@ def test_an_archive_that_refuses_a_search_matching_too_many_studies_is_asked_for
         assert sorted(c.study_uid for c in read.changes) == sorted(pacs.study_uid(i) for i in hidden)
         assert parse_dt(read.cursor) == pacs.clock
         assert pacs.statuses[413] >= 1 and pacs.statuses[200] >= 4
+
+
+def test_a_sync_against_a_server_that_is_no_dcm4chee_arc_says_so_and_keeps_its_cursor(tmp_path, capsys):
+    state, out = tmp_path / "state.db", tmp_path / "out"
+    with FakePacs(n_studies=5, seed=79) as pacs:
+        assert _sync(pacs.url, state, out, capsys, "--changes", "dcm4chee")[0] == 0
+        before = _cursor(state, pacs.url)
+        assert before is not None
+        code = main(["sync", pacs.url, "--state", str(state), "--out", str(out), "--json", "--metadata", "never", "--retries", "0", *ZONE, "--changes", "dcm4chee"])
+        captured = capsys.readouterr()
+        assert code == 1 and json.loads(captured.out)["windows_incomplete"] == 1
+        said = [line for line in captured.err.splitlines() if "StudyReceiveDateTime" in line]
+        assert len(said) == 1 and "is it dcm4chee-arc?" in said[0] and "not listed completely" in said[0]
+        assert _cursor(state, pacs.url) == before
