@@ -202,3 +202,20 @@ def test_a_sync_against_a_server_that_is_no_dcm4chee_arc_says_so_and_keeps_its_c
         said = [line for line in captured.err.splitlines() if "StudyReceiveDateTime" in line]
         assert len(said) == 1 and "is it dcm4chee-arc?" in said[0] and "not listed completely" in said[0]
         assert _cursor(state, pacs.url) == before
+
+
+def test_a_receive_time_that_is_no_time_names_its_study_but_never_moves_the_cursor():
+    with Dcm4cheePacs(n_studies=6, seed=80, hidden=(1, 2)) as pacs:
+        cursor = pacs.written(pacs.clock)
+        pacs.tick(30)
+        pacs.arrive(1)
+        pacs.tick(30)
+        pacs.arrive(2)
+        pacs.garbled.add(2)
+        client = _client(pacs)
+        try:
+            read = dcm4chee_changes(client, pacs.url, cursor)
+        finally:
+            client.close()
+        assert sorted(c.study_uid for c in read.changes) == sorted(pacs.study_uid(i) for i in (1, 2))
+        assert parse_dt(read.cursor) == pacs.clock - timedelta(seconds=30)

@@ -98,9 +98,10 @@ def format_dt(moment: datetime) -> str:
     return text + "+0000" if moment.tzinfo is not None else text
 
 
-def receive_time(item: dict[str, Any]) -> datetime | None:
-    """The Study Receive Date Time of one study of the answer, found under the block its private
-    creator reserves; None when the answer does not carry it."""
+def receive_text(item: dict[str, Any]) -> str | None:
+    """The Study Receive Date Time of one study of the answer as written (``""`` when absent),
+    found under the block its private creator reserves; None when the answer carries no block
+    of that creator (the archive did not take the key)."""
     for tag, element in item.items():
         if not _CREATOR.fullmatch(tag) or not isinstance(element, dict):
             continue
@@ -109,8 +110,7 @@ def receive_time(item: dict[str, Any]) -> datetime | None:
             continue
         received = item.get(f"7777{int(tag[6:8], 16):02X}{RECEIVE_ELEMENT:02X}")
         value = received.get("Value") if isinstance(received, dict) else None
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            return parse_dt(value[0])
+        return value[0] if isinstance(value, list) and value and isinstance(value[0], str) else ""
     return None
 
 
@@ -198,12 +198,13 @@ class _Read:
         params = [(RECEIVE_KEY, value)]
         for page in self.client.iter_pages("changes", "studies", params, self.page_size):
             for item in page.items:
-                received = receive_time(item)
-                if received is None:
+                text = receive_text(item)
+                if text is None:
                     shown = redact(self.client.url("studies", params))
                     raise FatalQidoError(f"answer from {shown}: a study without its {RECEIVE_KEY}: the server does not match on it (is it dcm4chee-arc?)", url=shown)
                 uid = _study_uid(item)
                 if uid is not None:
                     self.changes[uid] = None
-                if _newer(received, self.newest):
+                received = parse_dt(text)
+                if received is not None and _newer(received, self.newest):
                     self.newest = received
