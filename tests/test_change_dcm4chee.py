@@ -219,3 +219,22 @@ def test_a_receive_time_that_is_no_time_names_its_study_but_never_moves_the_curs
             client.close()
         assert sorted(c.study_uid for c in read.changes) == sorted(pacs.study_uid(i) for i in (1, 2))
         assert parse_dt(read.cursor) == pacs.clock - timedelta(seconds=30)
+
+
+def test_a_receive_time_in_the_future_does_not_carry_the_cursor_past_later_arrivals():
+    with Dcm4cheePacs(n_studies=6, seed=81, hidden=(1, 2, 3)) as pacs:
+        cursor = pacs.written(pacs.clock)
+        pacs.tick(30)
+        pacs.arrive(1, received=pacs.clock + timedelta(days=3650))       # a clock that once jumped ahead
+        pacs.arrive(2)
+        client = _client(pacs)
+        try:
+            read = dcm4chee_changes(client, pacs.url, cursor)
+            assert sorted(c.study_uid for c in read.changes) == sorted(pacs.study_uid(i) for i in (1, 2))
+            moved = parse_dt(read.cursor)
+            assert moved is not None and pacs.clock <= moved <= pacs.clock + 2 * OVERLAP
+            pacs.tick(60)
+            pacs.arrive(3)
+            assert pacs.study_uid(3) in {c.study_uid for c in dcm4chee_changes(client, pacs.url, read.cursor).changes}
+        finally:
+            client.close()

@@ -44,11 +44,14 @@ machine's, decides what "now" is), so a study whose receive time was stamped bef
 but that became visible only later (its storage transaction still open during the last read) is
 not missed; the studies read twice are skipped by the run as unchanged. A first read (no
 cursor) asks nothing and starts from this machine's clock: the first run lists everything, and
-until the first study arrives the two clocks must agree within ``OVERLAP``.
+until the first study arrives the two clocks must agree within ``OVERLAP``. A receive time past
+this machine's clock plus ``OVERLAP`` (an archive's clock that jumped ahead) names its study but
+carries the cursor no further than that, so that it cannot pass over the studies received after.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -58,6 +61,8 @@ from ..http import redact
 from ..qido import QidoClient
 from ..uids import path_uid
 from .model import Change, ChangesRead
+
+log = logging.getLogger("crawler")
 
 OVERLAP = timedelta(minutes=5)
 """How far before the cursor each read starts again."""
@@ -149,9 +154,13 @@ def dcm4chee_changes(client: QidoClient, base: str, cursor: str | None, page_siz
         return ChangesRead((), format_dt(now), reset=True)
     read = _Read(client, page_size)
     read.newest = start
-    read.since(start - OVERLAP, _horizon(start, now))
-    cursor_text = format_dt(read.newest) if read.newest is not None else cursor
-    return ChangesRead(tuple(Change(uid) for uid in read.changes), cursor_text)
+    horizon = _horizon(start, now)
+    read.since(start - OVERLAP, horizon)
+    newest = read.newest
+    if newest is not None and (newest.tzinfo is None) == (horizon.tzinfo is None) and newest > horizon:
+        log.warning("dcm4chee: a study received at %s by the archive's clock, after this machine's (%s): the cursor stops there", format_dt(newest), format_dt(horizon))
+        newest = horizon
+    return ChangesRead(tuple(Change(uid) for uid in read.changes), format_dt(newest) if newest is not None else cursor)
 
 
 def _horizon(start: datetime, now: datetime) -> datetime:
