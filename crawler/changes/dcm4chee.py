@@ -70,9 +70,9 @@ DCM4CHEE_PAGE = 100
 PRIVATE_CREATOR = "DCM4CHEE Archive 5"
 RECEIVE_KEY = "StudyReceiveDateTime"
 RECEIVE_ELEMENT = 0x20
+"""Study Receive Date Time is ``(7777,xx20)`` in the block the private creator reserves."""
 _TICK = timedelta(milliseconds=1)
 """The archive's precision: the sides of split spans are this far apart."""
-"""Study Receive Date Time is ``(7777,xx20)`` in the block the private creator reserves."""
 _DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?")
 _CREATOR = re.compile(r"777700[1-9A-F][0-9A-F]", re.IGNORECASE)
 
