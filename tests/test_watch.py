@@ -153,3 +153,208 @@ def test_a_study_uploaded_while_watching_appears_in_a_finished_run_folder_and_so
     finally:
         state.close()
     print(f"upload -> finished run folder: {latency:.1f} s")
+
+
+def _watch_process(server: orthanc.Orthanc, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "crawler", "watch", server.dicomweb, "--out", str(tmp_path / "out"), "--state", str(tmp_path / "state.db"),
+               "--changes", "orthanc", "--interval", "1", "--stable-after", "2", "--timezone", "UTC", "--json", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def _open_folder_holding(out: Path, uid: str) -> Path | None:
+    """A run folder not finished yet whose last checkpoint holds ``uid``'s ImagingStudy."""
+    for folder in out.iterdir() if out.is_dir() else ():
+        checkpoint = folder / "checkpoint.json"
+        if (folder / "manifest.json").exists() or not checkpoint.exists():
+            continue
+        size = json.loads(checkpoint.read_text())["files"].get("ImagingStudy", [0])[0]
+        part = folder / "ImagingStudy.ndjson.part"
+        if part.exists() and uid in part.read_bytes()[:size].decode():
+            return folder
+    return None
+
+
+def _upload_study(server: orthanc.Orthanc, corpus_files: list[Path], number: str) -> None:
+    server.upload([p for p in corpus_files if _study_of(p) == corpus.uid("study", number)])
+
+
+def test_sigterm_finishes_the_open_run_folder_with_its_manifest_and_exits_0(live, corpus_files, corpus_study_uids, tmp_path):
+    process = _watch_process(live, tmp_path, "--roll-every", "600")
+    try:
+        out = tmp_path / "out"
+        _until(lambda: corpus_study_uids - {corpus.uid("study", "07")} <= finished_studies(out).keys())
+        _upload_study(live, corpus_files, "07")
+        folder = _until(lambda: _open_folder_holding(out, corpus.uid("study", "07")))
+        asked = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=10)
+        took = time.monotonic() - asked
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    assert finished_studies(out)[corpus.uid("study", "07")] == folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [(e["type"], e["count"]) for e in manifest["output"]] == [("ImagingStudy", 1)]
+    assert not (folder / "checkpoint.json").exists() and not list(folder.glob("*.part"))
+    summary = json.loads(stdout)
+    assert summary["studies_synced"] == len(corpus_study_uids) and str(folder) in summary["run_dirs"]
+    state = State.open(tmp_path / "state.db")           # the lock is released: a writer may open it
+    state.close()
+    print(f"SIGTERM -> exit 0 in {took:.1f} s")
+
+
+def _export(state: Path, out: Path) -> dict[str, bytes]:
+    assert main(["export", "--state", str(state), "--out", str(out), "-q"]) == 0
+    return {path.name: path.read_bytes() for path in sorted(out.glob("*.ndjson"))}
+
+
+def test_kill_9_during_a_run_and_a_restart_give_the_export_of_a_clean_sync(live, corpus_files, corpus_study_uids, tmp_path):
+    out = tmp_path / "out"
+    process = _watch_process(live, tmp_path, "--roll-every", "600")
+    try:
+        _until(lambda: corpus_study_uids - {corpus.uid("study", "07")} <= finished_studies(out).keys())
+        _upload_study(live, corpus_files, "07")
+        folder = _until(lambda: _open_folder_holding(out, corpus.uid("study", "07")))
+        source = next(p for p in corpus_files if _study_of(p) == corpus.uid("study", "03"))
+        late_uid = corpus.uid("study", "watch-1999")
+        live.upload([_copy_with(source, tmp_path / "late.dcm", StudyInstanceUID=late_uid, SeriesInstanceUID=corpus.uid("series", "watch-1999"),
+                                SOPInstanceUID=corpus.uid("instance", "watch-1999"), StudyDate="19990101")])
+        process.kill()                                   # SIGKILL: no checkpoint, no manifest, the lock left to the kernel
+        process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert not (folder / "manifest.json").exists()
+
+    again = _watch_process(live, tmp_path, "--roll-every", "1")
+    try:
+        _until(lambda: late_uid in finished_studies(out))
+        again.send_signal(signal.SIGTERM)
+        _, stderr = again.communicate(timeout=10)
+    finally:
+        if again.poll() is None:
+            again.kill()
+            again.communicate()
+    assert again.returncode == 0, stderr
+    assert corpus.uid("study", "07") in finished_studies(out)     # the interrupted folder completed at its checkpoint
+    assert not [f for f in out.iterdir() if not (f / "manifest.json").exists()]
+
+    clean = tmp_path / "clean"
+    assert main(["sync", live.dicomweb, "--state", str(clean / "state.db"), "--timezone", "UTC", "-q"]) == 0
+    watched = _export(tmp_path / "state.db", tmp_path / "export-watched")
+    assert watched == _export(clean / "state.db", tmp_path / "export-clean")
+    assert late_uid.encode() in watched["ImagingStudy.ndjson"]
+
+
+def _azure_config(pacs, tmp_path: Path, **more: object) -> SyncConfig:
+    from crawler.crawl import CrawlOptions, MetadataMode
+
+    return SyncConfig(pacs.url, out=tmp_path / "out", state=tmp_path / "state.db", changes="azure", retries=0,  # type: ignore[arg-type]
+                      crawl=CrawlOptions(1000, MetadataMode.NEVER, 1000), **more)
+
+
+def _statuses(state_path: Path) -> dict[str, str]:
+    state = State.open(state_path, read_only=True)
+    try:
+        return {row.study_uid: row.status for row in state.iter_study_rows()}
+    finally:
+        state.close()
+
+
+def _deleted_in_finished_folders(out: Path) -> list[dict]:
+    deleted = []
+    for folder in sorted(out.iterdir()) if out.is_dir() else ():
+        if (folder / "manifest.json").exists() and (folder / "deleted.ndjson").exists():
+            deleted += [json.loads(line) for line in (folder / "deleted.ndjson").read_text().splitlines()]
+    return deleted
+
+
+def test_a_deletion_in_the_azure_feed_is_gone_at_once_and_deleted_with_prune(tmp_path, watching):
+    from fixtures.fakeazure import AzureFeedPacs
+
+    with AzureFeedPacs(n_studies=6, seed=71, hidden=(4,)) as pacs:
+        config = _azure_config(pacs, tmp_path, prune=True)
+        w = watching(config)
+        _until(lambda: len(finished_studies(config.out)) == 5)
+        pacs.arrive(4)
+        pacs.delete_study(2)
+        _until(lambda: _deleted_in_finished_folders(config.out))
+        _until(lambda: pacs.study_uid(4) in finished_studies(config.out))
+        result = w.stop()
+    (deletion,) = _deleted_in_finished_folders(config.out)
+    statuses = _statuses(config.state)
+    assert statuses[pacs.study_uid(2)] == "gone" and statuses[pacs.study_uid(4)] == "synced"
+    assert deletion["entry"][0]["request"]["method"] == "DELETE"
+    assert (result.studies_gone, result.reconciliations) == (1, 0)
+
+
+def test_a_source_that_fails_while_watched_is_tried_again_with_backoff_and_logged_once(tmp_path, watching, caplog):
+    from fixtures.fakeazure import AzureFeedPacs
+    from fixtures.fakepacs import Behaviour
+
+    with AzureFeedPacs(n_studies=4, seed=72, hidden=(3,)) as pacs:
+        config = _azure_config(pacs, tmp_path)
+        w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=3600, max_backoff=1))
+        _until(lambda: len(finished_studies(config.out)) == 3)
+        pacs.behaviour = Behaviour(fail_every=1, fail_status=503)
+        pacs.reset_counts()
+        _until(lambda: pacs.statuses[503] >= 3)                       # three polls refused
+        pacs.behaviour = Behaviour()
+        pacs.arrive(3)
+        _until(lambda: pacs.study_uid(3) in finished_studies(config.out))
+        result = w.stop()
+    assert result.poll_errors >= 2
+    logged = [r for r in caplog.records if r.getMessage().startswith("watch:")]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert _statuses(config.state)[pacs.study_uid(3)] == "synced"
+
+
+def _cursor(state_path: Path, source: str, feed: str) -> str | None:
+    state = State.open(state_path, read_only=True)
+    try:
+        return state.change_cursor(source, feed)
+    finally:
+        state.close()
+
+
+def test_a_study_not_quiet_yet_waits_and_the_cursor_does_not_pass_its_changes(live, corpus_files, corpus_study_uids, watching, tmp_path):
+    config = _config(live, tmp_path)
+    patient = watching(config, WatchOptions(interval=0.5, stable_after=3600, roll_every=1, reconcile_every=3600))
+    _until(lambda: corpus_study_uids - {corpus.uid("study", "07")} <= finished_studies(config.out).keys())
+    before = _until(lambda: _cursor(config.state, live.dicomweb, "orthanc"))
+    _upload_study(live, corpus_files, "07")
+    last = live.rest("GET", "/changes?last").json()["Last"]
+    time.sleep(3)                                                       # several polls: the study is not an hour old
+    result = patient.stop()
+    assert result.polls >= 3
+    assert corpus.uid("study", "07") not in _statuses(config.state)
+    assert _cursor(config.state, live.dicomweb, "orthanc") == before and int(str(before)) < last
+
+    eager = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=3600))
+    _until(lambda: corpus.uid("study", "07") in finished_studies(config.out))
+    eager.stop()
+    assert int(str(_cursor(config.state, live.dicomweb, "orthanc"))) >= last
+
+
+def test_a_study_that_changes_again_within_a_run_is_crawled_again_in_it(live, corpus_files, corpus_study_uids, watching, tmp_path):
+    config = _config(live, tmp_path)
+    w = watching(config, WatchOptions(interval=0.5, stable_after=2, roll_every=600, reconcile_every=3600))
+    _until(lambda: corpus_study_uids - {corpus.uid("study", "07")} <= finished_studies(config.out).keys())
+    _upload_study(live, corpus_files, "07")
+    folder = _until(lambda: _open_folder_holding(config.out, corpus.uid("study", "07")))
+    source = next(p for p in corpus_files if _study_of(p) == corpus.uid("study", "07"))
+    live.upload([_copy_with(source, tmp_path / "more.dcm", SeriesInstanceUID=corpus.uid("series", "watch-more"),
+                            SOPInstanceUID=corpus.uid("instance", "watch-more"), SeriesNumber="77")])
+
+    def twice() -> bool:
+        part = Path(folder) / "ImagingStudy.ndjson.part"
+        checkpoint = json.loads((Path(folder) / "checkpoint.json").read_text())
+        return part.read_bytes()[: checkpoint["files"]["ImagingStudy"][0]].count(corpus.uid("study", "07").encode()) == 2
+
+    _until(twice)
+    w.stop()
+    lines = [json.loads(line) for line in (Path(folder) / "ImagingStudy.ndjson").read_text().splitlines()]
+    assert [len(study["series"]) for study in lines] == [len(lines[0]["series"]), len(lines[0]["series"]) + 1]
