@@ -1,0 +1,374 @@
+"""What a listing reports as complete (and so what a run may mark gone), pinned by tests that the
+surviving mutants of crawler/listing.py failed (docs/testing.md): the silent-cap check, the
+switch to the other form of matching keys and its verification, and the sweep of studies
+without a StudyDate behind a cap.
+
+In process, fast: the simulator of fixtures/fakepacs.py (a fake PACS) through the real
+QidoClient, or, where a test needs answers no simulator mode gives (pages in another order per
+form of the matching keys), ``Scripted``, a stand-in for the client that answers from a list.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from crawler import listing
+from crawler.errors import FatalQidoError, QidoError
+from crawler.http import RetryPolicy
+from crawler.listing import ListingReport, iter_studies
+from crawler.planner import Window
+from crawler.qido import Page, QidoClient
+from fixtures.fakepacs import FakePacs
+
+FAST_RETRY = RetryPolicy(attempts=1, base_delay=0.0, max_delay=0.0, max_seconds=5)
+UID, DATE, PID = "0020000D", "00080020", "00100020"
+
+
+def uid_of(item: dict[str, Any]) -> str | None:
+    return (item.get(UID) or {}).get("Value", [None])[0]
+
+
+def listed(pacs: FakePacs, windows: Sequence[Window], report: ListingReport) -> tuple[set[str], int]:
+    """The UIDs ``iter_studies`` lists from the simulator, and the study searches it made."""
+    client = QidoClient(pacs.url, retry=FAST_RETRY)
+    try:
+        found = {uid_of(item) for item in iter_studies(client, windows, report)}
+    finally:
+        client.close()
+    return found, pacs.counts()["studies"]
+
+
+# --- a stand-in for the client ---------------------------------------------------------------
+
+
+def study(uid: str | None, day: str | None, pid: str = "P1") -> dict[str, Any]:
+    item: dict[str, Any] = {DATE: {"vr": "DA", "Value": [day]} if day else {"vr": "DA"}, PID: {"vr": "LO", "Value": [pid]}}
+    if uid is not None:
+        item[UID] = {"vr": "UI", "Value": [uid]}
+    return item
+
+
+class Scripted:
+    """Stands in for QidoClient (no server): each search is answered by ``answer(params)``, a list
+    of studies cut into pages by ``limit`` and ``offset``; every call is recorded as it was made."""
+
+    max_limit = None
+
+    def __init__(self, answer: Callable[[dict[str, str]], list[dict[str, Any]]]) -> None:
+        self.answer = answer
+        self.calls: list[tuple[str, str, list[tuple[str, Any]]]] = []
+
+    def page_size(self, wanted: int) -> int:
+        return wanted
+
+    def smaller_limit(self, exc: QidoError, page_size: int, offset: int) -> bool:
+        return False
+
+    def get(self, kind: str, path: str, params: Sequence[tuple[str, Any]] = ()) -> Page:
+        self.calls.append((kind, path, list(params)))
+        query = {key: str(value) for key, value in params}
+        offset = int(query.get("offset", 0))
+        return Page(self.answer(query)[offset:offset + int(query["limit"])], 200)
+
+
+def keyword_only(studies: list[dict[str, Any]]) -> Callable[[dict[str, str]], list[dict[str, Any]]]:
+    """A server that ignores the tag form of StudyDate (answering every study, by ascending UID)
+    and honours the keyword form (answering by descending UID)."""
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        everything = sorted(studies, key=lambda s: uid_of(s) or "")
+        if "StudyDate" not in query:
+            return everything
+        since, _, until = query["StudyDate"].partition("-") if "-" in query["StudyDate"] else (query["StudyDate"],) * 3
+        dated = [s for s in everything if s[DATE].get("Value") and (not since or s[DATE]["Value"][0] >= since)
+                 and (not until or s[DATE]["Value"][0] <= until)]
+        return dated[::-1]
+    return answer
+
+
+def day_calls(client: Scripted, day: str) -> list[tuple[str, str, list[tuple[str, Any]]]]:
+    return [call for call in client.calls if ("StudyDate", day) in call[2] or (DATE, day) in call[2]]
+
+
+def spread(prefix: str, day: str, n: int) -> list[dict[str, Any]]:
+    return [study(f"{prefix}.{k:03d}", day) for k in range(n)]
+
+
+def test_the_other_form_is_kept_when_it_lists_the_study_shown_on_a_later_page():
+    """The silent-cap check of the first (unfiltered) window finds the tag form ignored: a half
+    strays. The keyword form is tried, and kept because the day of the first dated study shown
+    (after one without a date), asked for in that form, lists it on its third page. Mutants of
+    _stray (day or the stray key lost, `break` at a study without a date), of verify_cap's switch
+    (the stray key, `not` dropped, the second probe's arguments) and of _form_works' choice of
+    study, page size, parameters, kind, path and paging all change the calls or the result."""
+    late, early = "20200201", "20200105"
+    studies = [study("1.1.000", None), *spread("1.2", late, 5), *spread("1.3", early, 12)]
+    client = Scripted(keyword_only(studies))
+    report = ListingReport(page_size=2)
+    found = {uid_of(item) for item in iter_studies(client, [Window()], report)}
+    assert found == {uid_of(s) for s in studies}
+    assert day_calls(client, late) == [
+        ("studies", "studies", [("StudyDate", late), ("limit", 2)]),
+        ("studies", "studies", [("StudyDate", late), ("limit", 2), ("offset", 2)]),
+        ("studies", "studies", [("StudyDate", late), ("limit", 2), ("offset", 4)]),
+    ]
+    assert report.filters.keywords is True and report.filters.ignored == set()
+    assert report.incomplete == []
+    assert report.windows_complete == 1 and report.verified == 18
+    assert [call[0] for call in client.calls] == ["studies"] * len(client.calls)
+    assert [call[1] for call in client.calls] == ["studies"] * len(client.calls)
+
+
+def test_the_other_form_is_kept_after_ten_full_pages_without_the_study():
+    """_form_works asks at most ten pages of the day; past them the form is kept (killed:
+    `pages=11`, `return False` after the pages, `len(found) <= page_size`)."""
+    late, early = "20200201", "20200105"
+    studies = [*spread("1.2", late, 25), *spread("1.3", early, 30)]
+    client = Scripted(keyword_only(studies))
+    report = ListingReport(page_size=2)
+    found = {uid_of(item) for item in iter_studies(client, [Window()], report)}
+    assert len(found) == 55
+    assert [dict(call[2]).get("offset") for call in day_calls(client, late)] == [None, *range(2, 20, 2)]
+    assert report.filters.keywords is True
+    assert report.incomplete == [] and report.windows_complete == 1
+
+
+def test_a_stray_study_without_a_uid_cannot_check_the_other_form_and_it_is_kept():
+    """No dated study with a UID among the stray ones: the other form cannot be checked and is
+    kept, with no request for a day (killed: `return False` in _form_works' `else`)."""
+    late, early = "20200201", "20200105"
+    studies = [study(None, late), *spread("1.3", early, 6)]
+    client = Scripted(keyword_only(studies))
+    report = ListingReport(page_size=1)
+    items = list(iter_studies(client, [Window()], report))
+    assert len(items) == 7
+    assert day_calls(client, late) == []
+    assert report.filters.keywords is True and report.incomplete == []
+
+
+def test_a_server_that_honours_only_keywords_is_verified_in_that_form():
+    """The simulator honouring only the keyword form: the first probe's tag-form half strays,
+    the keyword form lists the day, and the second probe, in keywords, finds no silent cap."""
+    with FakePacs(n_studies=60, seed=21, keyword_only=True) as pacs:
+        report = ListingReport(page_size=100)
+        found, searches = listed(pacs, [Window()], report)
+        truth = set(pacs.study_uids())
+        queries = [r.query for r in pacs.requests if r.kind == "studies"]
+    assert found == truth and len(truth) == 60
+    assert report.filters.keywords is True and report.filters.tried is True
+    assert report.filters.ignored == set()
+    assert report.incomplete == [] and report.verified == 60 and report.windows_complete == 1
+    # the listing, one tag-form half, the day of the study shown, the two keyword-form halves
+    assert searches == 5, queries
+    assert sum(bool(re.search(r"(^|&)00080020=", q)) for q in queries) == 1
+    assert sum(bool(re.search(r"(^|&)StudyDate=", q)) for q in queries) == 3
+
+
+def test_a_server_that_ignores_both_forms_leaves_the_window_incomplete():
+    """Both forms ignored, studies without a date listed first: the second probe strays too, so
+    the first form is kept, StudyDate is recorded as ignored and the window is incomplete (a run
+    marks nothing gone). Killed: `state.ignored = None` (the window counted complete), the stray
+    key lost in `filters.stray`, the second probe not made, `break` at an undated study."""
+    with FakePacs(n_studies=60, seed=22, ignore_filters=True, newest_first=True, no_date_fraction=0.2) as pacs:
+        report = ListingReport(page_size=100)
+        found, _ = listed(pacs, [Window()], report)
+        truth = set(pacs.study_uids())
+    assert found == truth
+    assert report.filters.keywords is False
+    assert report.filters.ignored == {"StudyDate"}
+    assert report.windows_complete == 0
+    assert report.incomplete == ["all studies: the server ignores StudyDate, as a tag and as a keyword; not split further"]
+
+
+def test_a_form_that_lists_nothing_is_given_up_and_the_key_recorded_as_ignored():
+    """Tags ignored and keywords matching nothing: the keyword form does not list the day of the
+    study shown, so the tag form is kept and StudyDate recorded as ignored (killed: `lost(None)`,
+    `state.ignored = None`, `if _form_works(...)` without `not`, `return True` for a short page)."""
+    with FakePacs(n_studies=60, seed=23, keyword_only=True, keywords_match_nothing=True) as pacs:
+        report = ListingReport(page_size=100)
+        found, searches = listed(pacs, [Window()], report)
+        truth = set(pacs.study_uids())
+    assert found == truth
+    assert report.filters.keywords is False and report.filters.ignored == {"StudyDate"}
+    assert report.windows_complete == 0
+    assert report.incomplete == ["all studies: the server ignores StudyDate, as a tag and as a keyword; not split further"]
+    assert searches == 3
+
+
+def test_a_window_no_larger_than_what_was_verified_is_not_probed_again():
+    """verify_cap probes only a window larger than the largest verified (killed: `>` -> `>=`)."""
+    with FakePacs(n_studies=40, seed=24) as pacs:
+        report = ListingReport(page_size=100, verified=40)
+        found, searches = listed(pacs, [Window()], report)
+    assert len(found) == 40 and searches == 1
+    assert report.verified == 40 and report.incomplete == []
+
+
+def test_a_silent_cap_of_two_results_is_found_and_split_around():
+    """Orthanc-like silent cap (2 results for any larger match): a first window of 2 studies is
+    probed (2 > 1) and found capped, so its parts are listed until every study is found (killed:
+    `max(report.verified, 2)`, which took the 2 studies for the whole PACS)."""
+    with FakePacs(n_studies=6, seed=25, max_results=1, cap_mode="silent") as pacs:
+        report = ListingReport(page_size=100)
+        found, _ = listed(pacs, [Window()], report)
+        truth = set(pacs.study_uids())
+    assert found == truth and len(truth) == 6
+    assert report.cap == 2
+    assert report.windows_split >= 1 and report.incomplete == []
+
+
+# --- the sweep of studies without a StudyDate behind a capped unfiltered window ---------------
+
+
+def undated_pacs(**behaviour: Any) -> FakePacs:
+    """300 studies, 60 without a StudyDate listed first, under a cap of 40: the unfiltered
+    window's 40 results are all undated, so the rest of them can only be found by the sweep."""
+    return FakePacs(n_studies=300, seed=13, no_date_fraction=0.2, max_results=40, newest_first=True, **behaviour)
+
+
+def test_the_sweep_by_patient_id_finds_every_study_without_a_date():
+    with undated_pacs() as pacs:
+        report = ListingReport(page_size=100)
+        found, _ = listed(pacs, [Window()], report)
+        truth = set(pacs.study_uids())
+        swept = [r.query for r in pacs.requests if r.kind == "studies" and "00100020=" in r.query]
+    assert found == truth and len(truth) == 300
+    assert report.incomplete == []
+    assert swept and len(swept) < listing.SWEEP_MAX_REQUESTS
+
+
+def test_the_sweep_uses_the_form_of_matching_keys_in_use():
+    with undated_pacs(keyword_only=True) as pacs:
+        report = ListingReport(page_size=100)
+        report.filters.keywords = report.filters.tried = True
+        found, _ = listed(pacs, [Window()], report)
+        truth = set(pacs.study_uids())
+        queries = [r.query for r in pacs.requests if r.kind == "studies"]
+    assert found == truth
+    assert report.incomplete == []
+    assert any("PatientID=" in q for q in queries) and not any("00100020=" in q for q in queries)
+
+
+def test_a_sweep_over_its_request_bound_leaves_the_studies_at_risk(monkeypatch):
+    monkeypatch.setattr(listing, "SWEEP_MAX_REQUESTS", 10)
+    with undated_pacs() as pacs:
+        report = ListingReport(page_size=100)
+        listed(pacs, [Window()], report)
+        swept = [r.query for r in pacs.requests if r.kind == "studies" and "00100020=" in r.query]
+    assert len(swept) == 10
+    assert len(report.incomplete) == 1
+    assert re.fullmatch(r"all studies: .*; studies without StudyDate past the cap cannot be listed "
+                        r"\(the sweep by PatientID stopped at 10 requests \([1-9][0-9]* parts left\)\)", report.incomplete[0])
+
+
+class SweepScript:
+    """A capped unfiltered window whose undated studies only a sweep by PatientID reaches,
+    answered by a stand-in for the client; ``part`` answers the sweep's parts by prefix."""
+
+    def __init__(self, undated: list[dict[str, Any]], part: Callable[[str, dict[str, str]], list[dict[str, Any]]], cap: int = 3):
+        self.undated, self.part, self.cap = undated, part, cap
+        self.client = Scripted(self.answer)
+
+    def answer(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        prefix = query.get(PID, query.get("PatientID"))
+        if prefix is not None:
+            return self.part(prefix, query)
+        if DATE in query or "StudyDate" in query:
+            return []
+        return self.undated[: self.cap]
+
+    def run(self) -> tuple[list[dict[str, Any]], ListingReport]:
+        report = ListingReport(page_size=100, cap=self.cap)
+        items = list(iter_studies(self.client, [Window()], report, verify=False))
+        return items, report
+
+
+def by_prefix(studies: list[dict[str, Any]]) -> Callable[[str, dict[str, str]], list[dict[str, Any]]]:
+    """Wildcard or exact PatientID matching, as a server does it."""
+    def part(prefix: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        pid = lambda s: s[PID]["Value"][0]  # noqa: E731
+        if prefix.endswith("*"):
+            return [s for s in studies if pid(s).startswith(prefix[:-1])]
+        return [s for s in studies if pid(s) == prefix]
+    return part
+
+
+def sweep_prefixes(script: SweepScript) -> list[str]:
+    return [dict(call[2]).get(PID) for call in script.client.calls if PID in dict(call[2])]
+
+
+def test_the_sweep_splits_a_capped_part_by_one_more_character_and_asks_the_exact_id():
+    undated = [study(f"9.{k}", None, pid) for k, pid in enumerate(["AB1", "AB2", "AB3", "AB", "C7"])]
+    script = SweepScript(undated, by_prefix(undated))
+    items, report = script.run()
+    assert {uid_of(i) for i in items} == {uid_of(s) for s in undated}
+    assert report.incomplete == []
+    prefixes = sweep_prefixes(script)
+    # A* is capped (4 >= 3): the exact A, then A0*..AZ*, and AB* capped again: AB exact, AB0*..
+    assert prefixes[:1] == ["0*"] and "A*" in prefixes and "C*" in prefixes
+    assert prefixes[prefixes.index("A*") + 1] == "A"
+    assert prefixes[prefixes.index("A") + 1] == "A0*"
+    assert "AB" in prefixes and prefixes[prefixes.index("AB") + 1] == "AB0*"
+    assert "AB1*" in prefixes
+
+
+@pytest.mark.parametrize(
+    ("undated", "part", "failure"),
+    [
+        pytest.param([study("9.1", None, "")] * 3, None,
+                     "studies without StudyDate and without PatientID cannot be swept by PatientID", id="no-patient-id"),
+        pytest.param([study(f"9.{k}", None, "A1") for k in range(3)], "same-id",
+                     "more studies share one PatientID than the server answers at once", id="one-id-capped"),
+        pytest.param([study(f"9.{k}", None, "A1") for k in range(3)], "ignores",
+                     "the server ignores PatientID (or its wildcards)", id="ignores-patient-id"),
+        pytest.param([study(f"9.{k}", None, f"A{k}") for k in range(3)], "misses",
+                     "the sweep by PatientID did not find 1 of the 3 studies without StudyDate listed before", id="misses-one"),
+        pytest.param([study(f"9.{k}", None, f"A{k}") for k in range(3)], "fails",
+                     "a part of the sweep by PatientID failed: ", id="a-part-fails"),
+    ],
+)
+def test_a_sweep_that_cannot_be_trusted_leaves_the_studies_at_risk(undated, part, failure, monkeypatch):
+    def answer(prefix: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        if part == "same-id":
+            return undated if prefix in ("A*", "A1*", "A1") else []
+        if part == "ignores":
+            return undated
+        if part == "misses":
+            return [s for s in undated[:2] if s[PID]["Value"][0].startswith(prefix.rstrip("*"))]
+        if part == "fails" and prefix == "A*":
+            raise FatalQidoError("HTTP 500 from the simulated server", status=500)
+        return by_prefix(undated)(prefix, query)
+
+    script = SweepScript(undated, answer)
+    _, report = script.run()
+    assert len(report.incomplete) == 1
+    message = report.incomplete[0]
+    assert message.startswith("all studies: 3 results, at the server's cap; studies without StudyDate past the cap cannot be listed (")
+    assert failure in message
+
+
+def test_a_sweep_part_still_capped_at_the_longest_prefix_gives_up(monkeypatch):
+    monkeypatch.setattr(listing, "SWEEP_MAX_LENGTH", 2)
+    undated = [study(f"9.{k}", None, f"AAA{k}") for k in range(3)]
+    script = SweepScript(undated, by_prefix(undated))
+    _, report = script.run()
+    assert len(report.incomplete) == 1
+    assert report.incomplete[0].endswith("(a part of the sweep by PatientID is still capped at 2 characters)")
+    assert max(len(p.rstrip("*")) for p in sweep_prefixes(script)) == 2
+
+
+def test_a_sweep_keeps_only_undated_studies_and_the_credentials_error_ends_it():
+    dated_too = [study("9.1", None, "A1"), study("9.2", "20200101", "A2"), study("9.3", None, "B1")]
+    script = SweepScript([dated_too[0], dated_too[2], study("9.4", None, "C1")], by_prefix(dated_too + [study("9.4", None, "C1")]))
+    items, report = script.run()
+    assert {uid_of(i) for i in items} == {"9.1", "9.3", "9.4"}
+    assert report.incomplete == []
+
+    def refuse(prefix: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        raise FatalQidoError("HTTP 401 Unauthorized", status=401)
+
+    with pytest.raises(FatalQidoError, match="401"):
+        SweepScript([study(f"9.{k}", None, f"A{k}") for k in range(3)], refuse).run()
