@@ -358,3 +358,40 @@ def test_a_study_that_changes_again_within_a_run_is_crawled_again_in_it(live, co
     w.stop()
     lines = [json.loads(line) for line in (Path(folder) / "ImagingStudy.ndjson").read_text().splitlines()]
     assert [len(study["series"]) for study in lines] == [len(lines[0]["series"]), len(lines[0]["series"]) + 1]
+
+
+def test_a_deletion_orthanc_does_not_log_is_found_by_the_reconciliation(live, corpus_study_uids, watching, tmp_path):
+    config = _config(live, tmp_path, prune=True)
+    w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=5))
+    _until(lambda: corpus_study_uids - {corpus.uid("study", "07")} <= finished_studies(config.out).keys())
+    doomed = corpus.uid("study", "03")
+    (found,) = live.rest("POST", "/tools/lookup", data=doomed).json()
+    live.rest("DELETE", found["Path"])
+    _until(lambda: _statuses(config.state).get(doomed) == "gone")
+    _until(lambda: _deleted_in_finished_folders(config.out))
+    result = w.stop()
+    assert result.reconciliations >= 1 and result.reconciled >= 1 and result.studies_gone == 1
+    assert [d["entry"][0]["request"]["method"] for d in _deleted_in_finished_folders(config.out)] == ["DELETE"]
+
+
+def test_a_reset_orthanc_log_is_survived_by_one_complete_listing(live, corpus_files, corpus_study_uids, watching, tmp_path):
+    """DELETE /changes on this Orthanc keeps its sequence numbers (nothing to do); a log whose
+    Last is below the cursor (a database recreated) makes the watch list everything once."""
+    config = _config(live, tmp_path)
+    w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=3600))
+    _until(lambda: corpus_study_uids - {corpus.uid("study", "07")} <= finished_studies(config.out).keys())
+    live.rest("DELETE", "/changes")
+    time.sleep(1.5)                                                     # polls see the emptied log
+    assert w.stop().reconciliations == 0
+    state = State(config.state)
+    state.set_change_cursor(live.dicomweb, "orthanc", "999999")         # ahead of the log: as after a reset
+    state.commit()
+    state.close()
+
+    w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=3600))
+    _upload_study(live, corpus_files, "07")
+    _until(lambda: corpus.uid("study", "07") in finished_studies(config.out))
+    result = w.stop()
+    assert result.reconciliations == 1
+    assert int(str(_cursor(config.state, live.dicomweb, "orthanc"))) < 999999
+    assert _statuses(config.state) == dict.fromkeys(corpus_study_uids, "synced")
