@@ -406,6 +406,8 @@ def verify_cap(client: QidoClient, state: WindowListing, report: ListingReport) 
                 return
             found = _probe(client, state.window, state.dates, state.uids, client.page_size(report.page_size), report.filters)
         if found:
+            # equivalent mutants of the min(...) branch: state.dates is kept only while no cap
+            # is known (iter_study_pages, the Dask list task), so report.cap is None here
             report.cap = state.total if report.cap is None else min(report.cap, state.total)
             state.capped = f"{state.total} results, a silent cap"
         else:

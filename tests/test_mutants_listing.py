@@ -20,7 +20,7 @@ from crawler import listing
 from crawler.errors import FatalQidoError, QidoError
 from crawler.http import RetryPolicy
 from crawler.listing import ListingReport, iter_studies
-from crawler.planner import Window
+from crawler.planner import FIRST_DAY, LAST_DAY, Window
 from crawler.qido import Page, QidoClient
 from fixtures.fakepacs import FakePacs
 
@@ -372,3 +372,92 @@ def test_a_sweep_keeps_only_undated_studies_and_the_credentials_error_ends_it():
 
     with pytest.raises(FatalQidoError, match="401"):
         SweepScript([study(f"9.{k}", None, f"A{k}") for k in range(3)], refuse).run()
+
+
+# --- what follows a window's listing: its parts, or what cannot be listed -----------------------
+
+
+def test_windows_listed_are_counted_complete_or_split_one_by_one():
+    """Killed in follow_up: `windows_complete = 1`, `-= 1`, `+= 2`; `windows_split = 1`, `+= 2`."""
+    with FakePacs(n_studies=120, seed=26, max_results=20) as pacs:
+        report = ListingReport(page_size=100)
+        found, _ = listed(pacs, [Window()], report)
+        truth = set(pacs.study_uids())
+    assert found == truth and report.incomplete == []
+    assert report.windows_split >= 3 and report.windows_complete >= 4
+    assert report.windows_listed == report.windows_complete + report.windows_split
+
+
+def test_a_server_that_ignores_offset_teaches_its_page_as_the_cap():
+    """Pages that repeat mean a cap of one page: it is kept for the later windows, so each is
+    asked once (killed: the comparison with "the server ignores offset" and the cap not kept)."""
+    with FakePacs(n_studies=30, seed=27, ignore_offset=True, date_from="20200101", date_to="20201231") as pacs:
+        report = ListingReport(page_size=10)
+        found, searches = listed(pacs, [Window()], report)
+        truth = set(pacs.study_uids())
+    assert found == truth
+    assert report.cap == 10 and report.incomplete == []
+    assert searches == report.windows_listed + 1
+
+
+def test_undated_studies_in_dated_windows_need_no_sweep():
+    """A server that matches empty StudyDates in date ranges returns the undated studies with
+    the dated windows: no sweep (killed: `elsewhere = False`, and `undated or not unfiltered`,
+    which dismissed the risk for a server that does not)."""
+    undated = [study(f"9.{k}", None, f"A{k}") for k in range(4)]
+    dated = [study(f"8.{k}", "20200101", f"B{k}") for k in range(2)]
+
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        if DATE not in query:
+            return [] if PID in query else (undated + dated)[:3]
+        return dated + undated if query[DATE] == f"{FIRST_DAY}-{LAST_DAY}" else []
+
+    client = Scripted(answer)
+    report = ListingReport(page_size=100, cap=3)
+    items = list(iter_studies(client, [Window()], report, verify=False))
+    assert {uid_of(i) for i in items} == {uid_of(s) for s in undated + dated}
+    assert report.incomplete == []
+    assert not [call for call in client.calls if PID in dict(call[2])]
+
+
+def test_the_parts_of_a_listing_listed_anyway_only_put_undated_studies_at_risk():
+    """follow_up with ``parts_listed`` (the Dask executor's undated-only listing): no parts, the
+    undated studies at risk with what the window saw (killed: `at_risk = None`, the seen studies
+    and characters dropped or replaced by empty ones)."""
+    state = listing.WindowListing(Window(), capped="40 results, at the server's cap", undated=2,
+                                  undated_seen={"9.1": "A1", "9.2": "B7"}, id_chars={"A", "1", "B", "7"})
+    report = ListingReport(page_size=100)
+    undated = listing.UndatedRisk()
+    assert listing.follow_up(state, report, undated, 100, parts_listed=True) == []
+    assert undated.at_risk == "all studies: 40 results, at the server's cap; studies without StudyDate past the cap cannot be listed"
+    assert undated.seen == {"9.1": "A1", "9.2": "B7"} and undated.chars == {"A", "1", "B", "7"}
+    assert undated.sweep_needed and report.windows_complete == 0 and report.incomplete == []
+    undated.close(report)
+    assert report.incomplete == [undated.at_risk]
+
+
+def timed(uid: str, day: str, time: str) -> dict[str, Any]:
+    item = study(uid, day)
+    item["00080030"] = {"vr": "TM", "Value": [time]}
+    return item
+
+
+def test_a_capped_day_is_not_split_by_a_study_time_the_server_ignores():
+    """StudyTime ignored in both forms: the first day's first part is given up, its second not
+    listed, and the second day, capped too, is not split (killed: that message replaced by None)."""
+    days = {"20200101": [timed(f"1.{k}", "20200101", f"{k:02d}0000") for k in range(0, 24, 5)],
+            "20200102": [timed(f"2.{k}", "20200102", f"{k:02d}0000") for k in range(0, 24, 5)]}
+
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        day = query.get(DATE, query.get("StudyDate"))
+        return list(days.get(day, []))
+
+    client = Scripted(answer)
+    report = ListingReport(page_size=100, cap=3)
+    list(iter_studies(client, [Window("20200101", "20200101"), Window("20200102", "20200102")], report, verify=False))
+    assert report.filters.ignored == {"StudyTime"}
+    assert report.incomplete == [
+        "StudyDate 20200101 StudyTime 000000-115959: the server ignores StudyTime, as a tag and as a keyword; not split further",
+        "StudyDate 20200101 StudyTime 120000-235959: not listed: the server ignores StudyTime",
+        "StudyDate 20200102: 5 results, at the server's cap; not split: the server ignores StudyTime",
+    ]
