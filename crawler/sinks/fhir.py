@@ -624,6 +624,7 @@ class FhirServer:
         bundle = self._build(units)
         self.bundles += 1
         try:
+            # equivalent mutant: "post" (requests sends the method upper-cased)
             answer = self._send("POST", self.base_url, bundle.body)
         except Retriable as exc:
             if exc.connect:
@@ -654,6 +655,7 @@ class FhirServer:
         if status in GONE and bundle.methods == ["DELETE"]:
             self.deleted += 1    # a lone DELETE of a resource the server does not have
             return None, {}
+        # equivalent mutants: b"XXXX" for b"" in the next two calls (neither is JSON: both read as no body)
         reason = _outcome_line(status, answer.content or b"", self.server_text)
         too_large, known_limit = _size_refusal(status, answer.content or b"")
         if too_large and len(bundle.methods) > 1:
@@ -859,7 +861,7 @@ def _entry_outcomes(content: bytes | None, bundle: _Bundle, server_text: bool) -
     try:
         answer = orjson.loads(content) if content else None
     except orjson.JSONDecodeError:
-        answer = None
+        answer = None   # equivalent mutant: "" (no dict either)
     entries: list[Any] = []
     if isinstance(answer, dict) and answer.get("resourceType") == "Bundle" and isinstance(answer.get("entry"), list):
         entries = answer["entry"]
@@ -874,6 +876,8 @@ def _entry_outcomes(content: bytes | None, bundle: _Bundle, server_text: bool) -
         locations.append((found[1], found[2]) if found else None)
         if status is None or 300 <= status < 400:
             outcomes.append(_UNKNOWN)
+        # equivalent mutants: `<= 300`, `< 301` below (300 is taken above); `or True` in the
+        # outcome's test (a status was read, so the response is a dict)
         elif 200 <= status < 300 or (method == "DELETE" and status in GONE):
             outcomes.append(None)
         else:
@@ -888,6 +892,7 @@ def _same(held: dict[str, Any], sent: bytes, references: bool = True) -> bool:
     references' targets when the server assigns ids)."""
     def content(resource: dict[str, Any]) -> Any:
         kept = {k: v for k, v in resource.items() if k not in ("meta", "text") and (references or k != "id")}
+        # equivalent mutants: any other constant for "" (both sides are rewritten alike)
         return kept if references else _rewrite_references(kept, lambda reference: "")
 
     return bool(content(held) == content(orjson.loads(sent)))
@@ -1005,6 +1010,8 @@ def _size_refusal(status: int, body: bytes) -> tuple[bool, int | None]:
     """Whether an answer refuses a transaction for its size, and the known server's limit if any."""
     if status == 413:
         return True, None
+    # equivalent mutants: `<= 500`, `< 501` (a 500 is retried, never refused here); `body or
+    # True` (an empty body fails to decode: not a size refusal either way)
     if not 400 <= status < 500:
         return False, None
     try:
