@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reconcile-every", type=_seconds, default=86400.0, metavar="SECONDS", help="list every study this often, to find what the change source does not tell (deletions on Orthanc, lost changes) (default: %(default)g)")
     g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes orthanc (default: URL without /dicom-web)")
     g.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
+    g.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on /metrics and liveness on /healthz at this port, every interface (needs the watch extra)")
     _add_fhir_resources(p.add_argument_group("FHIR resources"))
     _add_fhir_server(p.add_argument_group("FHIR server", "send the changes to a FHIR server as well (or instead of --out)"))
     _add_connection(p.add_argument_group("connection and authentication", _CONNECTION))
@@ -632,7 +633,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         wado_url=args.wado_url,
     )
     options = WatchOptions(interval=args.interval, stable_after=args.stable_after, roll_every=args.roll_every,
-                           reconcile_every=args.reconcile_every)
+                           reconcile_every=args.reconcile_every, metrics_port=args.metrics_port)
     stop = threading.Event()
 
     def stopping(signum: int, frame: object) -> None:

@@ -38,6 +38,7 @@ from .kinds import ChangeSource
 from .mapping import MappingOptions
 from .mapping.ids import normalise_base
 from .mapping.validate import check_available
+from .metrics import MetricsServer, WatchFigures
 from .notices import Notices
 from .planner import Window
 from .qido import client_from
@@ -53,13 +54,17 @@ log = logging.getLogger("crawler")
 @dataclass(frozen=True)
 class WatchOptions:
     """How often to poll, how old a change must be, how long a run lasts, how often to reconcile
-    (all in seconds); ``max_backoff``: the longest wait after repeated failures."""
+    (all in seconds); ``max_backoff``: the longest wait after repeated failures;
+    ``metrics_port``: serve ``/metrics`` and ``/healthz`` there (see metrics; 0: any free port),
+    on ``metrics_address`` (default: every interface)."""
 
     interval: float = 10.0
     stable_after: float = 60.0
     roll_every: float = 300.0
     reconcile_every: float = 86400.0
     max_backoff: float = 300.0
+    metrics_port: int | None = None
+    metrics_address: str = ""
 
     def __post_init__(self) -> None:
         for name in ("interval", "roll_every", "reconcile_every", "max_backoff"):
@@ -68,6 +73,8 @@ class WatchOptions:
                 raise ConfigError(f"the watch's {name.replace('_', ' ')} must be a number of seconds > 0, not {value!r}", setting=name)
         if not isinstance(self.stable_after, (int, float)) or self.stable_after < 0:
             raise ConfigError(f"the watch's stable after must be a number of seconds >= 0, not {self.stable_after!r}", setting="stable_after")
+        if self.metrics_port is not None and (type(self.metrics_port) is not int or not 0 <= self.metrics_port <= 65535):
+            raise ConfigError(f"the metrics port must be a TCP port number, not {self.metrics_port!r}", setting="metrics_port")
 
 
 @dataclass
@@ -132,6 +139,9 @@ class Watcher:
         self.result = WatchResult()
         self.notices = Notices(log, limit=1)
         self.period: SyncRun | None = None
+        self.current: SyncRun | None = None
+        """The run under way (a period's, or a complete listing): its figures count in the metrics."""
+        self.metrics: MetricsServer | None = None
         self.period_started = 0.0
         self.retry_due = True
         self.reconcile_due = False
@@ -151,6 +161,9 @@ class Watcher:
 
     def run(self) -> WatchResult:
         try:
+            if self.options.metrics_port is not None:
+                self.metrics = MetricsServer(self.options.metrics_port, self.figures, self.options.metrics_address)
+                log.info("metrics on port %d: /metrics, /healthz", self.metrics.port)
             self._recover()
             if self.state.last_mark(self.source) is None or self.state.change_cursor(self.source, self.kind) is None:
                 try:
@@ -170,8 +183,26 @@ class Watcher:
                 self._abort_period(exc)
             raise
         finally:
+            if self.metrics is not None:
+                self.metrics.close()
             self.state.close()
             self.client.close()
+
+    def figures(self) -> WatchFigures:
+        """The metrics' figures now (read from the metrics server's thread: plain reads only)."""
+        r, live = self.result, self.current
+        f = live.figures if live is not None else None
+        return WatchFigures(
+            source=redact(self.source), feed=str(self.kind), cursor=r.cursor, newest_change=r.newest_change, last_poll=r.last_poll,
+            polls=r.polls, poll_errors=r.poll_errors, failing=self.failures, runs=r.runs, reconciliations=r.reconciliations,
+            reconciled=r.reconciled,
+            studies={
+                "synced": r.studies_synced + (f.studies_new + f.studies_changed if f else 0),
+                "failed": r.studies_failed + (f.studies_failed + f.studies_inconsistent if f else 0),
+                "gone": r.studies_gone + (f.studies_gone if f else 0),
+            },
+            requests=self.client.counts.as_dict(),
+        )
 
     def _step(self) -> float:
         """One poll (or a reconciliation, when due); the seconds to wait before the next."""
@@ -268,7 +299,8 @@ class Watcher:
             ndjson = NdjsonFolder(folder, transaction_time=started.isoformat().replace("+00:00", "Z"),
                                   request=f"{redact(self.client.base_url)}/studies", fresh=True)
             outputs.insert(0, ndjson)
-        return SyncRun(config, self.client, self.state, self.source, self.mapping, outputs, ndjson, run_id)
+        self.current = SyncRun(config, self.client, self.state, self.source, self.mapping, outputs, ndjson, run_id)
+        return self.current
 
     def _fhir(self) -> Sink:
         assert self.config.fhir_url is not None
@@ -337,6 +369,8 @@ class Watcher:
         self._count(period, None)
 
     def _count(self, run: SyncRun, result: SyncResult | None) -> None:
+        if self.current is run:
+            self.current = None
         f = run.figures
         self.result.runs += 1
         self.result.studies_synced += f.studies_new + f.studies_changed

@@ -395,3 +395,51 @@ def test_a_reset_orthanc_log_is_survived_by_one_complete_listing(live, corpus_fi
     assert result.reconciliations == 1
     assert int(str(_cursor(config.state, live.dicomweb, "orthanc"))) < 999999
     assert _statuses(config.state) == dict.fromkeys(corpus_study_uids, "synced")
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name`` whose labels include ``labels``, from Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            sample, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in sample for k, v in labels.items()):
+                return float(value)
+    return None
+
+
+def test_metrics_show_lag_cursor_studies_requests_and_errors_and_an_idle_watch_asks_once_per_interval(tmp_path, watching):
+    import requests
+
+    from fixtures.fakeazure import AzureFeedPacs
+    from fixtures.fakepacs import Behaviour
+
+    port = orthanc.free_port()
+    with AzureFeedPacs(n_studies=5, seed=73, hidden=(4,)) as pacs:
+        config = _azure_config(pacs, tmp_path)
+        w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=3600, max_backoff=1, metrics_port=port))
+        _until(lambda: len(finished_studies(config.out)) == 4)
+        pacs.arrive(4)
+        _until(lambda: pacs.study_uid(4) in finished_studies(config.out))
+
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert _metric(text, "qido_crawler_watch_studies_total", outcome="synced", feed="azure") == 5
+        assert _metric(text, "qido_crawler_watch_studies_total", outcome="failed") == 0
+        assert _metric(text, "qido_crawler_watch_cursor") == float(_cursor(config.state, pacs.url, "azure").rpartition("|")[2])
+        assert _metric(text, "qido_crawler_watch_lag_seconds") > 0          # the simulator's clock is days behind
+        assert _metric(text, "qido_crawler_watch_requests_total", kind="changes") >= 2
+        assert _metric(text, "qido_crawler_watch_last_poll_timestamp_seconds") > time.time() - 30
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+
+        pacs.reset_counts()
+        time.sleep(3)                                                    # idle: nothing changes
+        assert sum(pacs.counts().values()) <= 3 / 0.5 + 1
+
+        pacs.behaviour = Behaviour(fail_every=1, fail_status=503)
+        _until(lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 503)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert _metric(text, "qido_crawler_watch_poll_errors_total") >= 1
+        pacs.behaviour = Behaviour()
+        _until(lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200)
+        w.stop()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
