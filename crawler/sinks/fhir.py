@@ -858,7 +858,7 @@ def _entry_outcomes(content: bytes | None, bundle: _Bundle, server_text: bool) -
     A conformant server never answers 200 with failed entries; one that ran the transaction as
     a batch does. An answer that is no Bundle, or has fewer entries, or entries without a
     status, leaves those entries unknown."""
-    try:
+    try:   # equivalent mutant: `content or True` (orjson refuses None with a JSONDecodeError too)
         answer = orjson.loads(content) if content else None
     except orjson.JSONDecodeError:
         answer = None   # equivalent mutant: "" (no dict either)
