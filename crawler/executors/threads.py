@@ -31,11 +31,12 @@ def listed(run: CrawlRun, windows: list[Window], report: ListingReport) -> Itera
     yield from run.changed_items()
 
 
-PENDING = 2_000
-"""Studies found to crawl that wait for a free crawl thread, at most: the listing goes on while
-they wait (so a run with fewer studies to crawl knows their total, for the progress, as soon as
-its listing ends), and a listing far ahead of the crawl stops here (a few kB per study: memory
-stays bounded whatever the size of the archive)."""
+PENDING = 100
+"""Studies found to crawl that wait for a free crawl thread, at most. The listing goes on while
+they wait, so a run whose studies to crawl fit here and in the read-ahead knows their total (for
+the progress) as soon as its listing ends; a larger one learns it when that much is left. Kept
+small: each waiting study holds its listing entry, and memory must not grow with the archive
+(tests/test_scale.py)."""
 
 
 def list_and_crawl(run: CrawlRun, windows: list[Window], report: ListingReport) -> None:
@@ -63,9 +64,10 @@ def list_and_crawl(run: CrawlRun, windows: list[Window], report: ListingReport) 
                 submit(pool)
                 while in_flight and in_flight[0][0].done():
                     take_oldest()
-                while len(pending) >= PENDING:
-                    take_oldest()
                     submit(pool)
+                while len(pending) >= PENDING:
+                    submit(pool)
+                    take_oldest()
         except QidoError as exc:
             listing_failed(exc, report, started=considered > 0 or run.client.answered)
         run.listing_finished()
