@@ -5,7 +5,7 @@ finished run folder, SIGTERM ends it cleanly, kill -9 loses nothing."""
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
 import signal
 import subprocess
@@ -295,17 +295,23 @@ def test_a_source_that_fails_while_watched_is_tried_again_with_backoff_and_logge
     from fixtures.fakeazure import AzureFeedPacs
     from fixtures.fakepacs import Behaviour
 
-    with AzureFeedPacs(n_studies=4, seed=72, hidden=(3,)) as pacs:
-        config = _azure_config(pacs, tmp_path)
-        w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=3600, max_backoff=1))
-        _until(lambda: len(finished_studies(config.out)) == 3)
-        pacs.behaviour = Behaviour(fail_every=1, fail_status=503)
-        pacs.reset_counts()
-        _until(lambda: pacs.statuses[503] >= 3)                       # three polls refused
-        pacs.behaviour = Behaviour()
-        pacs.arrive(3)
-        _until(lambda: pacs.study_uid(3) in finished_studies(config.out))
-        result = w.stop()
+    crawler_log = logging.getLogger("crawler")       # the CLI, run in-process by other tests, stops it propagating
+    crawler_log.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="crawler")
+    try:
+        with AzureFeedPacs(n_studies=4, seed=72, hidden=(3,)) as pacs:
+            config = _azure_config(pacs, tmp_path)
+            w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=3600, max_backoff=1))
+            _until(lambda: len(finished_studies(config.out)) == 3)
+            pacs.behaviour = Behaviour(fail_every=1, fail_status=503)
+            pacs.reset_counts()
+            _until(lambda: pacs.statuses[503] >= 3)                       # three polls refused
+            pacs.behaviour = Behaviour()
+            pacs.arrive(3)
+            _until(lambda: pacs.study_uid(3) in finished_studies(config.out))
+            result = w.stop()
+    finally:
+        crawler_log.removeHandler(caplog.handler)
     assert result.poll_errors >= 2
     logged = [r for r in caplog.records if r.getMessage().startswith("watch:")]
     assert len(logged) == 1, [r.getMessage() for r in logged]
@@ -400,7 +406,7 @@ def test_a_reset_orthanc_log_is_survived_by_one_complete_listing(live, corpus_fi
 def _metric(text: str, name: str, **labels: str) -> float | None:
     """The value of the sample ``name`` whose labels include ``labels``, from Prometheus text."""
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             sample, _, value = line.rpartition(" ")
             if all(f'{k}="{v}"' in sample for k, v in labels.items()):
                 return float(value)
