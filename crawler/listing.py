@@ -570,6 +570,8 @@ def sweep_undated(client: QidoClient, undated: UndatedRisk, report: ListingRepor
                 requests += number > 0
                 kept = []
                 for item in page:
+                    # equivalent mutant: `or "XXXX"` (a study without PatientID comes only from a server
+                    # that ignores the key, which the first part, "-*" to "0*", already shows)
                     pid = _text(item, Tag.PatientID) or ""
                     # servers may match case-insensitively: parts then overlap, merged by UID
                     if (pid.upper() != prefix.upper()) if exact else not pid.upper().startswith(prefix.upper()):

@@ -268,8 +268,9 @@ class SweepScript:
     """A capped unfiltered window whose undated studies only a sweep by PatientID reaches,
     answered by a stand-in for the client; ``part`` answers the sweep's parts by prefix."""
 
-    def __init__(self, undated: list[dict[str, Any]], part: Callable[[str, dict[str, str]], list[dict[str, Any]]], cap: int = 3):
-        self.undated, self.part, self.cap = undated, part, cap
+    def __init__(self, undated: list[dict[str, Any]], part: Callable[[str, dict[str, str]], list[dict[str, Any]]], cap: int = 3,
+                 page_size: int = 100):
+        self.undated, self.part, self.cap, self.page_size = undated, part, cap, page_size
         self.client = Scripted(self.answer)
 
     def answer(self, query: dict[str, str]) -> list[dict[str, Any]]:
@@ -281,7 +282,7 @@ class SweepScript:
         return self.undated[: self.cap]
 
     def run(self) -> tuple[list[dict[str, Any]], ListingReport]:
-        report = ListingReport(page_size=100, cap=self.cap)
+        report = ListingReport(page_size=self.page_size, cap=self.cap)
         items = list(iter_studies(self.client, [Window()], report, verify=False))
         return items, report
 
@@ -327,7 +328,9 @@ def test_the_sweep_splits_a_capped_part_by_one_more_character_and_asks_the_exact
         pytest.param([study(f"9.{k}", None, f"A{k}") for k in range(3)], "misses",
                      "the sweep by PatientID did not find 1 of the 3 studies without StudyDate listed before", id="misses-one"),
         pytest.param([study(f"9.{k}", None, f"A{k}") for k in range(3)], "fails",
-                     "a part of the sweep by PatientID failed: ", id="a-part-fails"),
+                     "a part of the sweep by PatientID failed: HTTP 500 from the simulated server", id="a-part-fails"),
+        pytest.param([study(f"9.{k}", None, "AB") for k in range(3)], "exact-as-prefix",
+                     "the server ignores PatientID (or its wildcards)", id="an-exact-id-answered-as-a-prefix"),
     ],
 )
 def test_a_sweep_that_cannot_be_trusted_leaves_the_studies_at_risk(undated, part, failure, monkeypatch):
@@ -340,14 +343,37 @@ def test_a_sweep_that_cannot_be_trusted_leaves_the_studies_at_risk(undated, part
             return [s for s in undated[:2] if s[PID]["Value"][0].startswith(prefix.rstrip("*"))]
         if part == "fails" and prefix == "A*":
             raise FatalQidoError("HTTP 500 from the simulated server", status=500)
+        if part == "exact-as-prefix":
+            return by_prefix(undated + [study("9.9", None, "ABC")])(prefix.rstrip("*") + "*", query)
         return by_prefix(undated)(prefix, query)
 
     script = SweepScript(undated, answer)
     _, report = script.run()
     assert len(report.incomplete) == 1
-    message = report.incomplete[0]
-    assert message.startswith("all studies: 3 results, at the server's cap; studies without StudyDate past the cap cannot be listed (")
-    assert failure in message
+    assert report.incomplete == [f"all studies: 3 results, at the server's cap; studies without StudyDate past the cap cannot be listed ({failure})"]
+
+
+def test_the_sweep_alphabet_holds_the_characters_seen_in_patient_ids():
+    """Killed: the characters seen left out of the first parts' alphabet (IDs starting with a
+    lower-case letter or '-' were never asked for)."""
+    undated = [study("9.1", None, "x1"), study("9.2", None, "x2"), study("9.3", None, "-3")]
+    script = SweepScript(undated, by_prefix(undated))
+    items, report = script.run()
+    assert report.incomplete == []
+    assert {"x*", "-*"} <= set(sweep_prefixes(script))
+
+
+def test_the_sweep_bound_counts_every_page_of_a_part(monkeypatch):
+    """Three requests at most: the part "0*" takes two (a full page, then an empty one), "1*" one,
+    so the sweep stops before "2*" with 34 of the 36 first parts left (killed: `requests -= ...`,
+    `number > 1`, and the parts left miscounted)."""
+    monkeypatch.setattr(listing, "SWEEP_MAX_REQUESTS", 3)
+    undated = [study("9.1", None, "01"), study("9.2", None, "02"), study("9.3", None, "A3")]
+    script = SweepScript(undated, by_prefix(undated), page_size=2)
+    _, report = script.run()
+    assert sweep_prefixes(script) == ["0*", "0*", "1*"]
+    assert report.incomplete == ["all studies: 3 results, at the server's cap; studies without StudyDate past the cap cannot be listed "
+                                 "(the sweep by PatientID stopped at 3 requests (34 parts left))"]
 
 
 def test_a_sweep_part_still_capped_at_the_longest_prefix_gives_up(monkeypatch):
@@ -367,11 +393,12 @@ def test_a_sweep_keeps_only_undated_studies_and_the_credentials_error_ends_it():
     assert {uid_of(i) for i in items} == {"9.1", "9.3", "9.4"}
     assert report.incomplete == []
 
-    def refuse(prefix: str, query: dict[str, str]) -> list[dict[str, Any]]:
-        raise FatalQidoError("HTTP 401 Unauthorized", status=401)
+    for status in (401, 403):
+        def refuse(prefix: str, query: dict[str, str], status: int = status) -> list[dict[str, Any]]:
+            raise FatalQidoError(f"HTTP {status} from the simulated server", status=status)
 
-    with pytest.raises(FatalQidoError, match="401"):
-        SweepScript([study(f"9.{k}", None, f"A{k}") for k in range(3)], refuse).run()
+        with pytest.raises(FatalQidoError, match=str(status)):
+            SweepScript([study(f"9.{k}", None, f"A{k}") for k in range(3)], refuse).run()
 
 
 # --- what follows a window's listing: its parts, or what cannot be listed -----------------------
