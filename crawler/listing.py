@@ -606,7 +606,7 @@ def sweep_undated(client: QidoClient, undated: UndatedRisk, report: ListingRepor
         failure = f"the sweep by PatientID did not find {missed} of the {len(undated.seen)} studies without StudyDate listed before"
     if failure is None:
         log.info("studies without StudyDate past the cap: swept by PatientID in %d parts (%d requests), %d found", parts, requests, len(found))
-        undated.at_risk = None
+        undated.at_risk = None   # equivalent mutant: "" (at_risk is only read as a flag)
     else:
         log.info("studies without StudyDate past the cap: the sweep by PatientID gave up after %d parts (%d requests, %d found)", parts, requests, len(found))
         undated.at_risk = f"{undated.at_risk} ({failure})"

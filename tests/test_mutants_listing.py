@@ -363,6 +363,24 @@ def test_the_sweep_alphabet_holds_the_characters_seen_in_patient_ids():
     assert {"x*", "-*"} <= set(sweep_prefixes(script))
 
 
+def test_a_capped_part_is_split_by_the_characters_seen_before_and_in_its_own_answer():
+    """A part's answer is cut at the cap: its children take the next characters seen in the
+    capped listing ('x') and in the part's own answer ('y'), so studies beyond both caps are
+    found (killed: either set left out of the children's alphabet)."""
+    undated = [study("9.1", None, "Ax"), study("9.2", None, "A1"), study("9.3", None, "A2"),
+               study("9.4", None, "Ay"), study("9.5", None, "A3")]
+
+    def part(prefix: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        ordered = sorted(undated, key=lambda s: {"Ay": 0, "A1": 1, "A2": 2, "A3": 3, "Ax": 4}[s[PID]["Value"][0]])
+        return by_prefix(ordered)(prefix, query)[:3]
+
+    script = SweepScript(undated, part)
+    items, report = script.run()
+    assert report.incomplete == []
+    assert {uid_of(i) for i in items} == {"9.1", "9.2", "9.3", "9.4", "9.5"}
+    assert {"Ax*", "Ay*"} <= set(sweep_prefixes(script))
+
+
 def test_the_sweep_bound_counts_every_page_of_a_part(monkeypatch):
     """Three requests at most: the part "0*" takes two (a full page, then an empty one), "1*" one,
     so the sweep stops before "2*" with 34 of the 36 first parts left (killed: `requests -= ...`,
