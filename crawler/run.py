@@ -126,8 +126,18 @@ class SyncRun:
                     state.set_change_cursor(self.source, self.config.changes, self.change_cursor)
             return self.finish(scope, today if moves_mark and listing_clean else None, [str(w) for w in windows])
         except BaseException as exc:
+            if isinstance(exc, Stopped):
+                self._keep_held()
             self.abort(exc)
             raise
+
+    def _keep_held(self) -> None:
+        """Told to stop: the studies crawled whole since the last checkpoint are recorded by one
+        more (a failing one leaves the state at the last)."""
+        try:
+            self.ledger.checkpoint()
+        except CrawlerError as exc:
+            log.warning("stopping: the last checkpoint failed (%s); the state stands at the one before", exc)
 
     def finish(self, scope: str, mark: str | None, windows: list[str]) -> SyncResult:
         """The end of a run: a last checkpoint, the run folder finished with its manifest (none

@@ -252,8 +252,9 @@ def test_kill_9_during_a_run_and_a_restart_give_the_export_of_a_clean_sync(live,
 def _azure_config(pacs, tmp_path: Path, **more: object) -> SyncConfig:
     from crawler.crawl import CrawlOptions, MetadataMode
 
-    return SyncConfig(pacs.url, out=tmp_path / "out", state=tmp_path / "state.db", changes="azure", retries=0,  # type: ignore[arg-type]
-                      crawl=CrawlOptions(1000, MetadataMode.NEVER, 1000), **more)
+    settings: dict = {"out": tmp_path / "out", "state": tmp_path / "state.db", "changes": "azure", "retries": 0,
+                      "crawl": CrawlOptions(1000, MetadataMode.NEVER, 1000), **more}
+    return SyncConfig(pacs.url, **settings)
 
 
 def _statuses(state_path: Path) -> dict[str, str]:
@@ -449,3 +450,43 @@ def test_metrics_show_lag_cursor_studies_requests_and_errors_and_an_idle_watch_a
         w.stop()
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_without_an_output_folder_the_changes_go_to_the_fhir_server_poll_by_poll(tmp_path, watching):
+    from fixtures.fakeazure import AzureFeedPacs
+    from fixtures.fakefhir import FakeFhir
+
+    def studies(fhir: FakeFhir) -> set[str]:
+        return {resource["identifier"][0]["value"].removeprefix("urn:oid:")
+                for (kind, _), (_, resource) in list(fhir.resources.items()) if kind == "ImagingStudy"}
+
+    with FakeFhir(version="5.0.0") as fhir, AzureFeedPacs(n_studies=5, seed=74, hidden=(4,)) as pacs:
+        config = _azure_config(pacs, tmp_path, prune=True, out=None, fhir_url=fhir.url)
+        w = watching(config)
+        _until(lambda: len(studies(fhir)) == 4)
+        pacs.arrive(4)
+        pacs.delete_study(1)
+        _until(lambda: studies(fhir) == {pacs.study_uid(i) for i in (0, 2, 3, 4)})
+        result = w.stop()
+    assert not (tmp_path / "out").exists() and result.run_dirs == []
+    assert (result.studies_synced, result.studies_gone) == (5, 1)
+
+
+def test_a_stop_during_the_first_listing_ends_it_at_its_last_checkpoint_within_seconds(tmp_path, watching):
+    from fixtures.fakeazure import AzureFeedPacs
+
+    with AzureFeedPacs(n_studies=120, seed=75, latency=0.02) as pacs:        # about 10 s of crawling at 4 workers
+        config = _azure_config(pacs, tmp_path, checkpoint_every=10)
+        w = watching(config)
+        out = tmp_path / "out"
+        _until(lambda: any((f / "checkpoint.json").exists() for f in out.iterdir()) if out.is_dir() else False)
+        asked = time.monotonic()
+        result = w.stop()
+        took = time.monotonic() - asked
+    assert took < 10
+    (folder,) = out.iterdir()
+    assert (folder / "manifest.json").exists() and not list(folder.glob("*.part"))
+    written = len(finished_studies(out))
+    assert 10 <= written < 120 and set(_statuses(config.state).values()) == {"synced"} and len(_statuses(config.state)) == written
+    assert result.runs == 1 and _cursor(config.state, pacs.url, "azure") is None       # not a complete listing: no cursor
+    print(f"stop during the first listing: returned in {took:.1f} s with {written} studies at the last checkpoint")
