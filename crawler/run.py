@@ -268,7 +268,10 @@ class SyncRun:
             state.mark_seen(self.source, summary.uid, self.run_id)
         else:
             self.ledger.listed(summary.uid)
-        if row is not None and unchanged(row, summary):
+        # in a watch's poll the change source has said the study changed, and its listing entry
+        # may not show how (a corrected patient name, an instance replaced): it is crawled, and
+        # only resources that differ are written
+        if row is not None and self.polled is None and unchanged(row, summary):
             figures.studies_unchanged += 1
             self._report()
             return None

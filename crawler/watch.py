@@ -113,7 +113,8 @@ class WatchResult:
 
 class Watcher:
     """One watch: its client, state (locked for the whole watch), and the run of the current
-    period. Use ``run()`` once, from one thread."""
+    period. Use ``run()`` once, from the thread that made it (the state is used from one thread);
+    ``figures()`` may be read from any."""
 
     def __init__(self, config: SyncConfig, options: WatchOptions, stop: threading.Event | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:

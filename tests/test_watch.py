@@ -490,3 +490,26 @@ def test_a_stop_during_the_first_listing_ends_it_at_its_last_checkpoint_within_s
     assert 10 <= written < 120 and set(_statuses(config.state).values()) == {"synced"} and len(_statuses(config.state)) == written
     assert result.runs == 1 and _cursor(config.state, pacs.url, "azure") is None       # not a complete listing: no cursor
     print(f"stop during the first listing: returned in {took:.1f} s with {written} studies at the last checkpoint")
+
+
+def test_a_patient_name_corrected_on_an_old_study_reaches_a_finished_run_folder(live, corpus_files, corpus_study_uids, watching, tmp_path):
+    """The listing entry of the study may look the same; the change source said it changed, so
+    it is crawled, and its ImagingStudy (subject.display) written again."""
+    config = _config(live, tmp_path)
+    w = watching(config)
+    _until(lambda: corpus_study_uids - {corpus.uid("study", "07")} <= finished_studies(config.out).keys())
+    first = set(config.out.iterdir())
+    files = [p for p in corpus_files if _study_of(p) == corpus.uid("study", "05")]
+    live.upload([_copy_with(p, tmp_path / f"renamed-{i}.dcm", PatientName="WATCH^RENAMED") for i, p in enumerate(files)])
+
+    def renamed() -> bool:
+        for folder in set(config.out.iterdir()) - first:
+            if (folder / "manifest.json").exists() and (folder / "ImagingStudy.ndjson").exists():
+                for line in (folder / "ImagingStudy.ndjson").read_text().splitlines():
+                    study = json.loads(line)
+                    if study["identifier"][0]["value"].endswith(corpus.uid("study", "05")):
+                        return "RENAMED" in study["subject"].get("display", "")
+        return False
+
+    _until(renamed)
+    w.stop()
