@@ -171,13 +171,18 @@ class SyncRun:
         """One poll of a watch: crawl the studies ``changes`` names (asked for by UID; one the
         server no longer has is gone), and with ``retry`` those earlier runs failed, then a
         checkpoint that stores ``cursor`` with them. The cursor is not stored when a study named
-        could not be asked for (the next poll reads the same changes again). Returns whether
-        it was stored. The state must be in the run's transaction (``state.begin()``)."""
+        could not be asked for (the next poll reads the same changes again), nor when told to
+        stop (``stop``: Stopped, after a checkpoint of the studies crawled so far). Returns
+        whether it was stored. The state must be in the run's transaction (``state.begin()``)."""
         self.changes = changes
         self.polled = set()
         self.retry_in_poll = retry
         report = self._new_report()
-        executor(self.config.executor)(self, [], report)
+        try:
+            executor(self.config.executor)(self, [], report)
+        except Stopped:
+            self.ledger.checkpoint()   # what was crawled whole is kept; the cursor is not stored
+            raise
         self.figures.warnings_not_shown += report.notices.close()
         for message in report.incomplete:
             self._error(f"not every study the change source named could be asked for: {message}", kind="change source polls incomplete")

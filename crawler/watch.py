@@ -346,6 +346,7 @@ class Watcher:
 
     def _open_period(self) -> None:
         self.period = self._new_run(self.config)
+        self.period.stop = self.stop
         self.period_started = self.clock()
         self.retry_due = True
         self.state.begin()

@@ -513,3 +513,30 @@ def test_a_patient_name_corrected_on_an_old_study_reaches_a_finished_run_folder(
 
     _until(renamed)
     w.stop()
+
+
+def test_a_stop_during_a_long_poll_keeps_what_was_crawled_and_not_the_cursor(tmp_path, watching):
+    from fixtures.fakeazure import AzureFeedPacs
+
+    late = tuple(range(10, 120))
+    with AzureFeedPacs(n_studies=120, seed=76, hidden=late, latency=0.05) as pacs:
+        config = _azure_config(pacs, tmp_path, checkpoint_every=10)
+        w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=600, reconcile_every=3600))
+        _until(lambda: len(finished_studies(config.out)) == 10)
+        before = _cursor(config.state, pacs.url, "azure")
+        for index in late:
+            pacs.arrive(index)
+        _until(lambda: any(_open_folder_holding(config.out, pacs.study_uid(i)) for i in late))
+        asked = time.monotonic()
+        w.stop()
+        took = time.monotonic() - asked
+        written = finished_studies(config.out)
+        assert took < 5 and 10 < len(written) < 120
+        assert _cursor(config.state, pacs.url, "azure") == before            # the poll did not end: its changes are read again
+        assert sorted(_statuses(config.state)) == sorted(written)
+
+        w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=3600))
+        _until(lambda: len(finished_studies(config.out)) == 120)
+        w.stop()
+    assert _cursor(config.state, pacs.url, "azure") != before
+    print(f"stop during a poll of 110 studies: returned in {took:.1f} s with {len(written)} studies recorded")
