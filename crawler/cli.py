@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interval", type=_seconds, default=10.0, metavar="SECONDS", help="read the change source this often (default: %(default)g)")
     g.add_argument("--stable-after", type=_seconds, default=60.0, metavar="SECONDS", help="crawl a study once its changes are this old, so that a study being received is not synced half-way (default: %(default)g)")
     g.add_argument("--roll-every", type=_seconds, default=300.0, metavar="SECONDS", help="finish the current run folder (with its manifest) this often; none is made while nothing changes (default: %(default)g)")
+    g.add_argument("--roll-studies", type=_positive, metavar="N", help="also finish the current run folder once it holds N studies")
     g.add_argument("--reconcile-every", type=_seconds, default=86400.0, metavar="SECONDS", help="list every study this often, to find what the change source does not tell (deletions on Orthanc, lost changes) (default: %(default)g)")
     g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes orthanc (default: URL without /dicom-web)")
     g.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
@@ -633,7 +634,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         wado_url=args.wado_url,
     )
     options = WatchOptions(interval=args.interval, stable_after=args.stable_after, roll_every=args.roll_every,
-                           reconcile_every=args.reconcile_every, metrics_port=args.metrics_port)
+                           reconcile_every=args.reconcile_every, metrics_port=args.metrics_port, roll_studies=args.roll_studies)
     stop = threading.Event()
 
     def stopping(signum: int, frame: object) -> None:

@@ -65,6 +65,8 @@ class WatchOptions:
     max_backoff: float = 300.0
     metrics_port: int | None = None
     metrics_address: str = ""
+    roll_studies: int | None = None
+    """Also finish the current run once it has written (or deleted, or failed) this many studies."""
 
     def __post_init__(self) -> None:
         for name in ("interval", "roll_every", "reconcile_every", "max_backoff"):
@@ -73,6 +75,8 @@ class WatchOptions:
                 raise ConfigError(f"the watch's {name.replace('_', ' ')} must be a number of seconds > 0, not {value!r}", setting=name)
         if not isinstance(self.stable_after, (int, float)) or self.stable_after < 0:
             raise ConfigError(f"the watch's stable after must be a number of seconds >= 0, not {self.stable_after!r}", setting="stable_after")
+        if self.roll_studies is not None and (type(self.roll_studies) is not int or self.roll_studies < 1):
+            raise ConfigError(f"the watch's roll studies must be a number of studies >= 1, not {self.roll_studies!r}", setting="roll_studies")
         if self.metrics_port is not None and (type(self.metrics_port) is not int or not 0 <= self.metrics_port <= 65535):
             raise ConfigError(f"the metrics port must be a TCP port number, not {self.metrics_port!r}", setting="metrics_port")
 
@@ -215,7 +219,7 @@ class Watcher:
                     return self._failed("the listing was incomplete")
             else:
                 self._poll()
-            if self.period is not None and self.clock() - self.period_started >= self.options.roll_every:
+            if self.period is not None and self._period_full():
                 self._end_period()
         except Stopped:
             return 0.0
@@ -231,6 +235,15 @@ class Watcher:
         self.failures = 0
         self.answered = True
         return self.options.interval
+
+    def _period_full(self) -> bool:
+        """Whether the current run has lasted ``roll_every``, or holds ``roll_studies`` studies."""
+        assert self.period is not None
+        if self.clock() - self.period_started >= self.options.roll_every:
+            return True
+        f = self.period.figures
+        held = f.studies_new + f.studies_changed + f.studies_gone + f.studies_failed + f.studies_inconsistent
+        return self.options.roll_studies is not None and held >= self.options.roll_studies
 
     def _failed(self, why: str, kind: str = "incomplete listing") -> float:
         """A failed attempt: counted, logged once per kind; the backoff before the next."""

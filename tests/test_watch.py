@@ -540,3 +540,18 @@ def test_a_stop_during_a_long_poll_keeps_what_was_crawled_and_not_the_cursor(tmp
         w.stop()
     assert _cursor(config.state, pacs.url, "azure") != before
     print(f"stop during a poll of 110 studies: returned in {took:.1f} s with {len(written)} studies recorded")
+
+
+def test_roll_studies_finishes_a_run_folder_once_it_holds_that_many_studies(tmp_path, watching):
+    from fixtures.fakeazure import AzureFeedPacs
+
+    with AzureFeedPacs(n_studies=5, seed=77, hidden=(3, 4)) as pacs:
+        config = _azure_config(pacs, tmp_path)
+        w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=600, roll_studies=1, reconcile_every=3600))
+        _until(lambda: len(finished_studies(config.out)) == 3)
+        pacs.arrive(3)
+        first = _until(lambda: finished_studies(config.out).get(pacs.study_uid(3)))
+        pacs.arrive(4)
+        second = _until(lambda: finished_studies(config.out).get(pacs.study_uid(4)))
+        w.stop()
+    assert first != second
