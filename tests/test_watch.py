@@ -555,3 +555,20 @@ def test_roll_studies_finishes_a_run_folder_once_it_holds_that_many_studies(tmp_
         second = _until(lambda: finished_studies(config.out).get(pacs.study_uid(4)))
         w.stop()
     assert first != second
+
+
+def test_start_up_errors_exit_as_sync_does(tmp_path, capsys):
+    nowhere = f"http://127.0.0.1:{orthanc.free_port()}/dicom-web"
+    state = str(tmp_path / "state.db")
+    base = ["watch", "--state", state, "--changes", "orthanc", "--retries", "0", "--interval", "1"]
+    assert main([*base, nowhere]) == 2                                          # no output
+    assert "an output folder or a FHIR server" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "out"), nowhere]) == 3        # the source cannot be reached
+    assert capsys.readouterr().err.count("\n") == 1
+    held = State(state, lock=True)
+    try:
+        assert main([*base, "--out", str(tmp_path / "out"), nowhere]) == 2    # another run holds the state
+    finally:
+        held.close()
+    assert "another run" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                  # the handlers are put back
