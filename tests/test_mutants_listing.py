@@ -10,6 +10,7 @@ form of the matching keys), ``Scripted``, a stand-in for the client that answers
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -506,3 +507,58 @@ def test_a_capped_day_is_not_split_by_a_study_time_the_server_ignores():
         "StudyDate 20200101 StudyTime 120000-235959: not listed: the server ignores StudyTime",
         "StudyDate 20200102: 5 results, at the server's cap; not split: the server ignores StudyTime",
     ]
+
+
+def test_a_capped_day_with_studies_without_a_time_reports_them_at_risk():
+    """A day over the cap is split by StudyTime; its studies without one cannot be reached by the
+    parts (killed in follow_up: the day test's `since is None`, `time_from is not None`, and the
+    message replaced by None)."""
+    day = "20200101"
+    studies = [timed(f"1.{k}", day, f"{k * 4:02d}0000") for k in range(4)] + [study("1.8", day), study("1.9", day)]
+
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        if query.get(DATE) != day:
+            return []
+        if "00080030" not in query:
+            return studies
+        low, high = (int(t) for t in query["00080030"].split("-"))
+        return [s for s in studies if "00080030" in s and low <= int(s["00080030"]["Value"][0]) <= high]
+
+    client = Scripted(answer)
+    report = ListingReport(page_size=100, cap=3)
+    items = list(iter_studies(client, [Window(day, day)], report, verify=False))
+    assert {uid_of(i) for i in items} == {uid_of(s) for s in studies}
+    assert report.incomplete == [f"StudyDate {day}: 6 results, at the server's cap; studies without StudyTime on that day past the cap cannot be listed"]
+
+
+# --- listing entries decoded one by one ---------------------------------------------------------
+
+
+def test_entries_that_are_not_utf8_are_listed_repaired_and_counted():
+    """Killed in _mended: the early return inverted or taken on `and`, the repaired marker not
+    taken off the entry, the count of repaired entries (`= 1`, `-= 1`, `+= 2`). One entry per
+    page, so that a page holds nothing but repaired entries too."""
+    with FakePacs(n_studies=20, seed=28, latin1_entries={3, 17}) as pacs:
+        client = QidoClient(pacs.url, retry=FAST_RETRY)
+        report = ListingReport(page_size=1)
+        try:
+            items = list(iter_studies(client, [Window()], report, verify=False))
+        finally:
+            client.close()
+        truth = set(pacs.study_uids())
+        repaired = {pacs.study_uid(3), pacs.study_uid(17)}
+    assert {uid_of(i) for i in items} == truth
+    assert report.repaired == 2 and report.incomplete == []
+    assert not [i for i in items if listing.dj.REPAIRED in i]
+    assert {uid_of(i) for i in items if "\ufffd" in json.dumps(i, ensure_ascii=False)} == repaired
+
+
+def test_a_page_of_unreadable_entries_without_a_uid_leaves_the_window_incomplete():
+    """Entries that could not be read nor name their study are dropped and counted, even when
+    nothing else is in the page (killed: `UNREADABLE not in item` in _mended's early return)."""
+    unreadable = {listing.dj.UNREADABLE: "malformed JSON near byte 3"}
+    client = Scripted(lambda query: [dict(unreadable), dict(unreadable)])
+    report = ListingReport(page_size=100)
+    items = list(iter_studies(client, [Window("20200101", "20200101")], report, verify=False))
+    assert items == []
+    assert report.incomplete == ["StudyDate 20200101: 2 listing entries could not be read, nor their studies named"]
