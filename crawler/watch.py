@@ -217,8 +217,9 @@ class Watcher:
                 if not self._full_run(first=False):
                     self.reconcile_due = True
                     return self._failed("the listing was incomplete")
-            else:
-                self._poll()
+            elif not self._poll():
+                return self._failed("not every study the change source named could be asked for; its changes are read again",
+                                    "incomplete poll")
             if self.period is not None and self._period_full():
                 self._end_period()
         except Stopped:
@@ -253,12 +254,14 @@ class Watcher:
         self.notices.emit(kind, f"watch: {why}; trying again in {delay:g} s (logged once per kind; counted)", logging.WARNING)
         return delay
 
-    def _poll(self) -> None:
+    def _poll(self) -> bool:
+        """Read the change source and crawl what it names; False when a study it named could not
+        be asked for (the cursor stayed)."""
         kind, state = self.kind, self.state
         cursor = state.change_cursor(self.source, kind)
         if cursor is None:
             self.reconcile_due = True
-            return
+            return True
         stable_before = datetime.now(timezone.utc) - timedelta(seconds=self.options.stable_after)
         read = read_changes(kind, self.client, self.base, cursor, stable_before=stable_before)
         self.result.polls += 1
@@ -267,20 +270,22 @@ class Watcher:
         if read.reset:
             log.warning("the %s change log was reset since the cursor: the watch lists every study once", kind)
             self.reconcile_due = True
-            return
+            return True
         if not read.changes and not (self.period is not None and self.retry_due):
             if read.cursor != cursor:
                 state.set_change_cursor(self.source, kind, read.cursor)
                 if self.period is not None:
                     self.period.ledger.checkpoint()
             self._processed(read.cursor, read.newest)
-            return
+            return True
         if self.period is None:
             self._open_period()
         assert self.period is not None
         retry, self.retry_due = self.retry_due, False
-        if self.period.poll(read.changes, read.cursor, retry=retry):
-            self._processed(read.cursor, read.newest)
+        if not self.period.poll(read.changes, read.cursor, retry=retry):
+            return False
+        self._processed(read.cursor, read.newest)
+        return True
 
     def _processed(self, cursor: str, newest: datetime | None) -> None:
         self.result.cursor = cursor

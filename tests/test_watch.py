@@ -572,3 +572,24 @@ def test_start_up_errors_exit_as_sync_does(tmp_path, capsys):
         held.close()
     assert "another run" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                  # the handlers are put back
+
+
+def test_a_study_named_that_cannot_be_asked_for_keeps_the_cursor_until_it_can(tmp_path, watching):
+    from fixtures.fakeazure import AzureFeedPacs
+    from fixtures.fakepacs import Behaviour
+
+    with AzureFeedPacs(n_studies=4, seed=78, hidden=(3,)) as pacs:
+        config = _azure_config(pacs, tmp_path)
+        w = watching(config, WatchOptions(interval=0.5, stable_after=0, roll_every=1, reconcile_every=3600, max_backoff=1))
+        _until(lambda: len(finished_studies(config.out)) == 3)
+        before = _cursor(config.state, pacs.url, "azure")
+        pacs.behaviour = Behaviour(fail_listing_from_offset=0, fail_status=503)     # every study search refused
+        pacs.reset_counts()
+        pacs.arrive(3)
+        _until(lambda: pacs.statuses[503] >= 3)
+        assert _cursor(config.state, pacs.url, "azure") == before
+        assert pacs.study_uid(3) not in _statuses(config.state)
+        pacs.behaviour = Behaviour()
+        _until(lambda: pacs.study_uid(3) in finished_studies(config.out))
+        result = w.stop()
+    assert _cursor(config.state, pacs.url, "azure") != before and result.poll_errors >= 3
