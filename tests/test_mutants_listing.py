@@ -562,3 +562,16 @@ def test_a_page_of_unreadable_entries_without_a_uid_leaves_the_window_incomplete
     items = list(iter_studies(client, [Window("20200101", "20200101")], report, verify=False))
     assert items == []
     assert report.incomplete == ["StudyDate 20200101: 2 listing entries could not be read, nor their studies named"]
+
+
+def test_an_unreadable_entry_that_names_its_study_stays_for_the_run_to_fail_it():
+    """Of an unreadable entry without a UID, one with a UID, and a good study, the last two are
+    listed, and the window is incomplete for the first only (killed in _mended: `or` and the
+    UID test inverted, `continue` -> `break`, the count of unreadable entries)."""
+    named = {**study("1.2", "20200101"), listing.dj.UNREADABLE: "malformed JSON near byte 40"}
+    client = Scripted(lambda query: [{listing.dj.UNREADABLE: "malformed JSON near byte 3"}, dict(named), study("1.3", "20200101")])
+    report = ListingReport(page_size=100)
+    items = list(iter_studies(client, [Window("20200101", "20200101")], report, verify=False))
+    assert [uid_of(i) for i in items] == ["1.2", "1.3"]
+    assert listing.dj.UNREADABLE in items[0]
+    assert report.incomplete == ["StudyDate 20200101: 1 listing entries could not be read, nor their studies named"]
