@@ -51,6 +51,12 @@ from .sync import check_out, fhir_server, run_day, run_folder_name
 log = logging.getLogger("crawler")
 
 
+def backoff(failures: int, interval: float, longest: float) -> float:
+    """The wait after ``failures`` failed attempts in a row: one interval after the first, twice
+    as long after each further one, at most ``longest``."""
+    return min(interval * float(2 ** min(max(failures, 1) - 1, 30)), longest)
+
+
 @dataclass(frozen=True)
 class WatchOptions:
     """How often to poll, how old a change must be, how long a run lasts, how often to reconcile
@@ -250,7 +256,7 @@ class Watcher:
         """A failed attempt: counted, logged once per kind; the backoff before the next."""
         self.failures += 1
         self.result.poll_errors += 1
-        delay = min(self.options.interval * float(2 ** min(self.failures, 20)), self.options.max_backoff)
+        delay = backoff(self.failures, self.options.interval, self.options.max_backoff)
         self.notices.emit(kind, f"watch: {why}; trying again in {delay:g} s (logged once per kind; counted)", logging.WARNING)
         return delay
 
