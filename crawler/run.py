@@ -22,7 +22,7 @@ from .dicomjson import Tag
 from .errors import CrawlerError, QidoError, SourceUnreachable
 from .executors import executor
 from .figures import EXIT_OK, EXIT_PARTIAL, Figures, RunProgress, SyncResult
-from .kinds import ChangeSource, RunOutcome, StudyStatus
+from .kinds import ChangeSource, Executor, RunOutcome, StudyStatus
 from .ledger import Ledger
 from .listing import ListingReport, check_listed, listing_failed
 from .mapping import MappingOptions
@@ -179,7 +179,7 @@ class SyncRun:
         self.retry_in_poll = retry
         report = self._new_report()
         try:
-            executor(self.config.executor)(self, [], report)
+            executor(Executor(self.config.executor))(self, [], report)
         except Stopped:
             self.ledger.checkpoint()   # what was crawled whole is kept; the cursor is not stored
             raise
