@@ -575,3 +575,22 @@ def test_an_unreadable_entry_that_names_its_study_stays_for_the_run_to_fail_it()
     assert [uid_of(i) for i in items] == ["1.2", "1.3"]
     assert listing.dj.UNREADABLE in items[0]
     assert report.incomplete == ["StudyDate 20200101: 1 listing entries could not be read, nor their studies named"]
+
+
+def test_the_largest_offset_is_asked_for_and_a_window_past_it_is_split():
+    """max_offset 20 with pages of 10: offsets 0, 10 and 20 are asked, and the 25 studies are one
+    complete window; with max_offset 10 the window is capped past offset 10 and split (killed:
+    `offset >= max_offset`, and the cap not recorded, which took 20 studies for all)."""
+    with FakePacs(n_studies=25, seed=29) as pacs:
+        client = QidoClient(pacs.url, retry=FAST_RETRY)
+        try:
+            report = ListingReport(page_size=10)
+            found = {uid_of(i) for i in iter_studies(client, [Window()], report, max_offset=20, verify=False)}
+            assert found == set(pacs.study_uids())
+            assert report.windows_split == 0 and report.windows_complete == 1 and pacs.counts()["studies"] == 3
+            report = ListingReport(page_size=10)
+            found = {uid_of(i) for i in iter_studies(client, [Window()], report, max_offset=10, verify=False)}
+            assert found == set(pacs.study_uids())
+            assert report.windows_split >= 1 and report.incomplete == []
+        finally:
+            client.close()
