@@ -185,7 +185,9 @@ class SyncRun:
             raise
         self.figures.warnings_not_shown += report.notices.close()
         for message in report.incomplete:
-            self._error(f"not every study the change source named could be asked for: {message}", kind="change source polls incomplete")
+            # the watch says so once per kind of failure; each poll's own line is for -vv
+            self._error(f"not every study the change source named could be asked for: {message}", level=logging.DEBUG,
+                        kind="change source polls incomplete")
         # an unusable entry is counted failed and passed over, as in a listing: asking again
         # would not mend it, and the cursor would never move past it
         stored = not report.incomplete and self.config.changes is not None
