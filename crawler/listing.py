@@ -243,6 +243,8 @@ def list_window(
     cap = report.cap
     filters = report.filters
     offset = 0
+    # equivalent mutants: "" for None (previous is compared only past the first page, once set)
+    # and None for False (long_pages is read only as a flag)
     previous: list[Any] | None = None
     long_pages = False
     while True:
@@ -475,7 +477,8 @@ def iter_study_pages(
     max_offset: int = 1_000_000,
     verify: bool = True,
 ) -> Iterator[list[dict[str, Any]]]:
-    """``iter_studies`` a page of results at a time."""
+    """``iter_studies`` a page of results at a time. (Every caller passes ``max_offset``: a
+    mutant of its default is equivalent.)"""
     queue = deque(windows)
     first = True
     undated = UndatedRisk()
