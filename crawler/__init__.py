@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .dryrun import DryRunResult, dry_run
     from .figures import RunProgress, SyncResult
     from .sync import export, sync
+    from .watch import WatchOptions, WatchResult, watch
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,9 @@ _LAZY = {
     "SyncResult": ".figures",
     "RunProgress": ".figures",
     "dry_run": ".dryrun",
+    "watch": ".watch",
+    "WatchOptions": ".watch",
+    "WatchResult": ".watch",
     "DryRunResult": ".dryrun",
     "audit": ".audit",
     "AuditResult": ".audit",
@@ -80,12 +84,15 @@ __all__ = [
     "StudyStatus",
     "SyncConfig",
     "SyncResult",
+    "WatchOptions",
+    "WatchResult",
     "__version__",
     "audit",
     "dry_run",
     "export",
     "map_study",
     "sync",
+    "watch",
 ]
 
 

@@ -44,7 +44,7 @@ def test_every_public_name_is_documented(name):
 
 def test_the_documented_signatures_name_the_real_parameters():
     headings = re.findall(r"^### `(\w+)\((.*)\) -> .*`$", API_DOC, flags=re.M)
-    assert {name for name, _ in headings} == {"sync", "dry_run", "export", "audit", "map_study"}
+    assert {name for name, _ in headings} == {"sync", "dry_run", "watch", "export", "audit", "map_study"}
     for name, documented in headings:
         shown = [part.split(":")[0].strip() for part in re.split(r",\s*(?![^\[]*\])", documented)]
         assert shown == list(inspect.signature(getattr(crawler, name)).parameters), name
