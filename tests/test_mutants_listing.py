@@ -594,3 +594,40 @@ def test_the_largest_offset_is_asked_for_and_a_window_past_it_is_split():
             assert report.windows_split >= 1 and report.incomplete == []
         finally:
             client.close()
+
+
+def test_a_400_past_an_offset_caps_the_window_and_keeps_the_page_size():
+    """A server refusing offsets past 10 (400): the window is capped there and split, and the
+    limit is not halved, which is for a 400 on a first page (killed: `smaller_limit(exc,
+    page_size, None)`)."""
+    with FakePacs(n_studies=30, seed=30, max_offset=10) as pacs:
+        client = QidoClient(pacs.url, retry=FAST_RETRY)
+        try:
+            report = ListingReport(page_size=10)
+            found = {uid_of(i) for i in iter_studies(client, [Window()], report, verify=False)}
+            assert found == set(pacs.study_uids())
+            assert client.max_limit is None
+            assert report.windows_split >= 1 and report.incomplete == []
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize(("status", "offset"), [(404, 1), (400, 0)])
+def test_a_failed_page_that_is_no_cap_leaves_the_window_incomplete(status, offset):
+    """A 404 past the first page, or a 400 on a first page with a limit of 1 (no smaller limit to
+    try), is a failure, not a cap: the window is incomplete rather than split into parts that
+    then list fine (killed: `exc.status == 400 or offset > 0`, `offset >= 0`)."""
+    studies = spread("1.2", "20200101", 3) + spread("1.3", "20200301", 3)
+    failed: list[int] = []
+
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        if not failed and int(query.get("offset", 0)) == offset:
+            failed.append(offset)
+            raise FatalQidoError(f"HTTP {status} from the simulated server", status=status)
+        return keyword_only(studies)({"StudyDate": query[DATE]} if DATE in query else {})[::-1]
+
+    client = Scripted(answer)
+    report = ListingReport(page_size=1)
+    list(iter_studies(client, [Window("20200101", "20200331")], report, verify=False))
+    assert report.windows_split == 0
+    assert report.incomplete == [f"StudyDate 20200101-20200331: HTTP {status} from the simulated server"]
