@@ -22,7 +22,7 @@ from .figures import Figures
 from .kinds import StudyStatus
 from .listing import study_date
 from .sinks import Sink
-from .sinks.base import Resource
+from .sinks.base import Resource, learns_max_entries, learns_server_ids, uses_server_ids
 from .state import State
 from .worker import Outcome, digest, study_hash
 
@@ -148,10 +148,9 @@ class Ledger:
             figures.resources_deleted += 1
         self.deleting.clear()
         for sink in self.sinks:
-            learned = getattr(sink, "learned_max_entries", None)
-            if learned is not None:
-                state.set_fhir_max_entries(sink.base_url, learned)
-            if hasattr(sink, "take_server_ids"):
+            if learns_max_entries(sink) and sink.learned_max_entries is not None:
+                state.set_fhir_max_entries(sink.base_url, sink.learned_max_entries)
+            if learns_server_ids(sink):
                 for (resource_type, resource_id), server_id in sink.take_server_ids().items():
                     state.set_fhir_server_id(sink.base_url, resource_type, resource_id, server_id)
         state.checkpoint()
@@ -167,7 +166,7 @@ class Ledger:
     def _unknown_to_server(self, resource: Resource) -> bool:
         """With --fhir-ids server: a resource the FHIR server holds under no id the state knows
         (e.g. sent before without the option) is sent again, so that references to it resolve."""
-        return any(sink.unknown_to_server(resource[0], resource[1]) for sink in self.sinks if getattr(sink, "ids", None) == "server")
+        return any(sink.unknown_to_server(resource[0], resource[1]) for sink in self.sinks if uses_server_ids(sink))
 
     def _stored_hash(self, resource_type: str, resource_id: str) -> str | None:
         """The state's hash of a resource; the Endpoint's (the same in every study) kept in memory."""

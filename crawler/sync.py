@@ -28,6 +28,7 @@ from .planner import Window, plan
 from .qido import client_from
 from .run import SyncRun, now_utc
 from .sinks import NdjsonFolder, Sink
+from .sinks.base import learns_max_entries, uses_server_ids
 from .sinks.ndjson import recover
 from .state import State
 
@@ -88,10 +89,11 @@ def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = No
     state = State(config.state, lock=True)
     try:
         for output in outputs:
-            learned = state.fhir_max_entries(output.base_url) if hasattr(output, "learned_max_entries") else None
-            if learned is not None and learned < output.max_entries:
-                output.max_entries = learned
-            if getattr(output, "ids", None) == "server":
+            if learns_max_entries(output):
+                learned = state.fhir_max_entries(output.base_url)
+                if learned is not None and learned < output.max_entries:
+                    output.max_entries = learned
+            if uses_server_ids(output):
                 output.server_id_lookup = functools.partial(state.fhir_server_id, output.base_url)
         started = datetime.now(timezone.utc).replace(microsecond=0)
         run_id = state.begin_run(source, started.isoformat())

@@ -8,8 +8,8 @@ answered), and names the studies it could not take, which are then not recorded 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeGuard
 
 Resource = tuple[str, str, bytes]
 """(resource type, id, serialised JSON without a newline)."""
@@ -36,3 +36,39 @@ class Sink(Protocol):
 
     def abort(self) -> None:
         """Give up without making anything look complete."""
+
+
+class LearnsMaxEntries(Sink, Protocol):
+    """A sink that learns from its server's refusals how many entries one request may carry (the
+    FHIR server); the state keeps that for the server's next run."""
+
+    base_url: str
+    max_entries: int
+    learned_max_entries: int | None
+
+
+class ServerIds(Sink, Protocol):
+    """A sink that can write under ids its server assigns (the FHIR server): the state keeps them."""
+
+    base_url: str
+    ids: str
+    server_id_lookup: Callable[[str, str], str | None]
+
+    def take_server_ids(self) -> dict[tuple[str, str], str]:
+        """The server ids learned since the last call, by (resource type, our id)."""
+
+    def unknown_to_server(self, resource_type: str, resource_id: str) -> bool:
+        """Whether the server holds the resource under no id the state knows."""
+
+
+def learns_max_entries(sink: Sink) -> TypeGuard[LearnsMaxEntries]:
+    return hasattr(sink, "learned_max_entries")
+
+
+def learns_server_ids(sink: Sink) -> TypeGuard[ServerIds]:
+    return hasattr(sink, "take_server_ids")
+
+
+def uses_server_ids(sink: Sink) -> TypeGuard[ServerIds]:
+    """Whether ``sink`` writes under its server's ids (``ids="server"``), not ours."""
+    return getattr(sink, "ids", None) == "server"

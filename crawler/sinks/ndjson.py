@@ -219,7 +219,8 @@ def recover(folders: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     checkpoint is what the state recorded as sent); one without is removed. Returns
     (completed, removed).
     """
-    completed, removed = [], []
+    completed: list[Path] = []
+    removed: list[Path] = []
     for name in folders:
         folder = Path(name)
         if folder.is_dir() and not (folder / "manifest.json").exists():
