@@ -328,7 +328,10 @@ class _Sqlite:
 
     @staticmethod
     def insert_id(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
-        return int(db.execute(sql, params).lastrowid)
+        row_id = db.execute(sql, params).lastrowid
+        if row_id is None:  # not after an INSERT of one row
+            raise sqlite3.InterfaceError(f"no row id after {sql[:40]!r}")
+        return row_id
 
     @staticmethod
     def stream(db: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
@@ -426,7 +429,7 @@ class _Postgres:
 
         given = conninfo_to_dict(self.url)
         # keepalives: an idle connection (the lock's) is not dropped by firewalls, and a dead one is noticed
-        defaults = {"application_name": "qido-crawler", "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 60,
+        defaults: dict[str, Any] = {"application_name": "qido-crawler", "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 60,
                     "keepalives_interval": 10, "keepalives_count": 6}
         return self.psycopg.connect(self.url, autocommit=True, **{k: v for k, v in defaults.items() if k not in given})
 
@@ -442,7 +445,7 @@ class _Postgres:
 
     @staticmethod
     def has_table(db: Any, name: str) -> bool:
-        return db.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+        return bool(db.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0])
 
     sql = staticmethod(_pg_sql)
     ddl = staticmethod(_pg_ddl)
@@ -457,7 +460,8 @@ class _Postgres:
 
     @staticmethod
     def stream(db: Any, sql: str, params: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
-        return db.cursor().stream(sql, params)  # row by row, not the whole table in memory
+        rows: Iterator[tuple[Any, ...]] = db.cursor().stream(sql, params)  # row by row, not the whole table in memory
+        return rows
 
     @staticmethod
     def key(db: Any, purpose: str) -> int:
@@ -533,7 +537,7 @@ class State:
         url = postgres_url(path)
         self.path: Path | str = url if url is not None else Path(path)
         self.read_only = read_only
-        self._dialect: Any = _Postgres(url) if url is not None else _Sqlite(Path(path), read_only=read_only)
+        self._dialect: _Sqlite | _Postgres = _Postgres(url) if url is not None else _Sqlite(Path(path), read_only=read_only)
         self._lock: Any = None
         self._version = max(v for v, _, _ in MIGRATIONS)
         self._study_columns = _STUDY_COLUMNS
@@ -655,7 +659,8 @@ class State:
 
     @property
     def schema_version(self) -> int:
-        return self._q("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
+        version: int = self._q("SELECT COALESCE(MAX(version), 0) FROM migrations").fetchone()[0]
+        return version
 
     def begin_run(self, source: str, started: str) -> int:
         return self._insert("INSERT INTO runs (source, started, pid) VALUES (?, ?, ?)", (source, started, os.getpid()))
@@ -791,7 +796,8 @@ class State:
         if row is None:
             self._q("INSERT INTO state_info (key, value) VALUES ('id', ?) ON CONFLICT (key) DO NOTHING", (uuid.uuid4().hex,))
             row = self._q("SELECT value FROM state_info WHERE key = 'id'").fetchone()
-        return row[0]
+        identity: str = row[0]
+        return identity
 
     def set_run_folder(self, run_id: int, folder: str) -> None:
         """Record the folder a run will write into before it makes it (outside the run's
@@ -809,7 +815,8 @@ class State:
 
     def close_interrupted_runs(self, run_id: int) -> int:
         cursor = self._q("UPDATE runs SET outcome = 'interrupted', ended = started WHERE ended IS NULL AND id != ?", (run_id,))
-        return cursor.rowcount
+        closed: int = cursor.rowcount
+        return closed
 
     def source_facts(self, source: str) -> tuple[int | None, int]:
         """(the server's result cap if one was found, the largest listing verified as uncapped)."""
@@ -921,10 +928,11 @@ class State:
         ]
 
     def problems(self, limit: int = 50) -> list[tuple[str, str, str, str | None]]:
-        return self._q(
+        rows: list[tuple[str, str, str, str | None]] = self._q(
             "SELECT source, study_uid, status, last_error FROM studies WHERE status NOT IN ('synced') ORDER BY source, study_uid LIMIT ?",
             (limit,),
         ).fetchall()
+        return rows
 
     # --- what `status` reads (every one works on a state an older version wrote) ---
 
