@@ -12,8 +12,10 @@ studies.csv.
 
 from __future__ import annotations
 
-from .findings import CHECKS, Check, Collector, CopyRow, Finding, Severity, StudyFacts, evaluate, valid_uid
-from .run import AuditConfig, AuditProgress, AuditResult, audit
+from ..config import AuditConfig
+from ..uids import valid_uid
+from .findings import CHECKS, Check, Collector, CopyRow, Finding, Severity, StudyFacts, evaluate
+from .run import AuditProgress, AuditResult, audit
 
 __all__ = [
     "CHECKS",

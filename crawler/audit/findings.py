@@ -148,6 +148,12 @@ class InstanceRow(NamedTuple):
     uid: str | None
 
 
+def _sum_known(values: list[int | None]) -> int | None:
+    """The sum of ``values``; None when there are none or one of them is unknown."""
+    known = [v for v in values if v is not None]
+    return sum(known) if values and len(known) == len(values) else None
+
+
 @dataclass(slots=True)
 class StudyFacts:
     """What the audit keeps per study: listing attributes and counts, no datasets."""
@@ -173,13 +179,11 @@ class StudyFacts:
 
     @property
     def reported_series(self) -> int | None:
-        values = [p.n_series for p in self.patients.values()]
-        return None if not values or any(v is None for v in values) else sum(values)  # type: ignore[misc]
+        return _sum_known([p.n_series for p in self.patients.values()])
 
     @property
     def reported_instances(self) -> int | None:
-        values = [p.n_instances for p in self.patients.values()]
-        return None if not values or any(v is None for v in values) else sum(values)  # type: ignore[misc]
+        return _sum_known([p.n_instances for p in self.patients.values()])
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -285,15 +289,15 @@ class Collector:
             if row.uid in series_uids:
                 facts.duplicate_series = True
             series_uids.add(row.uid)
-        for row in instances:
-            if row.uid is None:
+        for instance in instances:
+            if instance.uid is None:
                 continue
-            if row.uid in sop_uids:
+            if instance.uid in sop_uids:
                 facts.duplicate_instances = True
                 continue
-            sop_uids.add(row.uid)
-            if row.series_uid is not None:
-                per_series[row.series_uid] += 1
+            sop_uids.add(instance.uid)
+            if instance.series_uid is not None:
+                per_series[instance.series_uid] += 1
         all_series = series_uids | set(per_series)
         facts.n_series = len(all_series)
         facts.n_instances = len(sop_uids)
