@@ -88,8 +88,9 @@ class SyncConfig(Connection):
     lookback: int = 7
     prune: bool = False
     checkpoint_every: int = 1000
-    changes: ChangeSource | str | None = None
-    """A change feed to read beside the listing (``orthanc``), or None."""
+    changes: ChangeSource | None = None
+    """A change feed to read beside the listing (``orthanc``), or None. This and the other
+    enum settings (``fhir_version``, ``executor``) also take the plain string, made the member here."""
     fhir_url: str | None = None
     fhir_batch_size: int = 100
     fhir_user: str | None = None
@@ -110,11 +111,11 @@ class SyncConfig(Connection):
     wado_url: str | None = None
     zone: tzinfo | None = None
     crawl: CrawlOptions = CrawlOptions()
-    fhir_version: FhirVersion | str = FhirVersion.R5
+    fhir_version: FhirVersion = FhirVersion.R5
     patients: bool = False
     validate: bool = False
     issuer_systems: Mapping[str, str] = field(default_factory=dict)
-    executor: Executor | str = Executor.THREADS
+    executor: Executor = Executor.THREADS
     """``threads`` (this process) or ``dask`` (a Dask cluster: see crawler.distributed)."""
     scheduler: str | None = None
     """With ``dask``: the address of a running scheduler; None starts a local cluster of
