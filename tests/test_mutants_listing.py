@@ -631,3 +631,49 @@ def test_a_failed_page_that_is_no_cap_leaves_the_window_incomplete(status, offse
     list(iter_studies(client, [Window("20200101", "20200331")], report, verify=False))
     assert report.windows_split == 0
     assert report.incomplete == [f"StudyDate 20200101-20200331: HTTP {status} from the simulated server"]
+
+
+def by_date(studies: list[dict[str, Any]]) -> Callable[[dict[str, str]], list[dict[str, Any]]]:
+    """A server honouring StudyDate in either form, answering by ascending UID."""
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        value = query.get(DATE, query.get("StudyDate"))
+        found = keyword_only(studies)({} if value is None else {"StudyDate": value})
+        return sorted(found, key=lambda s: uid_of(s) or "")
+    return answer
+
+
+def test_a_400_at_the_second_offset_is_a_cap_too():
+    """Killed: `offset > 1` for `offset > 0`, and the cap not recorded (one study taken for all)."""
+    studies = spread("1.2", "20200101", 3) + spread("1.3", "20200301", 3)
+    failed: list[int] = []
+
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        if not failed and int(query.get("offset", 0)) == 1:
+            failed.append(1)
+            raise FatalQidoError("HTTP 400 from the simulated server", status=400)
+        return by_date(studies)(query)
+
+    report = ListingReport(page_size=1)
+    found = {uid_of(i) for i in iter_studies(Scripted(answer), [Window("20200101", "20200331")], report, verify=False)}
+    assert found == {uid_of(s) for s in studies}
+    assert report.windows_split == 1 and report.incomplete == []
+
+
+@pytest.mark.parametrize(
+    ("window", "capped", "listed"),
+    [
+        pytest.param(Window("20200101", "20200331"), "more than 4 studies for one task", 4, id="a-range"),
+        pytest.param(Window("20200101", "20200101"), None, 6, id="a-single-day"),
+        pytest.param(Window("21000101", None), None, 6, id="a-window-that-cannot-be-split"),
+    ],
+)
+def test_a_task_budget_caps_a_window_that_can_be_split(window, capped, listed):
+    """A listing task's budget (the Dask executor's share of the work) caps a window once it is
+    reached, unless the window is a single day or cannot be split (killed: each part of that
+    test, `>` for `>=`, and the cap not recorded)."""
+    day = window.since or "20200101"
+    studies = spread("1.2", day, 6)
+    state = listing.WindowListing(window, budget=4)
+    pages = list(listing.list_window(Scripted(by_date(studies)), state, ListingReport(page_size=2), 1_000_000))
+    assert sum(len(page) for page in pages) == listed
+    assert state.capped == capped
