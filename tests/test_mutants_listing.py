@@ -677,3 +677,63 @@ def test_a_task_budget_caps_a_window_that_can_be_split(window, capped, listed):
     pages = list(listing.list_window(Scripted(by_date(studies)), state, ListingReport(page_size=2), 1_000_000))
     assert sum(len(page) for page in pages) == listed
     assert state.capped == capped
+
+
+# --- iter_study_pages: the queue of windows ------------------------------------------------------
+
+
+def windows_asked(client: Scripted) -> list[str]:
+    return [dict(call[2]).get(DATE, "all") for call in client.calls]
+
+
+def test_a_window_that_fails_is_incomplete_and_the_next_is_listed_unverified():
+    """A 500 on the first window: it is reported incomplete, the next window is listed, and only
+    a first window is probed for a silent cap (killed: the failure not recorded, `break` for
+    `continue`, `first` left True after a failure)."""
+    studies = spread("1.2", "20200101", 3) + spread("1.3", "20200301", 3)
+
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        if query.get(DATE) == "20200101-20200131":
+            raise FatalQidoError("HTTP 500 from the simulated server", status=500)
+        return by_date(studies)(query)
+
+    client = Scripted(answer)
+    report = ListingReport(page_size=100)
+    found = {uid_of(i) for i in iter_studies(client, [Window("20200101", "20200131"), Window("20200201", "20200331")], report)}
+    assert found == {uid_of(s) for s in studies[3:]}
+    assert report.incomplete == ["StudyDate 20200101-20200131: HTTP 500 from the simulated server"]
+    assert windows_asked(client) == ["20200101-20200131", "20200201-20200331"]
+    assert report.windows_listed == 2 and report.windows_complete == 1
+
+
+@pytest.mark.parametrize("error", [FatalQidoError("HTTP 401 Unauthorized", status=401), FatalQidoError("HTTP 403 Forbidden", status=403),
+                                   listing.SourceUnreachable("cannot reach the simulated server")], ids=["401", "403", "unreachable"])
+def test_refused_credentials_and_an_unreachable_source_end_the_listing(error):
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        raise error
+
+    with pytest.raises(type(error)):
+        list(iter_studies(Scripted(answer), [Window("20200101", "20200131"), Window("20200201", "20200331")], ListingReport()))
+
+
+def test_the_parts_of_a_capped_window_are_listed_in_order_before_the_next_window():
+    """Killed: the parts queued after the later windows, or in reverse order."""
+    studies = spread("1.2", "20200101", 2) + spread("1.3", "20200301", 2) + spread("1.4", "20200501", 1)
+    client = Scripted(by_date(studies))
+    report = ListingReport(page_size=100, cap=3)
+    found = {uid_of(i) for i in iter_studies(client, [Window("20200101", "20200331"), Window("20200401", "20200531")], report, verify=False)}
+    assert found == {uid_of(s) for s in studies}
+    assert windows_asked(client) == ["20200101-20200331", "20200101-20200215", "20200216-20200331", "20200401-20200531"]
+
+
+def test_windows_relying_on_an_ignored_key_are_not_listed():
+    """StudyDate known to be ignored: dated windows are reported, not asked; the unfiltered one is
+    listed (killed: the ignored keys not looked at)."""
+    studies = spread("1.2", "20200101", 2)
+    client = Scripted(by_date(studies))
+    report = ListingReport(page_size=100)
+    report.filters.ignored.add("StudyDate")
+    found = {uid_of(i) for i in iter_studies(client, [Window("20200101", "20200131"), Window()], report, verify=False)}
+    assert found == {uid_of(s) for s in studies}
+    assert report.incomplete == ["StudyDate 20200101-20200131: not listed: the server ignores StudyDate"]
+    assert windows_asked(client) == ["all"] and report.windows_listed == 1
