@@ -28,6 +28,9 @@ class QidoError(CrawlerError):
 class RetriableQidoError(QidoError):
     """A failure that may go away when asked again (connection, timeout, 429, 5xx)."""
 
+    retry_after: float | None = None
+    """The seconds the server asked to wait (Retry-After), when it said."""
+
 
 class FatalQidoError(QidoError):
     """A failure that asking again will not fix (400, 401, 403, 404, malformed answer)."""

@@ -348,7 +348,7 @@ def page_of(answer: Answer, url: str, keep: leanjson.Selection | None = None, li
     if status in RETRIABLE_STATUS:
         shown = redact(url)
         error = RetriableQidoError(f"HTTP {status} from {shown}", url=shown, status=status)
-        error.retry_after = server_wait(answer.headers)  # type: ignore[attr-defined]
+        error.retry_after = server_wait(answer.headers)
         raise error
     if status >= 400:
         shown = redact(url)
