@@ -116,8 +116,9 @@ def test_ours_stays_the_default_and_a_wrong_value_is_a_config_error():
     from crawler.errors import ConfigError
 
     assert FhirServer("http://localhost/fhir").ids == "ours"
-    with pytest.raises(ConfigError, match="--fhir-ids"):
+    with pytest.raises(ConfigError, match="the FHIR ids must be ours or server") as raised:
         FhirServer("http://localhost/fhir", ids="theirs")
+    assert raised.value.setting == "fhir_ids"
 
 
 def test_a_sync_with_server_ids_follows_updates_and_deletions(tmp_path, capsys):
