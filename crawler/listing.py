@@ -297,6 +297,7 @@ def list_window(
                     state.uids.append(hash(uid))
                 if len(state.dates) > VERIFY_MAX:
                     state.dates = None
+                    # equivalent mutants: None or array("Q") (without dates, uids is never used)
                     state.uids = array("q")
         if missed:
             if filters.stray(missed):

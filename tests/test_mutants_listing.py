@@ -737,3 +737,16 @@ def test_windows_relying_on_an_ignored_key_are_not_listed():
     assert found == {uid_of(s) for s in studies}
     assert report.incomplete == ["StudyDate 20200101-20200131: not listed: the server ignores StudyDate"]
     assert windows_asked(client) == ["all"] and report.windows_listed == 1
+
+
+@pytest.mark.parametrize(("n_studies", "searches"), [(6, 3), (8, 1)])
+def test_a_first_window_larger_than_verify_max_is_not_probed(n_studies, searches, monkeypatch):
+    """The silent-cap check keeps the dates of at most VERIFY_MAX studies: 6 of 6 are probed (the
+    listing and two halves), 8 are not (killed: `>=` for `>`, the dates dropped as "")."""
+    monkeypatch.setattr(listing, "VERIFY_MAX", 6)
+    studies = spread("1.2", "20200101", n_studies // 2) + spread("1.3", "20200301", n_studies - n_studies // 2)
+    client = Scripted(by_date(studies))
+    report = ListingReport(page_size=100)
+    assert len(list(iter_studies(client, [Window()], report))) == n_studies
+    assert len(client.calls) == searches
+    assert report.verified == (n_studies if searches > 1 else 0)
