@@ -490,7 +490,7 @@ def iter_study_pages(
             report.incomplete.append(f"{state.window}: not listed: the server ignores {ignored[0]}")
             continue
         if first and verify and report.cap is None:
-            state.dates = array("L")
+            state.dates = array("L")   # equivalent mutant: "l" (YYYYMMDD fits either)
         if state.window.unfiltered:
             state.undated_seen, state.id_chars = {}, set()
         report.windows_listed += 1

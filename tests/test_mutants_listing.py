@@ -750,3 +750,37 @@ def test_a_first_window_larger_than_verify_max_is_not_probed(n_studies, searches
     assert len(list(iter_studies(client, [Window()], report))) == n_studies
     assert len(client.calls) == searches
     assert report.verified == (n_studies if searches > 1 else 0)
+
+
+def keywords_match_nothing(studies: list[dict[str, Any]]) -> Callable[[dict[str, str]], list[dict[str, Any]]]:
+    """A server that ignores the tag form of StudyDate and answers nothing to the keyword form."""
+    def answer(query: dict[str, str]) -> list[dict[str, Any]]:
+        return [] if "StudyDate" in query else keyword_only(studies)({})
+    return answer
+
+
+def test_a_dated_window_that_strays_switches_form_and_lists_again_from_the_start():
+    """The first page of a dated window strays in the tag form; the keyword form works, and the
+    window is listed again from its first page with its counts reset (killed: the counts set to
+    None on the restart)."""
+    studies = spread("1.2", "20200101", 3) + spread("1.3", "20200601", 3)
+    client = Scripted(keyword_only(studies))
+    report = ListingReport(page_size=100)
+    found = {uid_of(i) for i in iter_studies(client, [Window("20200101", "20200331")], report, verify=False)}
+    assert found >= {uid_of(s) for s in studies[:3]}
+    assert report.filters.keywords is True and report.incomplete == []
+    assert report.windows_complete == 1
+
+
+def test_a_dated_window_whose_other_form_lists_nothing_gives_the_key_up_for_later_windows():
+    """Killed: `filters.lost(None)` in list_window (StudyDate not recorded as ignored, so the next
+    dated window was asked for in the form that does not work)."""
+    studies = spread("1.2", "20200101", 3) + spread("1.3", "20200601", 3)
+    client = Scripted(keywords_match_nothing(studies))
+    report = ListingReport(page_size=100)
+    list(iter_studies(client, [Window("20200101", "20200331"), Window("20200401", "20200731")], report, verify=False))
+    assert report.filters.ignored == {"StudyDate"} and report.filters.keywords is False
+    assert report.incomplete == [
+        "StudyDate 20200101-20200331: the server ignores StudyDate, as a tag and as a keyword; not split further",
+        "StudyDate 20200401-20200731: not listed: the server ignores StudyDate",
+    ]
