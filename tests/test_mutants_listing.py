@@ -759,17 +759,34 @@ def keywords_match_nothing(studies: list[dict[str, Any]]) -> Callable[[dict[str,
     return answer
 
 
-def test_a_dated_window_that_strays_switches_form_and_lists_again_from_the_start():
-    """The first page of a dated window strays in the tag form; the keyword form works, and the
-    window is listed again from its first page with its counts reset (killed: the counts set to
-    None on the restart)."""
+@pytest.mark.parametrize(("verify", "cap", "searches"), [(False, 13, 3), (True, None, 5)])
+def test_a_dated_window_that_strays_switches_form_and_lists_again_from_the_start(verify, cap, searches):
+    """The first page of a dated window strays in the tag form; the keyword form works (one
+    request for a day), and the window is listed again from its first page, its counts and the
+    silent-cap check's dates reset, and probed only when it is the first window to verify
+    (killed: the counts set to None or 1 on the restart, the dates test inverted or dropped,
+    `break` for the restart's `continue`)."""
+    studies = spread("1.2", "20200101", 12) + spread("1.3", "20200601", 3)
+    client = Scripted(keyword_only(studies))
+    report = ListingReport(page_size=100, cap=cap)
+    found = {uid_of(i) for i in iter_studies(client, [Window("20200101", "20200331")], report, verify=verify)}
+    assert found == {uid_of(s) for s in studies[:12]}
+    assert report.filters.keywords is True and report.incomplete == []
+    assert report.windows_complete == 1 and report.windows_split == 0
+    assert len(client.calls) == searches
+    assert report.verified == (12 if verify else 0)
+
+
+def test_a_window_that_strays_once_the_other_form_was_tried_is_given_up():
+    """Killed: `state.ignored = None` when the other form was tried already (the window counted
+    complete)."""
     studies = spread("1.2", "20200101", 3) + spread("1.3", "20200601", 3)
     client = Scripted(keyword_only(studies))
     report = ListingReport(page_size=100)
-    found = {uid_of(i) for i in iter_studies(client, [Window("20200101", "20200331")], report, verify=False)}
-    assert found >= {uid_of(s) for s in studies[:3]}
-    assert report.filters.keywords is True and report.incomplete == []
-    assert report.windows_complete == 1
+    report.filters.tried = True
+    list(iter_studies(client, [Window("20200101", "20200331")], report, verify=False))
+    assert report.incomplete == ["StudyDate 20200101-20200331: the server ignores StudyDate, as a tag and as a keyword; not split further"]
+    assert report.windows_complete == 0
 
 
 def test_a_dated_window_whose_other_form_lists_nothing_gives_the_key_up_for_later_windows():
