@@ -312,7 +312,7 @@ def list_window(
                     return
                 offset, previous, long_pages = 0, None, False
                 state.total = state.undated = state.untimed = 0
-                if state.dates is not None:
+                if state.dates is not None:   # equivalent mutant: array("l") (YYYYMMDD fits either)
                     state.dates, state.uids = array("L"), array("q")
                 continue
             state.ignored = missed
