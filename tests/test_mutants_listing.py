@@ -801,3 +801,32 @@ def test_a_dated_window_whose_other_form_lists_nothing_gives_the_key_up_for_late
         "StudyDate 20200101-20200331: the server ignores StudyDate, as a tag and as a keyword; not split further",
         "StudyDate 20200401-20200731: not listed: the server ignores StudyDate",
     ]
+
+
+def test_a_server_that_ignores_limit_is_listed_from_its_long_pages_without_a_cap():
+    """A page longer than the limit is the server's whole answer: no cap when it repeats at the
+    next offset (killed: the long-page flag never set, or set to None or False, which split the
+    window for ever; the notice's arguments dropped)."""
+    with FakePacs(n_studies=60, seed=31, ignore_limit=True, ignore_offset=True) as pacs:
+        report = ListingReport(page_size=20)
+        client = QidoClient(pacs.url, retry=FAST_RETRY)
+        try:
+            found = {uid_of(i) for i in iter_studies(client, [Window()], report, verify=False)}
+        finally:
+            client.close()
+        assert found == set(pacs.study_uids())
+        assert pacs.counts()["studies"] == 2
+    assert report.windows_split == 0 and report.windows_complete == 1 and report.incomplete == []
+
+
+def test_long_pages_behind_a_known_cap_are_not_a_cap():
+    """Killed: `and long_pages` for `and not long_pages` in the cap test."""
+    with FakePacs(n_studies=40, seed=32, ignore_limit=True) as pacs:
+        report = ListingReport(page_size=20, cap=30)
+        client = QidoClient(pacs.url, retry=FAST_RETRY)
+        try:
+            found = {uid_of(i) for i in iter_studies(client, [Window()], report, verify=False)}
+        finally:
+            client.close()
+        assert found == set(pacs.study_uids())
+    assert report.windows_split == 0 and report.incomplete == []
