@@ -503,7 +503,7 @@ def iter_study_pages(
                 raise
             report.incomplete.append(f"{state.window}: {exc}")
             log.error("listing of %s stopped: %s", state.window, exc)
-            first = False
+            first = False   # equivalent mutants: None for False, here and below (read as a flag)
             continue
         verify_cap(client, state, report)
         first = False

@@ -830,3 +830,14 @@ def test_long_pages_behind_a_known_cap_are_not_a_cap():
             client.close()
         assert found == set(pacs.study_uids())
     assert report.windows_split == 0 and report.incomplete == []
+
+
+def test_only_the_first_window_is_probed_for_a_silent_cap():
+    """Killed: `first = True` after a window was listed and checked (every window probed)."""
+    studies = spread("1.2", "20200105", 3) + spread("1.3", "20200120", 3) + spread("1.4", "20200305", 4) + spread("1.5", "20200320", 4)
+    client = Scripted(by_date(studies))
+    report = ListingReport(page_size=100)
+    found = {uid_of(i) for i in iter_studies(client, [Window("20200101", "20200131"), Window("20200301", "20200331")], report)}
+    assert found == {uid_of(s) for s in studies}
+    assert windows_asked(client) == ["20200101-20200131", "20200101-20200105", "20200106-20200131", "20200301-20200331"]
+    assert report.verified == 6
