@@ -168,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: %(default)s)")
     g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
     g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
-    _add_output_format(p.add_argument_group("output format and messages"))
+    g = p.add_argument_group("output format and messages")
+    _add_output_format(g)
+    g.add_argument("--metrics-file", type=Path, metavar="PATH",
+                   help="after the run, write its figures in Prometheus text format to PATH (replaced whole; for node_exporter's "
+                        "textfile collector), also when the run fails")
 
     p = commands.add_parser(
         "watch",
@@ -581,11 +585,18 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, config)
     progress = _progress(args, sync_line)
+    started = time.time()
     try:
         with tuned_for_bulk():
             result = sync(config, progress)
+    except CrawlerError as exc:
+        if args.metrics_file:
+            _write_metrics(args.metrics_file, config.url, started, exit_code(exc), {}, {})
+        raise
     finally:
         progress.close()
+    if args.metrics_file:
+        _write_metrics(args.metrics_file, config.url, started, result.exit_code, vars(result.figures), result.requests)
     f = result.figures
     if not args.quiet:
         lines = [
@@ -655,6 +666,20 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.summary(), sort_keys=True))
     return result.exit_code
+
+
+def _write_metrics(path: Path, url: str, started: float, code: int, figures: dict[str, Any], requests: dict[str, int]) -> None:
+    """The run's figures for node_exporter's textfile collector (see metricsfile); the time of
+    the last successful run is carried over from the file it replaces."""
+    from . import metricsfile
+
+    ended = time.time()
+    last_success = ended if code == EXIT_OK else metricsfile.previous_success(path)
+    text = metricsfile.render(redact(url), ended, code, ended - started, figures, requests, last_success)
+    try:
+        metricsfile.write(path, text)
+    except OSError as exc:
+        log.error("cannot write the metrics file %s: %s", path, exc.strerror or exc)
 
 
 def _dry_run(args: argparse.Namespace, config: SyncConfig) -> int:
@@ -933,6 +958,15 @@ def config_message(exc: ConfigError) -> str:
     return f"{option}: {exc}" if option else str(exc)
 
 
+def exit_code(exc: CrawlerError) -> int:
+    """The exit code ``main`` gives for ``exc``."""
+    if isinstance(exc, (ConfigError, StateError)):
+        return EXIT_USAGE
+    if isinstance(exc, (SourceUnreachable, SinkError)):
+        return EXIT_UNREACHABLE
+    return EXIT_PARTIAL
+
+
 COMMANDS = {"sync": _cmd_sync, "watch": _cmd_watch, "export": _cmd_export, "map": _cmd_map, "status": _cmd_status, "audit": _cmd_audit}
 
 
@@ -943,21 +977,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        print(f"{PROG}: error: {config_message(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except StateError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (SourceUnreachable, SinkError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except MappingError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_PARTIAL
     except CrawlerError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_PARTIAL
+        print(f"{PROG}: error: {config_message(exc) if isinstance(exc, ConfigError) else exc}", file=sys.stderr)
+        return exit_code(exc)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the state keeps the last completed run", file=sys.stderr)
         return 130
