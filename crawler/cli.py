@@ -56,13 +56,19 @@ def _positive(text: str) -> int:
     return value
 
 
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+"""Units a duration may carry: seconds, minutes, hours, days."""
+
+
 def _seconds(text: str) -> float:
+    """A duration: seconds (``90``, ``2.5``), or a number with a unit (``30s``, ``5m``, ``24h``, ``1d``)."""
+    number, unit = (text[:-1], UNITS[text[-1]]) if text[-1:] in UNITS else (text, 1)
     try:
-        value = float(text)
+        value = float(number) * unit
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a duration (seconds, or with a unit: 30s, 5m, 24h, 1d): {text!r}") from None
     if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a duration > 0, not {text!r}")
     return value
 
 
@@ -193,11 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--changes", choices=["orthanc", "azure", "dcm4chee"], required=True,
                    help="the change source to follow (orthanc: Orthanc's /changes log; azure: the Azure DICOM service's change feed; "
                         "dcm4chee: the studies dcm4chee-arc received, by StudyReceiveDateTime)")
-    g.add_argument("--interval", type=_seconds, default=10.0, metavar="SECONDS", help="read the change source this often (default: %(default)g)")
-    g.add_argument("--stable-after", type=_seconds, default=60.0, metavar="SECONDS", help="crawl a study once its changes are this old, so that a study being received is not synced half-way (default: %(default)g)")
-    g.add_argument("--roll-every", type=_seconds, default=300.0, metavar="SECONDS", help="finish the current run folder (with its manifest) this often; none is made while nothing changes (default: %(default)g)")
+    g.add_argument("--interval", type=_seconds, default=10.0, metavar="DURATION", help="read the change source this often (default: %(default)g s)")
+    g.add_argument("--stable-after", type=_seconds, default=60.0, metavar="DURATION", help="crawl a study once its changes are this old, so that a study being received is not synced half-way (default: %(default)g s)")
+    g.add_argument("--roll-every", type=_seconds, default=300.0, metavar="DURATION", help="finish the current run folder (with its manifest) this often; none is made while nothing changes (default: %(default)g s)")
     g.add_argument("--roll-studies", type=_positive, metavar="N", help="also finish the current run folder once it holds N studies")
-    g.add_argument("--reconcile-every", type=_seconds, default=86400.0, metavar="SECONDS", help="list every study this often, to find what the change source does not tell (deletions on Orthanc, lost changes) (default: %(default)g)")
+    g.add_argument("--reconcile-every", type=_seconds, default=86400.0, metavar="DURATION", help="list every study this often, to find what the change source does not tell (deletions on Orthanc, lost changes) (default: %(default)g s)")
     g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes orthanc (default: URL without /dicom-web)")
     g.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
     g.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on /metrics and liveness on /healthz at this port, every interface (needs the watch extra)")
