@@ -561,32 +561,39 @@ def _shared(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _cmd_sync(args: argparse.Namespace) -> int:
-    shared = _shared(args)
+def _writing(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that sync and watch take from the same options: the connection, the outputs,
+    the change source and how studies are crawled and mapped."""
     if args.wado_url:
         check_base_url(args.wado_url)
+    return {
+        **_shared(args),
+        "out": args.out,
+        "state": args.state,
+        "prune": args.prune,
+        "changes": args.changes,
+        "fhir_batch_size": args.fhir_batch_size,
+        "log_server_text": args.log_server_text,
+        "fhir_ids": args.fhir_ids,
+        "orthanc_url": check_base_url(args.orthanc_url) if args.orthanc_url else None,
+        "checkpoint_every": args.checkpoint_every,
+        "crawl": CrawlOptions(args.instance_page_size, MetadataMode(args.metadata), args.metadata_max_instances),
+        "fhir_version": args.fhir_version,
+        "patients": args.patients,
+        "validate": args.validate,
+        "issuer_systems": issuer_systems(args.issuer_system),
+        "wado_url": args.wado_url,
+    }
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
     config = SyncConfig(
-        **shared,
-        out=args.out,
-        state=args.state,
+        **_writing(args),
         full=args.full,
         lookback=args.lookback,
-        prune=args.prune,
-        changes=args.changes,
-        fhir_batch_size=args.fhir_batch_size,
-        log_server_text=args.log_server_text,
-        fhir_ids=args.fhir_ids,
-        orthanc_url=check_base_url(args.orthanc_url) if args.orthanc_url else None,
-        checkpoint_every=args.checkpoint_every,
-        crawl=CrawlOptions(args.instance_page_size, MetadataMode(args.metadata), args.metadata_max_instances),
-        fhir_version=args.fhir_version,
-        patients=args.patients,
-        validate=args.validate,
-        issuer_systems=issuer_systems(args.issuer_system),
         executor=args.executor,
         scheduler=args.scheduler,
         worker_threads=args.worker_threads,
-        wado_url=args.wado_url,
     )
     if args.dry_run:
         return _dry_run(args, config)
@@ -629,27 +636,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
     from .watch import WatchOptions, watch
 
-    shared = _shared(args)
-    if args.wado_url:
-        check_base_url(args.wado_url)
-    config = SyncConfig(
-        **shared,
-        out=args.out,
-        state=args.state,
-        prune=args.prune,
-        changes=args.changes,
-        fhir_batch_size=args.fhir_batch_size,
-        log_server_text=args.log_server_text,
-        fhir_ids=args.fhir_ids,
-        orthanc_url=check_base_url(args.orthanc_url) if args.orthanc_url else None,
-        checkpoint_every=args.checkpoint_every,
-        crawl=CrawlOptions(args.instance_page_size, MetadataMode(args.metadata), args.metadata_max_instances),
-        fhir_version=args.fhir_version,
-        patients=args.patients,
-        validate=args.validate,
-        issuer_systems=issuer_systems(args.issuer_system),
-        wado_url=args.wado_url,
-    )
+    config = SyncConfig(**_writing(args))
     options = WatchOptions(interval=args.interval, stable_after=args.stable_after, roll_every=args.roll_every,
                            reconcile_every=args.reconcile_every, metrics_port=args.metrics_port, roll_studies=args.roll_studies)
     stop = threading.Event()

@@ -77,10 +77,12 @@ def dry_run(config: SyncConfig) -> DryRunResult:
         if state is not None:
             report.filters.keywords = state.key_form(source) == "keywords"
         listed: set[str] = set()
+        metadata_known_missing = state is not None and METADATA_UNAVAILABLE in state.fallbacks(source)
+        metadata = 0 if config.crawl.metadata is MetadataMode.NEVER or metadata_known_missing else 1
         try:
             for page in iter_study_pages(client, windows, report, max_offset=config.max_offset):
                 for item in page:
-                    _consider(item, state, source, config, listed, result)
+                    _consider(item, state, source, config.crawl.instance_page_size, metadata, listed, result)
         except QidoError as exc:
             listing_failed(exc, report, started=bool(listed) or client.answered)
         check_listed(report, result.studies_listed)
@@ -114,7 +116,10 @@ def _read_only(config: SyncConfig) -> State | None:
         return None
 
 
-def _consider(item: dict[str, Any], state: State | None, source: str, config: SyncConfig, listed: set[str], result: DryRunResult) -> None:
+def _consider(item: dict[str, Any], state: State | None, source: str, page_size: int, metadata: int, listed: set[str],
+              result: DryRunResult) -> None:
+    """One listed study, compared with the state; ``metadata``: the metadata requests a real run
+    would make per study crawled (0 or 1)."""
     if dj.UNREADABLE in item:
         result.entries_unusable += 1
         result.errors.append(f"study {dj.first(item, Tag.StudyInstanceUID)}: listing entry unreadable: {item[dj.UNREADABLE]}")
@@ -137,17 +142,9 @@ def _consider(item: dict[str, Any], state: State | None, source: str, config: Sy
         result.studies_new += 1
     else:
         result.studies_changed += 1
-    result.crawl_requests += _crawl_requests(summary.n_instances, config, state, source)
-
-
-def _crawl_requests(n_instances: int | None, config: SyncConfig, state: State | None, source: str) -> int:
-    """Requests a real run would make to crawl a study that reports ``n_instances``: its instance
-    searches and, unless metadata is never read (or the server is known to have none), one
-    metadata request."""
-    crawl = config.crawl
-    searches = max(1, math.ceil((n_instances or 0) / crawl.instance_page_size))
-    metadata_known_missing = state is not None and METADATA_UNAVAILABLE in state.fallbacks(source)
-    return searches + (0 if crawl.metadata is MetadataMode.NEVER or metadata_known_missing else 1)
+    # a real run's instance searches, and its metadata request unless metadata is never read
+    # (or the server is known to have none)
+    result.crawl_requests += max(1, math.ceil((summary.n_instances or 0) / page_size)) + metadata
 
 
 def _unlisted(state: State, source: str, since: str | None, until: str | None, listed: set[str]) -> list[str]:
