@@ -31,7 +31,7 @@ def listed(run: CrawlRun, windows: list[Window], report: ListingReport) -> Itera
     yield from run.changed_items()
 
 
-PENDING = 100
+PENDING = 32
 """Studies found to crawl that wait for a free crawl thread, at most. The listing goes on while
 they wait, so a run whose studies to crawl fit here and in the read-ahead knows their total (for
 the progress) as soon as its listing ends; a larger one learns it when that much is left. Kept
