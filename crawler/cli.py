@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
+    g.add_argument("--parquet", type=Path, metavar="DIR",
+                   help="also write the changes as a change log of three Parquet tables (studies, series, instances), one file per "
+                        "table per run under DIR (needs the tables extra; docs/tables.md)")
+    g.add_argument("--delta", metavar="URI",
+                   help="also keep three Delta Lake tables at URI/studies, URI/series, URI/instances, merged at each checkpoint "
+                        "(a folder, or s3:// az:// gs:// with delta-rs's environment; needs the tables extra)")
     g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=_STATE_HELP)
     g.add_argument("--dry-run", action="store_true",
                    help="list and compare with the state only: report how many studies are new, changed, unchanged and gone, "
@@ -193,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
+    g.add_argument("--parquet", type=Path, metavar="DIR",
+                   help="also write the changes as a change log of three Parquet tables (studies, series, instances), one file per "
+                        "table per run under DIR (needs the tables extra; docs/tables.md)")
+    g.add_argument("--delta", metavar="URI",
+                   help="also keep three Delta Lake tables at URI/studies, URI/series, URI/instances, merged at each checkpoint "
+                        "(a folder, or s3:// az:// gs:// with delta-rs's environment; needs the tables extra)")
     g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=_STATE_HELP)
     g.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N", help="commit the state and flush the outputs every N crawled studies (and every minute; and after every poll) (default: %(default)s)")
     g = p.add_argument_group("watching")
@@ -229,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("state and output")
     g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=_STATE_HELP)
     g.add_argument("--out", type=Path, required=True, metavar="DIR", help="an empty or new folder")
+    g.add_argument("--format", choices=["ndjson", "parquet"], default="ndjson",
+                   help="ndjson: the run-folder layout; parquet: the current snapshot of the tables, DIR/studies.parquet, "
+                        "DIR/series.parquet, DIR/instances.parquet (needs the tables extra) (default: %(default)s)")
     _add_verbosity(p.add_argument_group("messages"))
 
     p = commands.add_parser(
@@ -569,6 +584,8 @@ def _writing(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **_shared(args),
         "out": args.out,
+        "parquet": args.parquet,
+        "delta": args.delta,
         "state": args.state,
         "prune": args.prune,
         "changes": args.changes,
@@ -700,7 +717,12 @@ def _dry_run(args: argparse.Namespace, config: SyncConfig) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     with tuned_for_bulk():
-        counts = export(args.state, args.out)
+        if args.format == "parquet":
+            from .tables.export import export_tables
+
+            counts = export_tables(args.state, args.out)
+        else:
+            counts = export(args.state, args.out)
     if not args.quiet:
         detail = ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) or "nothing"
         print(f"{PROG}: exported {detail} -> {args.out}", file=sys.stderr)
@@ -907,6 +929,8 @@ OPTIONS = {
     "retries": "--retries",
     "verify": "--ca-bundle/--insecure",
     "out": "--out",
+    "parquet": "--parquet",
+    "delta": "--delta",
     "state": "--state",
     "since": "--since",
     "until": "--until",

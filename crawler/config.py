@@ -80,6 +80,10 @@ class SyncConfig(Connection):
     but ``url`` is keyword only."""
 
     out: Path | None = None
+    parquet: Path | None = None
+    """A folder for the Parquet change log of the tables (see sinks.parquet), or None."""
+    delta: str | None = None
+    """A base URI for the three Delta Lake tables (see sinks.delta), or None."""
     state: Path | str = Path(DEFAULT_STATE)
     """A SQLite file, or a ``postgresql://`` / ``postgres://`` URL (kept as a str)."""
     since: str | None = None
@@ -138,6 +142,8 @@ class SyncConfig(Connection):
         _check_fhir_auth(self.fhir_user, self.fhir_password, self.fhir_token)
         if self.fhir_ids not in ("ours", "server"):
             raise ConfigError(f"the FHIR ids must be ours or server, not {self.fhir_ids!r}", setting="fhir_ids")
+        if self.parquet is not None and self.parquet.exists() and not self.parquet.is_dir():
+            raise ConfigError(f"the Parquet folder {self.parquet} is a file", setting="parquet")
         if self.scheduler and self.executor != Executor.DASK:
             raise ConfigError("a scheduler address goes with the dask executor", setting="scheduler")
         for name in ("page_size", "workers", "worker_threads", "max_offset", "checkpoint_every", "fhir_batch_size"):

@@ -21,7 +21,7 @@ from .config import SyncConfig
 from .errors import ConfigError, SinkError
 from .figures import RunProgress, SyncResult
 from .mapping import MappingOptions
-from .mapping.ids import normalise_base
+from .mapping.ids import endpoint_id, normalise_base
 from .mapping.validate import check_available
 from .http import redact
 from .planner import Window, plan
@@ -117,6 +117,7 @@ def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = No
                 fresh=True,
             )
             outputs.insert(0, ndjson)
+        outputs.extend(table_sinks(config, run_folder_name(started, run_id, state.identity(), source), run_id, source, wado_base))
         run = SyncRun(config, client, state, source, mapping, outputs, ndjson, run_id, progress, started_clock)
         return run.run(windows, scope, moves_mark, today, started_clock)
     finally:
@@ -144,6 +145,32 @@ def fhir_server(config: SyncConfig, url: str) -> Sink:
     )
     fhir.check()
     return fhir
+
+
+def table_sinks(config: SyncConfig, run_name: str, run_id: int, source: str, wado_base: str) -> list[Sink]:
+    """The ``--parquet`` and ``--delta`` sinks of one run (pyarrow and deltalake are imported only
+    here); a Parquet log's files left by a killed run of the same state and source are finished
+    first (see sinks.parquet)."""
+    if config.parquet is None and config.delta is None:
+        return []
+    try:
+        from .sinks.delta import DeltaTables
+        from .sinks.parquet import ParquetLog, recover as finish_killed, run_tag
+    except ImportError as exc:
+        raise ConfigError(f"the tables need pyarrow and deltalake: pip install 'qido-crawler[tables]' ({exc})",
+                          setting="parquet" if config.parquet is not None else "delta") from None
+    endpoints = {f"Endpoint/{endpoint_id(wado_base)}": wado_base}
+    sinks: list[Sink] = []
+    if config.parquet is not None:
+        try:
+            for run in finish_killed(config.parquet, run_tag(run_name), run_name):
+                log.warning("finished the Parquet files of interrupted run %s at its last checkpoint", run)
+        except OSError as exc:
+            raise SinkError(f"cannot finish the interrupted runs' Parquet files in {config.parquet}: {exc.strerror or exc}") from None
+        sinks.append(ParquetLog(config.parquet, run_name, source, run_id, endpoints))
+    if config.delta is not None:
+        sinks.append(DeltaTables(config.delta, source, run_id, endpoints))
+    return sinks
 
 
 def iter_export(state: State) -> Iterator[tuple[str, bytes]]:

@@ -46,7 +46,7 @@ from .run import Stopped, SyncRun, change_base
 from .sinks import NdjsonFolder, Sink
 from .sinks.ndjson import recover
 from .state import State
-from .sync import check_out, fhir_server, run_day, run_folder_name
+from .sync import check_out, fhir_server, run_day, run_folder_name, table_sinks
 
 log = logging.getLogger("crawler")
 
@@ -130,8 +130,8 @@ class Watcher:
                  clock: Callable[[], float] = time.monotonic) -> None:
         if config.changes is None:
             raise ConfigError("watch follows a change source: name one (orthanc or azure)", setting="changes")
-        if config.out is None and config.fhir_url is None:
-            raise ConfigError("watch needs an output: an output folder or a FHIR server", setting="out")
+        if config.out is None and config.fhir_url is None and config.parquet is None and config.delta is None:
+            raise ConfigError("watch needs an output: an output folder, a FHIR server or tables", setting="out")
         if config.since or config.until:
             raise ConfigError("watch lists every study when it lists: it takes no since or until", setting="since")
         check_out(config.out)
@@ -324,6 +324,8 @@ class Watcher:
             ndjson = NdjsonFolder(folder, transaction_time=started.isoformat().replace("+00:00", "Z"),
                                   request=f"{redact(self.client.base_url)}/studies", fresh=True)
             outputs.insert(0, ndjson)
+        outputs.extend(table_sinks(config, run_folder_name(started, run_id, self.state.identity(), self.source), run_id,
+                                   self.source, normalise_base(config.wado_url or config.url)))
         self.current = SyncRun(config, self.client, self.state, self.source, self.mapping, outputs, ndjson, run_id)
         return self.current
 

@@ -1,0 +1,134 @@
+"""``--delta URI``: three Delta Lake tables, ``URI/studies``, ``URI/series`` and ``URI/instances``,
+kept equal to the current copy by merges (deltalake, delta-rs).
+
+The studies added since the last checkpoint wait in memory (their rows; a study written twice
+keeps its last rows). ``flush`` makes one Delta commit per table: a merge by key that updates
+or inserts the rows of the changed studies and deletes the rows of those studies that are no
+longer there (a removed series or instance; every row of a study gone from the PACS). The state
+is committed after the three commits, so a killed run leaves each table at a checkpoint the
+state has recorded or at one it has not; the next run sends those studies again and the merge
+gives the same rows. Object stores (``s3://``, ``az://``, ``gs://``...) take delta-rs's storage
+options from the environment (docs/tables.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import SinkError
+from ..files import make_folder
+from ..tables.collect import Collector
+from ..tables.rows import KEYS, TABLES, Row, StudyRows
+from .base import Resource
+
+
+def local_path(uri: str) -> Path | None:
+    """The folder of a local URI (a path or ``file://``), None for an object store."""
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        return Path(parts.path)
+    if len(parts.scheme) <= 1:   # no scheme, or a Windows drive letter
+        return Path(uri)
+    return None
+
+
+def table_uri(uri: str, name: str) -> str:
+    return f"{uri.rstrip('/')}/{name}"
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@contextlib.contextmanager
+def private_files(uri: str) -> Iterator[None]:
+    """While delta-rs writes a local table, files are created 0600 and folders 0700 (the umask
+    of the process: delta-rs takes no modes)."""
+    if local_path(uri) is None:
+        yield
+        return
+    before = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+class DeltaTables:
+    """The three tables under ``uri`` for one run of ``source``."""
+
+    def __init__(self, uri: str, source: str, run_id: int, endpoints: Mapping[str, str] | None = None,
+                 storage_options: dict[str, str] | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.collector = Collector(source, run_id, endpoints)
+        self.storage_options = storage_options
+        self.pending: dict[str, StudyRows | None] = {}
+        self.commits = 0
+
+    def add(self, key: str, resources: Sequence[Resource]) -> None:
+        rows = self.collector.rows(resources, None)
+        if rows is not None:
+            self.pending.pop(rows.study["study_uid"], None)
+            self.pending[rows.study["study_uid"]] = rows
+
+    def delete(self, key: str, resource_type: str, resource_id: str) -> None:
+        if resource_type == "ImagingStudy":
+            self.pending.pop(key, None)
+            self.pending[key] = None
+
+    def error(self, body: bytes) -> None:
+        """Errors go to the NDJSON folder and the log; the tables hold studies only."""
+
+    def flush(self) -> dict[str, str]:
+        if not self.pending:
+            return {}
+        from deltalake.exceptions import DeltaError
+
+        folder = local_path(self.uri)
+        try:
+            if folder is not None:
+                make_folder(folder)
+            with private_files(self.uri):
+                for name in TABLES:
+                    rows = [row for study in self.pending.values() if study is not None for row in study.table(name)]
+                    self._commit(name, rows, list(self.pending))
+        except OSError as exc:
+            raise SinkError(f"cannot write the Delta tables at {self.uri}: {exc.strerror or exc}") from None
+        except DeltaError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise SinkError(f"cannot write the Delta tables at {self.uri}: {type(exc).__name__}: {first[:300]}") from None
+        self.pending.clear()
+        return {}
+
+    def _commit(self, name: str, rows: list[Row], touched: list[str]) -> None:
+        """One commit of table ``name``: ``rows`` are the current rows of the ``touched`` studies."""
+        from deltalake import DeltaTable, write_deltalake
+
+        from ..tables.arrow import table
+
+        uri = table_uri(self.uri, name)
+        data = table(name, rows, change_log=False)
+        if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
+            if rows:
+                write_deltalake(uri, data, mode="append", storage_options=self.storage_options)
+                self.commits += 1
+            return
+        on = " AND ".join(f"t.{column} = s.{column}" for column in KEYS[name])
+        mine = f"t.source = {_quoted(self.collector.source)} AND t.study_uid IN ({', '.join(_quoted(uid) for uid in touched)})"
+        merger: Any = DeltaTable(uri, storage_options=self.storage_options).merge(
+            source=data, predicate=on, source_alias="s", target_alias="t")
+        merger.when_matched_update_all().when_not_matched_insert_all().when_not_matched_by_source_delete(mine).execute()
+        self.commits += 1
+
+    def finish(self) -> str | None:
+        self.flush()
+        return self.uri if self.commits else None
+
+    def abort(self) -> None:
+        """What was not flushed is dropped: the state does not record it, the next run sends it."""
+        self.pending.clear()
