@@ -600,3 +600,77 @@ def test_the_backoff_starts_at_one_interval_doubles_and_is_capped():
 
     assert [backoff(n, 10, 300) for n in range(1, 8)] == [10, 20, 40, 80, 160, 300, 300]
     assert backoff(10_000, 0.5, 60) == 60
+
+
+def _finished_since(out: Path, before: set[Path]) -> dict[str, list[dict]]:
+    """The resources of the run folders finished that are not in ``before``, by type, in the
+    order of the folders (oldest first)."""
+    found: dict[str, list[dict]] = {}
+    for folder in sorted(set(out.iterdir()) - before):
+        if not (folder / "manifest.json").exists():
+            continue
+        for entry in json.loads((folder / "manifest.json").read_text())["output"]:
+            found.setdefault(entry["type"], []).extend(json.loads(line) for line in (folder / entry["url"]).read_text().splitlines())
+    return found
+
+
+def test_ten_studies_uploaded_at_random_moments_each_reach_a_finished_run_folder(live, corpus_files, corpus_study_uids, watching, tmp_path):
+    """The acceptance case of the watch on the live Orthanc: among ten uploads at random moments
+    (seeded, some back to back), a study dated 1999 (a late arrival no StudyDate window catches),
+    a new series in an old study, and a corrected patient name on an old study (Orthanc names no
+    new study for either: its NewSeries change and its StableStudy change do)."""
+    import random
+
+    config = _config(live, tmp_path, patients=True)
+    w = watching(config)
+    _until(lambda: corpus_study_uids - {corpus.uid("study", "07")} <= finished_studies(config.out).keys())
+    before = set(config.out.iterdir())
+    old = {uid: study for study in _finished_since(config.out, set())["ImagingStudy"]
+           for uid in [study["identifier"][0]["value"].removeprefix("urn:oid:")]}
+
+    def files_of(number: str) -> list[Path]:
+        return [p for p in corpus_files if _study_of(p) == corpus.uid("study", number)]
+
+    renamed, grown = corpus.uid("study", "01"), corpus.uid("study", "09")   # Quarkwood's other study, 07, is not on the server
+    new_series = corpus.uid("series", "watch-accept-more")
+    late = corpus.uid("study", "watch-accept-1999")
+    fresh = [corpus.uid("study", f"watch-accept-{i}") for i in range(7)]
+    uploads: list[list[Path]] = [
+        [_copy_with(files_of("03")[0], tmp_path / "late.dcm", StudyInstanceUID=late, SeriesInstanceUID=corpus.uid("series", "watch-accept-1999"),
+                    SOPInstanceUID=corpus.uid("instance", "watch-accept-1999"), StudyDate="19990101")],
+        [_copy_with(files_of("09")[0], tmp_path / "more.dcm", SeriesInstanceUID=new_series,
+                    SOPInstanceUID=corpus.uid("instance", "watch-accept-more"), SeriesNumber="88")],
+        [_copy_with(p, tmp_path / f"renamed-{i}.dcm", PatientName="WATCH^ACCEPTED") for i, p in enumerate(files_of("01"))],
+        *([_copy_with(files_of(source)[0], tmp_path / f"fresh-{i}.dcm", StudyInstanceUID=uid, SeriesInstanceUID=corpus.uid("series", f"watch-accept-{i}"),
+                      SOPInstanceUID=corpus.uid("instance", f"watch-accept-{i}"), PatientID=f"WATCH-{i}", PatientName=f"WATCH^FRESH{i}")]
+          for i, (uid, source) in enumerate(zip(fresh, ["02", "03", "04", "06", "08", "10", "11"]))),
+    ]
+    rng = random.Random(16)
+    rng.shuffle(uploads)
+    moments = sorted(rng.uniform(0, 8) for _ in uploads)
+    moments = [moments[i - 1] if i and rng.random() < 1 / 3 else m for i, m in enumerate(moments)]   # some back to back
+    start = time.monotonic()
+    for moment, files in zip(moments, uploads):
+        time.sleep(max(0.0, start + moment - time.monotonic()))
+        live.upload(files)
+
+    def latest() -> dict[str, dict]:
+        return {study["identifier"][0]["value"].removeprefix("urn:oid:"): study
+                for study in _finished_since(config.out, before).get("ImagingStudy", [])}
+
+    def arrived() -> bool:
+        studies = latest()
+        return (set(fresh) | {late} <= studies.keys()
+                and new_series in {s["uid"] for s in studies.get(grown, {}).get("series", [])}
+                and "ACCEPTED" in studies.get(renamed, {}).get("subject", {}).get("display", ""))
+
+    _until(arrived)
+    result = w.stop()
+    studies = latest()
+    assert studies[late]["started"].startswith("1999")
+    assert len(studies[grown]["series"]) == len(old[grown]["series"]) + 1
+    subject = studies[renamed]["subject"]
+    (patient,) = [p for p in _finished_since(config.out, before).get("Patient", []) if f"Patient/{p['id']}" == subject["reference"]]
+    assert "ACCEPTED" in json.dumps(patient["name"]) and "ACCEPTED" not in json.dumps(old[renamed]["subject"])
+    assert result.studies_failed == 0 and result.reconciliations == 0
+    assert _statuses(config.state) == dict.fromkeys(corpus_study_uids - {corpus.uid("study", "07")} | set(fresh) | {late}, "synced")
