@@ -781,8 +781,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "problems": [{"source": s, "study_uid": u, "status": st, "error": _masked(e)} for s, u, st, e in state.problems()],
         }
         schema = state.schema_version
-        holder = state.lock_holder()
-        sources = [_source_facts(state, source, holder) for source in state.source_names()]
+        sources = [_source_facts(state, source, state.lock_holder(source) or state.lock_holder()) for source in state.source_names()]
     finally:
         state.close()
     status = report(shown, schema, sources, datetime.now(timezone.utc), lookback=args.lookback, retry_per_run=RETRY_PER_RUN, legacy=legacy)

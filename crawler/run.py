@@ -41,6 +41,9 @@ class Stopped(Exception):
     """A watch was told to stop during a run that lists (see SyncRun.stop)."""
 
 
+SEEN_PER_CHECKPOINT = 5000
+"""A listing of unchanged studies checkpoints this often, so that what it marks seen is written in
+short transactions (see State.mark_seen)."""
 RETRY_PER_RUN = 1000
 """Failed studies outside the run's windows asked for again per run (one request each)."""
 
@@ -273,6 +276,8 @@ class SyncRun:
         figures.studies_listed += 1
         if row is not None:
             state.mark_seen(self.source, summary.uid, self.run_id)
+            if state.seen_waiting >= SEEN_PER_CHECKPOINT:
+                self.ledger.checkpoint()
         else:
             self.ledger.listed(summary.uid)
         # in a watch's poll the change source has said the study changed, and its listing entry

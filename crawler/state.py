@@ -25,7 +25,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,12 @@ class _Busy(Exception):
 
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+_WRITES = re.compile(r"\s*(INSERT|UPDATE|DELETE|CREATE|ALTER|DROP)\b", re.IGNORECASE)
+
+
+def lock_name(source: str | None) -> str:
+    """The ``run_lock`` row that labels the lock of the whole state (``run``) or of one source."""
+    return "run" if source is None else f"run {_source_digest(source)}"
 
 
 def postgres_url(location: str | os.PathLike[str]) -> str | None:
@@ -250,6 +256,11 @@ def state_location(location: str | os.PathLike[str]) -> Path | str:
     """What ``--state`` names: the PostgreSQL URL (a str) or the SQLite file (a Path)."""
     url = postgres_url(location)
     return url if url is not None else Path(location)
+
+
+def _source_digest(source: str) -> str:
+    """A short name for ``source`` in file names and lock keys (its URL may hold anything)."""
+    return hashlib.blake2b(source.encode(), digest_size=6).hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -341,29 +352,52 @@ class _Sqlite:
     def migrating(self, db: sqlite3.Connection) -> Iterator[None]:
         yield  # BEGIN IMMEDIATE already makes migrating processes take turns
 
-    def lock(self) -> int:
-        lock_path = self.path.with_name(self.path.name + ".lock")
+    def lock_path(self, source: str | None = None) -> Path:
+        """``<state>.lock`` (the whole state), or the source's own ``<state>.<digest>.lock``."""
+        if source is None:
+            return self.path.with_name(self.path.name + ".lock")
+        return self.path.with_name(f"{self.path.name}.{_source_digest(source)}.lock")
+
+    def _flock(self, path: Path, how: int) -> int:
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as exc:
-            raise StateError(f"cannot open lock {lock_path}: {exc.strerror}") from None
+            raise StateError(f"cannot open lock {path}: {exc.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise _Busy(f"pid {holder}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
 
+    def lock(self, source: str | None = None) -> tuple[int, ...]:
+        """The whole state: an exclusive ``flock`` on ``<state>.lock``. One source: a shared one
+        on it (runs of other sources share it; a whole-state lock, and an older qido-crawler's,
+        waits for them all) and an exclusive one on the source's own file."""
+        if source is None:
+            fd = self._flock(self.lock_path(), fcntl.LOCK_EX)
+            held: tuple[int, ...] = (fd,)
+        else:
+            shared = self._flock(self.lock_path(), fcntl.LOCK_SH)
+            try:
+                fd = self._flock(self.lock_path(source), fcntl.LOCK_EX)
+            except BaseException:
+                os.close(shared)
+                raise
+            held = (fd, shared)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return held
+
     @staticmethod
-    def check_lock(handle: int) -> None:
+    def check_lock(handle: tuple[int, ...]) -> None:
         pass  # a flock is not lost while its file descriptor is open
 
     @staticmethod
-    def unlock(handle: int) -> None:
-        os.close(handle)
+    def unlock(handle: tuple[int, ...]) -> None:
+        for fd in handle:
+            os.close(fd)
 
 
 # The column types of the migrations as PostgreSQL spells them, in order: the rowid alias of
@@ -482,15 +516,25 @@ class _Postgres:
             except self.psycopg.Error:
                 pass  # a broken session has released it
 
-    def lock(self) -> Any:
+    def lock(self, source: str | None = None) -> Any:
+        """The whole state: an exclusive advisory lock. One source: that lock shared (runs of
+        other sources share it) and the source's own exclusive one."""
         db = self.connect()
         try:
-            if db.execute("SELECT pg_try_advisory_lock(%s)", (self.key(db, "run"),)).fetchone()[0]:
+            whole = self.key(db, "run")
+            if source is None:
+                taken = db.execute("SELECT pg_try_advisory_lock(%s)", (whole,)).fetchone()[0]
+            else:
+                taken = db.execute("SELECT pg_try_advisory_lock_shared(%s)", (whole,)).fetchone()[0] and db.execute(
+                    "SELECT pg_try_advisory_lock(%s)", (self.key(db, f"run {_source_digest(source)}"),)).fetchone()[0]
+            if taken:
                 if db.info.server_version >= 140000:
                     db.execute("SET idle_session_timeout = 0")  # the lock's session idles for the whole run
                 return db
             try:
-                row = db.execute("SELECT pid, host FROM run_lock WHERE name = 'run'").fetchone()
+                row = db.execute("SELECT pid, host FROM run_lock WHERE name = %s", (lock_name(source),)).fetchone()
+                if row is None and source is not None:
+                    row = db.execute("SELECT pid, host FROM run_lock WHERE name = 'run'").fetchone()
             except self.psycopg.errors.UndefinedTable:
                 row = None
         except BaseException:
@@ -524,14 +568,16 @@ class State:
 
     ``lock=True`` takes an exclusive lock for the life of the object: a second run on the same
     state fails at once with ``StateLocked``, and the lock of a run that was killed is released
-    with its process, so the next run simply takes it. SQLite: ``flock`` on ``<path>.lock``,
+    with its process, so the next run simply takes it. ``lock=SOURCE`` locks only that source:
+    runs of other sources go on at the same time (they take turns only for the short write
+    transactions of their checkpoints; see ``begin``), a whole-state lock waits for them all. SQLite: ``flock`` on ``<path>.lock``,
     released by the kernel. PostgreSQL: an advisory lock released by the server when the
     session ends (see ``_Postgres``).
 
     ``read_only=True`` (see :meth:`open`) neither migrates nor locks, and cannot write.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, lock: bool = False, read_only: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lock: bool | str = False, read_only: bool = False) -> None:
         if lock and read_only:
             raise ValueError("a read-only state takes no run lock")
         url = postgres_url(path)
@@ -539,6 +585,8 @@ class State:
         self.read_only = read_only
         self._dialect: _Sqlite | _Postgres = _Postgres(url) if url is not None else _Sqlite(Path(path), read_only=read_only)
         self._lock: Any = None
+        self._begin_pending = False
+        self._seen: dict[tuple[str, str], int] = {}
         self._version = max(v for v, _, _ in MIGRATIONS)
         self._study_columns = _STUDY_COLUMNS
         try:
@@ -547,19 +595,22 @@ class State:
                 self._check_readable()
                 return
             if lock:
+                source = lock if isinstance(lock, str) else None
                 try:
-                    self._lock = self._dialect.lock()
+                    self._lock = self._dialect.lock(source)
                 except _Busy as busy:
+                    what = "" if source is None else " for this source"
                     raise StateLocked(
-                        f"another run ({busy}) is using the state {self._dialect.shown}; try again when it has finished"
+                        f"another run ({busy}) is using the state {self._dialect.shown}{what}; try again when it has finished"
                     ) from None
             self.db = self._dialect.connect()
             self._migrate()
             if lock and self._dialect.records_holder:
                 self._q(
-                    "INSERT INTO run_lock (name, pid, host, since) VALUES ('run', ?, ?, ?) "
+                    "INSERT INTO run_lock (name, pid, host, since) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, host = excluded.host, since = excluded.since",
-                    (os.getpid(), socket.gethostname(), datetime.now(timezone.utc).replace(microsecond=0).isoformat()),
+                    (lock_name(lock if isinstance(lock, str) else None), os.getpid(), socket.gethostname(),
+                     datetime.now(timezone.utc).replace(microsecond=0).isoformat()),
                 )
         except self._dialect.errors as exc:
             self.close()
@@ -607,6 +658,8 @@ class State:
 
     def _q(self, sql: str, params: tuple[Any, ...] | list[Any] | None = None) -> Any:
         """Run one statement written with ``?`` placeholders; returns the cursor."""
+        if self._begin_pending and _WRITES.match(sql):
+            self._begin_now()
         with self._guard():
             if params is None:
                 return self.db.execute(self._dialect.sql(sql))
@@ -614,6 +667,8 @@ class State:
 
     def _insert(self, sql: str, params: tuple[Any, ...]) -> int:
         """Run an INSERT written with ``?`` placeholders; returns the id of the new row."""
+        if self._begin_pending:
+            self._begin_now()
         with self._guard():
             return self._dialect.insert_id(self.db, self._dialect.sql(sql), params)
 
@@ -645,8 +700,11 @@ class State:
             for version, name, sql in MIGRATIONS:
                 if version in done:
                     continue
-                self.begin()
+                self._begin_now()
                 try:
+                    if self._q("SELECT 1 FROM migrations WHERE version = ?", (version,)).fetchone():
+                        self.commit()   # another process, opening the state at the same time, applied it
+                        continue
                     for statement in sql.split(";"):
                         if statement.strip():
                             self._q(self._dialect.ddl(statement))
@@ -671,15 +729,27 @@ class State:
         self.begin()
 
     def begin(self) -> None:
+        """Start a transaction: what is written from now on is committed together or not at all.
+        It begins for real at the first write, so that runs of other sources on the same state
+        (SQLite has one writer at a time) wait only for the writes of a checkpoint, not for a
+        whole crawl between two."""
+        self._begin_pending = True
+
+    def _begin_now(self) -> None:
+        self._begin_pending = False
         self._q(self._dialect.begin_sql)
 
     def commit(self) -> None:
+        self._write_seen()
+        self._begin_pending = False
         if self._dialect.in_transaction(self.db):
             if self._lock is not None:
                 self._dialect.check_lock(self._lock)
             self._q("COMMIT")
 
     def rollback(self) -> None:
+        self._seen.clear()
+        self._begin_pending = False
         if self._dialect.in_transaction(self.db):
             self._q("ROLLBACK")
 
@@ -694,7 +764,11 @@ class State:
 
     def study(self, source: str, study_uid: str) -> StudyRow | None:
         row = self._q(f"SELECT {self._study_columns} FROM studies WHERE source = ? AND study_uid = ?", (source, study_uid)).fetchone()
-        return StudyRow(*row) if row else None
+        if not row:
+            return None
+        study = StudyRow(*row)
+        seen = self._seen.get((source, study_uid))
+        return study if seen is None else replace(study, last_seen_run=seen)
 
     def iter_study_rows(self, source: str | None = None) -> Iterator[StudyRow]:
         """Every study of ``source`` (of every source when None), ordered by source and UID."""
@@ -744,11 +818,30 @@ class State:
             )
 
     def mark_seen(self, source: str, study_uid: str, run_id: int) -> None:
-        self._q("UPDATE studies SET last_seen_run = ? WHERE source = ? AND study_uid = ?", (run_id, source, study_uid))
+        """Record that run ``run_id`` listed the study: written with the next commit (or before
+        the next question about what the run has not listed), all at once: the write transaction
+        (and SQLite's one writer) is not taken while a run lists."""
+        self._seen[source, study_uid] = run_id
+
+    @property
+    def seen_waiting(self) -> int:
+        """How many studies marked seen wait to be written."""
+        return len(self._seen)
+
+    def _write_seen(self) -> None:
+        if not self._seen:
+            return
+        if self._begin_pending:
+            self._begin_now()
+        with self._guard():
+            self.db.cursor().executemany(self._dialect.sql("UPDATE studies SET last_seen_run = ? WHERE source = ? AND study_uid = ?"),
+                                         [(run_id, source, uid) for (source, uid), run_id in self._seen.items()])
+        self._seen.clear()
 
     def studies_to_retry(self, source: str, run_id: int, limit: int) -> list[str]:
         """UIDs of the source's failed or inconsistent studies that run ``run_id`` has not listed,
         those tried longest ago first, at most ``limit``."""
+        self._write_seen()
         # case-changing mutants of this SQL are equivalent (see record_study)
         rows = self._q(
             "SELECT study_uid FROM studies WHERE source = ? AND status IN ('failed', 'inconsistent') "
@@ -762,6 +855,7 @@ class State:
         [since, until] (open ends unbounded; both None: every study, dated or not)."""
         # equivalent mutants: changing the case of this SQL (see record_study), and 'or' -> 'and'
         # below, since with one bound set `study_date >= ?` or `<= ?` already excludes NULL dates
+        self._write_seen()
         sql = "SELECT study_uid, resource_id FROM studies WHERE source = ? AND status != 'gone' AND (last_seen_run IS NULL OR last_seen_run != ?)"
         args: list[Any] = [source, run_id]
         if since is not None or until is not None:
@@ -804,17 +898,22 @@ class State:
         transaction), so that only this state ever recovers or removes it."""
         self._q("UPDATE runs SET folder = ? WHERE id = ?", (folder, run_id))
 
-    def unfinished_folders(self, run_id: int) -> list[str]:
-        """The folders recorded by this state's earlier runs that did not end well (interrupted,
-        failed): the only folders a run may complete or remove."""
+    def unfinished_folders(self, run_id: int, source: str) -> list[str]:
+        """The folders recorded by earlier runs of ``source`` that did not end well (interrupted,
+        failed): the only folders a run may complete or remove. Another source's are not: its
+        run may be writing into one at this moment."""
         rows = self._q(
-            "SELECT folder FROM runs WHERE folder IS NOT NULL AND id != ? AND (outcome IS NULL OR outcome NOT IN ('ok', 'partial')) ORDER BY id",
-            (run_id,),
+            "SELECT folder FROM runs WHERE folder IS NOT NULL AND id != ? AND source = ? "
+            "AND (outcome IS NULL OR outcome NOT IN ('ok', 'partial')) ORDER BY id",
+            (run_id, source),
         ).fetchall()
         return [row[0] for row in rows]
 
-    def close_interrupted_runs(self, run_id: int) -> int:
-        cursor = self._q("UPDATE runs SET outcome = 'interrupted', ended = started WHERE ended IS NULL AND id != ?", (run_id,))
+    def close_interrupted_runs(self, run_id: int, source: str) -> int:
+        """Record the earlier runs of ``source`` that never ended as interrupted (the run lock
+        of the source is held: none of them runs)."""
+        cursor = self._q("UPDATE runs SET outcome = 'interrupted', ended = started WHERE ended IS NULL AND id != ? AND source = ?",
+                         (run_id, source))
         closed: int = cursor.rowcount
         return closed
 
@@ -971,20 +1070,20 @@ class State:
             return ("orthanc", str(row[0])) if row and row[0] is not None else None
         return None
 
-    def lock_holder(self) -> tuple[int, str] | None:
+    def lock_holder(self, source: str | None = None) -> tuple[int, str] | None:
         """(pid, host) that the run lock last recorded: the running run, or the last one that held
         it (the label is not cleared on release). SQLite: the pid in ``<state>.lock``, on this
         host; PostgreSQL: the ``run_lock`` row. None when nothing is recorded. Read only: the lock
         itself is not tried (that could turn away a run starting at that moment)."""
         if isinstance(self._dialect, _Sqlite):
             try:
-                text = self._dialect.path.with_name(self._dialect.path.name + ".lock").read_text(errors="replace").strip()
+                text = self._dialect.lock_path(source).read_text(errors="replace").strip()
             except OSError:
                 return None
             return (int(text), socket.gethostname()) if text.isdigit() else None
         if self._version < 5:
             return None
-        row = self._q("SELECT pid, host FROM run_lock WHERE name = 'run'").fetchone()
+        row = self._q("SELECT pid, host FROM run_lock WHERE name = ?", (lock_name(source),)).fetchone()
         return (int(row[0]), str(row[1])) if row and row[0] is not None else None
 
     def status_counts(self, source: str) -> dict[str, StatusCount]:

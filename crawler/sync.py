@@ -86,7 +86,7 @@ def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = No
     outputs = list(sinks or [])
     if config.fhir_url:
         outputs.append(fhir_server(config, config.fhir_url))
-    state = State(config.state, lock=True)
+    state = State(config.state, lock=source)
     try:
         for output in outputs:
             if learns_max_entries(output):
@@ -97,11 +97,11 @@ def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = No
                 output.server_id_lookup = functools.partial(state.fhir_server_id, output.base_url)
         started = datetime.now(timezone.utc).replace(microsecond=0)
         run_id = state.begin_run(source, started.isoformat())
-        if state.close_interrupted_runs(run_id):
+        if state.close_interrupted_runs(run_id, source):
             log.info("an earlier run was interrupted; its state stands at its last checkpoint")
         today = run_day(config, started)
         windows, scope, moves_mark = choose_windows(config, state.last_mark(source))
-        completed, removed = recover(state.unfinished_folders(run_id))
+        completed, removed = recover(state.unfinished_folders(run_id, source))
         for folder in completed:
             log.warning("completed interrupted run folder %s at its last checkpoint", folder)
         for folder in removed:

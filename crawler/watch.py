@@ -162,7 +162,7 @@ class Watcher:
         """The source has answered once: from then on, failures are tried again, not raised."""
         self.client = client_from(config)
         try:
-            self.state = State(config.state, lock=True)
+            self.state = State(config.state, lock=self.source)
         except BaseException:
             self.client.close()
             raise
@@ -302,9 +302,9 @@ class Watcher:
 
     def _recover(self) -> None:
         """Complete (or remove) the run folders of this state's interrupted runs (see sync)."""
-        if self.state.close_interrupted_runs(0):
+        if self.state.close_interrupted_runs(0, self.source):
             log.info("an earlier run was interrupted; its state stands at its last checkpoint")
-        completed, removed = recover(self.state.unfinished_folders(0))
+        completed, removed = recover(self.state.unfinished_folders(0, self.source))
         for folder in completed:
             log.warning("completed interrupted run folder %s at its last checkpoint", folder)
         for folder in removed:

@@ -108,7 +108,7 @@ def test_both_dialects_answer_alike(postgres_server, tmp_path):
             state.mark_seen("src", "1.2.9", second)
             state.finish_run(run, "2024-01-01T01:00:00+00:00", "ok", None, {"n": 1}, "20240101", ["all"])
             answers.append((
-                run, second, state.close_interrupted_runs(second), state.study("src", "1.2.9"), state.study("src", "nope"),
+                run, second, state.close_interrupted_runs(second, "src"), state.study("src", "1.2.9"), state.study("src", "nope"),
                 list(state.iter_unseen("src", second, None, None)), list(state.iter_unseen("src", second, "20240101", "20240102")),
                 list(state.iter_resources()), state.counts_by_status(), state.last_runs(), state.problems(),
                 state.source_facts("src"), state.source_facts("other"), state.changes_position("src"), state.last_mark("src"),

@@ -373,7 +373,7 @@ def test_a_postgresql_state_says_the_same_and_cannot_tell_a_killed_run_from_a_ru
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as db:
-        db.execute("UPDATE run_lock SET host = 'another-machine' WHERE name = 'run'")
+        db.execute("UPDATE run_lock SET host = 'another-machine'")   # every label: the whole state's and each source's
     (source,) = status_json(capsys, url)["sources"]
     assert source["source"] == a.url and source["studies"] == {"synced": 8, "failed": 2, "inconsistent": 1, "gone": 1}
     assert source["last_run"]["id"] == 3 and source["last_run"]["outcome"] == "not ended"
