@@ -163,3 +163,22 @@ def test_a_delta_uri_that_cannot_be_written_is_a_sink_error(tmp_path):
     sink.add("1.2.3", [("ImagingStudy", "a", study("1.2.3"))])
     with pytest.raises(SinkError, match="cannot write the Delta tables"):
         sink.flush()
+
+
+def test_two_sources_share_the_delta_tables_without_touching_each_others_rows(tmp_path):
+    con = duckdb.connect()
+    uri = str(tmp_path / "delta")
+    for source in ("http://a/dicom-web", "http://b/dicom-web"):
+        sink = DeltaTables(uri, source, 1)
+        sink.add("1.2.3", [("ImagingStudy", source, study("1.2.3"))])
+        sink.flush()
+        sink.flush()   # nothing new: no commit
+    versions = len(list((tmp_path / "delta" / "studies" / "_delta_log").glob("*.json")))
+    assert versions == 2   # made by the first source's rows, merged with the second's
+    sink = DeltaTables(uri, "http://a/dicom-web", 2)
+    sink.delete("1.2.3", "ImagingStudy", "a")
+    sink.flush()
+    sink.flush()   # nothing new: no commit
+    assert len(list((tmp_path / "delta" / "studies" / "_delta_log").glob("*.json"))) == versions + 1
+    for name in TABLES:
+        assert [r["source"] for r in delta_rows(con, tmp_path / "delta", name)] == ["http://b/dicom-web"], name

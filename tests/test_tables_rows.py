@@ -187,3 +187,18 @@ def test_the_package_and_the_cli_start_without_the_tables_extra():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_accession_is_the_based_on_identifier_of_type_acsn():
+    study = imaging_study(EXPECTED / "study-01.r5.json")
+    study["basedOn"].insert(0, {"type": "ServiceRequest", "identifier": {"system": "urn:example:placer", "value": "PLACER-1"}})
+    row = study_rows(study, SOURCE).study
+    assert (row["accession"], row["accession_issuer"]) == ("ACC-QX-20230314", "urn:oid:1.2.826.0.1.3680043.10.1010.1")
+
+
+def test_synced_at_grows_strictly_within_a_run_even_when_the_clock_does_not():
+    from crawler.tables.collect import Collector
+
+    collector = Collector("http://pacs/dicom-web", 1, clock=lambda: datetime(2026, 1, 1, tzinfo=timezone.utc))
+    stamps = [collector.stamp() for _ in range(3)]
+    assert stamps == sorted(set(stamps)) and len(stamps) == 3

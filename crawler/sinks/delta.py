@@ -73,12 +73,10 @@ class DeltaTables:
     def add(self, key: str, resources: Sequence[Resource]) -> None:
         rows = self.collector.rows(resources, None)
         if rows is not None:
-            self.pending.pop(rows.study["study_uid"], None)
             self.pending[rows.study["study_uid"]] = rows
 
     def delete(self, key: str, resource_type: str, resource_id: str) -> None:
         if resource_type == "ImagingStudy":
-            self.pending.pop(key, None)
             self.pending[key] = None
 
     def error(self, body: bytes) -> None:

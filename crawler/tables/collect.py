@@ -4,7 +4,7 @@ rows of a study are the last ones even when a watch writes a study twice in one 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 
 import orjson
@@ -14,14 +14,16 @@ from .rows import StudyRows, study_rows
 
 
 class Collector:
-    def __init__(self, source: str, run_id: int, endpoints: Mapping[str, str] | None = None) -> None:
+    def __init__(self, source: str, run_id: int, endpoints: Mapping[str, str] | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         self.source = source
+        self.clock = clock
         self.run_id = run_id
         self.endpoints: dict[str, str] = dict(endpoints or {})
         self._last: datetime | None = None
 
     def stamp(self) -> datetime:
-        now = datetime.now(timezone.utc)
+        now = self.clock()
         if self._last is not None and now <= self._last:
             now = self._last + timedelta(microseconds=1)
         self._last = now
