@@ -264,3 +264,48 @@ def test_changes_leave_the_delta_tables_and_the_change_log_equal_to_a_fresh_expo
     assert deleted == [(gone, summary["run_id"])]
     assert all(len(list((runner.parquet / name).glob("*.parquet"))) == 2 for name in TABLES)
     assert not [p for p in runner.parquet.rglob(".*")]
+
+
+def test_watch_keeps_the_tables_without_an_output_folder(live, corpus_files, corpus_study_uids, tmp_path):
+    """watch --delta --parquet (no --out): a study uploaded while watching reaches the Delta
+    tables at a checkpoint and the change log when its period is finished."""
+    import threading
+    import time
+
+    from crawler.config import SyncConfig
+    from crawler.watch import WatchOptions, watch
+
+    config = SyncConfig(live.dicomweb, parquet=tmp_path / "parquet", delta=str(tmp_path / "delta"), state=tmp_path / "state.db",
+                        changes="orthanc")  # type: ignore[arg-type]
+    stop = threading.Event()
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(watch(config, WatchOptions(interval=1, stable_after=1, roll_every=2,
+                                                                                      reconcile_every=3600), stop)), daemon=True)
+    thread.start()
+    con = duckdb.connect()
+
+    def studies_in_delta() -> set[str]:
+        if not (tmp_path / "delta" / "studies" / "_delta_log").is_dir():
+            return set()
+        return {r["study_uid"] for r in delta_rows(con, tmp_path / "delta", "studies")}
+
+    def wait_for(what, timeout: float = 60.0):
+        end = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < end and thread.is_alive(), "timed out"
+            time.sleep(0.2)
+
+    try:
+        wait_for(lambda: corpus_study_uids <= studies_in_delta())
+        added = corpus.uid("study", "tables-watch")
+        live.upload([_copy_with(_file_of(corpus_files, "03"), tmp_path / "w.dcm", StudyInstanceUID=added,
+                                SeriesInstanceUID=corpus.uid("series", "tables-watch"), SOPInstanceUID=corpus.uid("instance", "tables-watch"))])
+        wait_for(lambda: added in studies_in_delta())
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive() and result and result[0].exit_code == 0
+    logged = {r["study_uid"] for r in log_rows(con, tmp_path / "parquet", "studies")}
+    assert logged == studies_in_delta() == corpus_study_uids | {added}
+    assert len(list((tmp_path / "parquet" / "studies").glob("*.parquet"))) >= 2
+    assert not list((tmp_path / "parquet").rglob(".*"))
