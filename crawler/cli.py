@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TextIO, TypeVar
 
 import orjson
 
@@ -136,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the PACS, crawl what changed, write ImagingStudy resources",
         description="List the studies of a DICOMweb server, crawl the new and changed ones, map them to "
         "FHIR R5 ImagingStudy resources and write what changed since the last run.",
-        usage="%(prog)s [options] URL",
+        usage="%(prog)s [options] (URL | --config FILE)",
         epilog=_SYNC_EXAMPLES,
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
+    p.add_argument("url", metavar="URL", nargs="?", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
     g.add_argument("--parquet", type=Path, metavar="DIR",
@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full", action="store_true", help="list every study, not only those since the last run's mark (e.g. a weekly reconciliation)")
     g = p.add_argument_group("incremental runs and deletions")
     g.add_argument("--lookback", type=int, default=7, metavar="DAYS", help="an incremental run lists from the last complete run's date minus this many days (default: %(default)s)")
-    g.add_argument("--changes", choices=["orthanc", "azure", "dcm4chee"],
+    g.add_argument("--changes", choices=["qido", "orthanc", "azure", "dcm4chee"],
                    help="also crawl the studies that the server's change source names since the last run, whatever their StudyDate "
-                        "(orthanc: Orthanc's /changes log; azure: the Azure DICOM service's change feed; dcm4chee: the studies "
+                        "(qido, the default: none, only the StudyDate windows; orthanc: Orthanc's /changes log; azure: the Azure DICOM service's change feed; dcm4chee: the studies "
                         "dcm4chee-arc received since, by StudyReceiveDateTime); one it names that the "
                         "server no longer has is gone")
     g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes (default: URL without /dicom-web)")
@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: %(default)s)")
     g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
     g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
+    g = p.add_argument_group("many sources", _MANY)
+    _add_config(g)
+    g.add_argument("--parallel", type=_positive, default=1, metavar="N", help="with --config: sync N sources at a time, each in a "
+                   "process of its own, its messages marked with its name (default: %(default)s, one after another)")
     g = p.add_argument_group("output format and messages")
     _add_output_format(g)
     g.add_argument("--metrics-file", type=Path, metavar="PATH",
@@ -193,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "every --interval the studies the change source names, once quiet for --stable-after, crawled and written as run "
         "folders rolled every --roll-every (or sent to a FHIR server); a complete listing every --reconcile-every finds what "
         "the change source does not tell. Runs until SIGTERM or SIGINT, then finishes the current run folder and exits 0.",
-        usage="%(prog)s --changes SOURCE (--out DIR | --fhir-url URL) [options] URL",
+        usage="%(prog)s --changes SOURCE (--out DIR | --fhir-url URL) [options] (URL | --config FILE)",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("url", metavar="URL", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
+    p.add_argument("url", metavar="URL", nargs="?", help="DICOMweb base URL, e.g. http://localhost:8042/dicom-web")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, metavar="DIR", help="write each run's changes into a new folder under DIR (manifest.json + NDJSON)")
     g.add_argument("--parquet", type=Path, metavar="DIR",
@@ -208,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=_STATE_HELP)
     g.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N", help="commit the state and flush the outputs every N crawled studies (and every minute; and after every poll) (default: %(default)s)")
     g = p.add_argument_group("watching")
-    g.add_argument("--changes", choices=["orthanc", "azure", "dcm4chee"], required=True,
+    g.add_argument("--changes", choices=["orthanc", "azure", "dcm4chee"],
                    help="the change source to follow (orthanc: Orthanc's /changes log; azure: the Azure DICOM service's change feed; "
                         "dcm4chee: the studies dcm4chee-arc received, by StudyReceiveDateTime)")
     g.add_argument("--interval", type=_seconds, default=10.0, metavar="DURATION", help="read the change source this often (default: %(default)g s)")
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
     g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
     p.set_defaults(since=None, until=None)
+    _add_config(p.add_argument_group("many sources", _MANY + " A watch follows every source at once, each in a process of its own."))
     _add_output_format(p.add_argument_group("output format and messages"))
 
     p = commands.add_parser(
@@ -352,6 +357,16 @@ def _add_connection(g: _Group) -> None:
 
 def _add_max_rps(g: _Group) -> None:
     g.add_argument("--max-rps", type=float, metavar="R", help="at most R requests per second to the server")
+
+
+_MANY = ("Sources named in a TOML file (sources.toml, see README \"Many sources, one file\"), each with its URL and its options; "
+         "the command line's options apply to every source and win over the file's.")
+
+
+def _add_config(g: _Group) -> None:
+    g.add_argument("--config", type=Path, metavar="FILE", help="the sources of a TOML file instead of one URL; one state holds them all, "
+                   "each source with its own run lock")
+    g.add_argument("--only", action="append", default=[], metavar="NAME", help="with --config: only this source (repeatable)")
 
 
 def _add_output_format(g: _Group) -> None:
@@ -550,6 +565,8 @@ def verification(args: argparse.Namespace) -> bool | str:
 def _shared(args: argparse.Namespace) -> dict[str, Any]:
     """The settings that sync and audit take from the same options: the connection
     (_add_connection's options), the listing, and the FHIR server's credentials."""
+    if args.url is None:
+        raise ConfigError("give the DICOMweb server's URL (or, for sync and watch, --config FILE)", setting="url")
     return {
         "url": check_base_url(args.url),
         "since": args.since,
@@ -588,7 +605,7 @@ def _writing(args: argparse.Namespace) -> dict[str, Any]:
         "delta": args.delta,
         "state": args.state,
         "prune": args.prune,
-        "changes": args.changes,
+        "changes": None if args.changes == "qido" else args.changes,
         "fhir_batch_size": args.fhir_batch_size,
         "log_server_text": args.log_server_text,
         "fhir_ids": args.fhir_ids,
@@ -642,7 +659,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
             lines.append(f"  listing incomplete in {f.windows_incomplete} window(s): state kept as it was for those")
         print("\n".join(lines), file=sys.stderr)
     if args.json:
-        print(json.dumps(result.summary(), sort_keys=True))
+        print(json.dumps(_summary(args, result.summary()), sort_keys=True))
     return result.exit_code
 
 
@@ -653,6 +670,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
     from .watch import WatchOptions, watch
 
+    if args.changes is None:
+        raise ConfigError("watch needs the change source to follow: --changes orthanc, azure or dcm4chee", setting="changes")
     config = SyncConfig(**_writing(args))
     options = WatchOptions(interval=args.interval, stable_after=args.stable_after, roll_every=args.roll_every,
                            reconcile_every=args.reconcile_every, metrics_port=args.metrics_port, roll_studies=args.roll_studies)
@@ -674,8 +693,14 @@ def _cmd_watch(args: argparse.Namespace) -> int:
               f"{result.runs} runs, {len(result.run_dirs)} run folders, {result.reconciliations} reconciliations; studies: "
               f"{result.studies_synced} synced, {result.studies_failed} failed, {result.studies_gone} gone", file=sys.stderr)
     if args.json:
-        print(json.dumps(result.summary(), sort_keys=True))
+        print(json.dumps(_summary(args, result.summary()), sort_keys=True))
     return result.exit_code
+
+
+def _summary(args: argparse.Namespace, summary: dict[str, Any]) -> dict[str, Any]:
+    """A --json line; with --config it names its source."""
+    name = getattr(args, "source_name", None)
+    return summary if name is None else {"source": name, **summary}
 
 
 def _write_metrics(path: Path, url: str, started: float, code: int, figures: dict[str, Any], requests: dict[str, int]) -> None:
@@ -711,7 +736,7 @@ def _dry_run(args: argparse.Namespace, config: SyncConfig) -> int:
                          "but still on the server): a real run would mark nothing gone")
         print("\n".join(lines), file=sys.stderr)
     if args.json:
-        print(json.dumps(result.summary(), sort_keys=True))
+        print(json.dumps(_summary(args, result.summary()), sort_keys=True))
     return result.exit_code
 
 
@@ -876,6 +901,7 @@ def _source_facts(state: State, source: str, holder: tuple[int, str] | None) -> 
         cap=cap,
         verified=verified,
         fallbacks=state.fallbacks(source) if version >= 8 else {},
+        copied_as_of=state.last_whole_run(source),
     )
 
 
@@ -911,7 +937,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         lines.append(f"  report: {result.report_dir / 'report.html'}")
         print("\n".join(lines), file=sys.stderr)
     if args.json:
-        print(json.dumps(result.summary(), sort_keys=True))
+        print(json.dumps(_summary(args, result.summary()), sort_keys=True))
     return result.exit_code
 
 
@@ -986,12 +1012,90 @@ def exit_code(exc: CrawlerError) -> int:
 COMMANDS = {"sync": _cmd_sync, "watch": _cmd_watch, "export": _cmd_export, "map": _cmd_map, "status": _cmd_status, "audit": _cmd_audit}
 
 
+class _NamedSource(logging.Filter):
+    """Puts a source's name before each message of its run (--config, one source after another)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.prefix = f"[{name}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"{self.prefix}{record.msg}"
+        return True
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    raise LookupError(command)
+
+
+_MANY_ONLY = ("config", "only", "parallel")
+
+
+def _many(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """sync or watch over the sources of a --config file: each source's options go through the
+    command's own parser, then the command line's explicit options over them. In a child (see
+    children) the one source it is given; sync without --parallel one after another in this
+    process; otherwise one child process per source. Exit code: the worst of the sources'."""
+    from . import sourcefile
+    from .children import SOURCE_ENV, run_children
+
+    if args.url is not None:
+        raise ConfigError("with --config the sources file names the URLs: give none on the command line", setting="config")
+    command = _command_parser(parser, args.command)
+    options = {o for action in command._actions for o in action.option_strings if o.startswith("--")}
+    options -= {f"--{name}" for name in _MANY_ONLY} | {"--help"}
+    child = os.environ.get(SOURCE_ENV)
+    sources = sourcefile.load(args.config, options, [child] if child else args.only)
+    defaults = {action.dest: action.default for action in command._actions}
+    given = {k: v for k, v in vars(args).items() if k in defaults and k not in ("url", "help", *_MANY_ONLY) and v != defaults[k]}
+    runs = []
+    for source in sources:
+        def refuse(message: str, name: str = source.name) -> NoReturn:
+            raise ConfigError(f"the sources file {args.config}, source {name}: {message}", setting="config")
+
+        command.error = refuse  # type: ignore[method-assign]
+        one = command.parse_args(source.argv)
+        vars(one).update(given)
+        vars(one).update(source.secrets)
+        one.command, one.source_name = args.command, source.name
+        runs.append(one)
+    for setting, option in (("metrics_file", "--metrics-file"), ("metrics_port", "--metrics-port")):
+        values = [getattr(one, setting, None) for one in runs if getattr(one, setting, None) is not None]
+        if len(values) != len(set(values)):
+            raise ConfigError(f"{option} must differ from source to source (set it per source in the file)", setting="config")
+    parallel = len(runs) if args.command == "watch" else args.parallel
+    if child or len(runs) == 1 or parallel == 1:
+        worst = EXIT_OK
+        handler = logging.getLogger("crawler").handlers[0]
+        for one in runs:
+            named = _NamedSource(one.source_name)
+            if len(runs) > 1:
+                handler.addFilter(named)
+            try:
+                code = COMMANDS[args.command](one)
+            except CrawlerError as exc:
+                print(f"{PROG}: [{one.source_name}] error: {config_message(exc) if isinstance(exc, ConfigError) else exc}", file=sys.stderr)
+                code = exit_code(exc)
+            finally:
+                handler.removeFilter(named)
+            worst = max(worst, code)
+        return worst
+    codes = run_children(argv, [one.source_name for one in runs], parallel, PROG)
+    return max(codes.values(), default=EXIT_OK)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     complete(parser)
     args = parser.parse_args(argv)
     _setup_logging(args)
     try:
+        if getattr(args, "config", None) is not None:
+            return _many(parser, args, list(sys.argv[1:] if argv is None else argv))
         return COMMANDS[args.command](args)
     except CrawlerError as exc:
         print(f"{PROG}: error: {config_message(exc) if isinstance(exc, ConfigError) else exc}", file=sys.stderr)

@@ -1054,9 +1054,15 @@ class State:
         rows = self._runs("id = (SELECT MAX(id) FROM runs WHERE source = ?)", (source,))
         return rows[0] if rows else None
 
+    def last_whole_run(self, source: str) -> tuple[int, str] | None:
+        """(id, start) of the newest run of ``source`` that ended ok or partial."""
+        row = self._q("SELECT id, started FROM runs WHERE id = (SELECT MAX(id) FROM runs WHERE source = ? AND outcome IN ('ok', 'partial'))",
+                      (source,)).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
     def unended_runs(self, source: str) -> list[RunRow]:
         """Runs of ``source`` that never recorded their end: running now, or killed (the next run
-        of any source closes them as interrupted and recovers their folders)."""
+        of that source closes them as interrupted and recovers their folders)."""
         return self._runs("source = ? AND ended IS NULL ORDER BY id", (source,))
 
     def change_feed(self, source: str) -> tuple[str, str] | None:

@@ -68,6 +68,9 @@ class SourceFacts:
     cap: int | None = None
     verified: int = 0
     fallbacks: dict[str, str] = field(default_factory=dict)
+    copied_as_of: tuple[int, str] | None = None
+    """(run id, start) of the newest run that ended whole (ok or partial): the copy holds what
+    the PACS held then (and what later polls of a watch brought)."""
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -210,6 +213,7 @@ def source_report(facts: SourceFacts, now: datetime, lookback: int, retry_per_ru
         "last_run": last,
         "next_window": next_window(facts.mark, lookback),
         "changes_cursor": None if facts.changes_cursor is None else {"feed": facts.changes_cursor[0], "cursor": facts.changes_cursor[1]},
+        "lag": _lag(facts.copied_as_of, now),
         "studies": studies,
         "oldest_failed": None if oldest is None else {
             "study_uid": oldest.study_uid, "status": oldest.status, "last_run": oldest.last_run, "error": oldest.error},
@@ -218,6 +222,15 @@ def source_report(facts: SourceFacts, now: datetime, lookback: int, retry_per_ru
         "fallbacks": dict(sorted(facts.fallbacks.items())),
         "advice": _advice(facts, last, now, retry_per_run),
     }
+
+
+def _lag(copied: tuple[int, str] | None, now: datetime) -> dict[str, Any] | None:
+    """How far the copy is behind the PACS, at most: since the start of the newest whole run."""
+    moment = parse_time(copied[1]) if copied else None
+    if copied is None or moment is None:
+        return None
+    seconds = max((now - moment).total_seconds(), 0.0)
+    return {"run": copied[0], "since": copied[1], "seconds": round(seconds), "text": "a few seconds" if seconds < 5 else age_in_words(seconds).removesuffix(" ago")}
 
 
 def report(shown_state: str, schema: int, sources: list[SourceFacts], now: datetime, *, lookback: int, retry_per_run: int,
@@ -266,9 +279,15 @@ def render(status: dict[str, Any]) -> list[str]:
             if run["error"]:
                 lines.append(f"    error: {run['error']}")
         lines.append(f"  next run: {source['next_window']['text']}")
+        lag = source["lag"]
+        if lag is not None:
+            lines.append(f"  lag: at most {lag['text']} (the copy holds what the PACS held when run {lag['run']} started, {lag['since']})")
         feed = source["changes_cursor"]
         if feed is not None:
             lines.append(f"  change feed: {feed['feed']}, read up to {feed['cursor']} (the next run with --changes {feed['feed']} reads on from there)")
+        else:
+            lines.append("  change feed: none (--changes qido: StudyDate windows only; a study stored late with an old date, and a "
+                         "change to an old study, wait for a --full run; see README \"Keeping up in near real time\")")
         counts = source["studies"]
         order = [s for s in STATUSES if s in counts] + sorted(s for s in counts if s not in STATUSES)
         lines.append("  studies: " + ", ".join(f"{counts[status]:,} {status}" for status in order))

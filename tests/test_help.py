@@ -28,6 +28,7 @@ SYNC_GROUPS = [
     "FHIR server",
     "connection and authentication",
     "performance",
+    "many sources",
     "output format and messages",
 ]
 AUDIT_GROUPS = [

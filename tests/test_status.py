@@ -163,14 +163,18 @@ def test_text_says_the_same_as_json(made, capsys):
     a = by_source(info)[made.a]
     lines = out.splitlines()
     start = lines.index(f"source {made.a}")
-    block = lines[start:start + 14]
+    block = lines[start:start + 16]
     assert block[1].startswith("  last run: run 5, ") and block[1].endswith(": interrupted")
     assert block[2] == f"  next run: {a['next_window']['text']}"
-    assert block[3] == "  studies: 8 synced, 2 failed, 1 inconsistent, 1 gone"
-    assert block[4].startswith(f"  oldest failed: {a['oldest_failed']['study_uid']} ({a['oldest_failed']['status']}, run 2): study ")
-    assert block[5] == "  server: no result cap found (listings of up to 12 studies checked)"
-    assert block[6] == "  to do:"
-    assert block[7:11] == [f"    - {item['message']}" for item in a["advice"]]
+    # run 2 (partial) is the newest of A's runs that ended whole: 5 was killed, 3 and 4 are B's
+    assert a["lag"]["run"] == 2 and a["lag"]["seconds"] >= 0
+    assert block[3] == f"  lag: at most {a['lag']['text']} (the copy holds what the PACS held when run 2 started, {a['lag']['since']})"
+    assert block[4].startswith("  change feed: none (--changes qido: StudyDate windows only;")
+    assert block[5] == "  studies: 8 synced, 2 failed, 1 inconsistent, 1 gone"
+    assert block[6].startswith(f"  oldest failed: {a['oldest_failed']['study_uid']} ({a['oldest_failed']['status']}, run 2): study ")
+    assert block[7] == "  server: no result cap found (listings of up to 12 studies checked)"
+    assert block[8] == "  to do:"
+    assert block[9:13] == [f"    - {item['message']}" for item in a["advice"]]
     assert lines[0] == f"state {made.state} (schema {info['schema']})"
 
 
