@@ -562,7 +562,7 @@ def test_start_up_errors_exit_as_sync_does(tmp_path, capsys):
     state = str(tmp_path / "state.db")
     base = ["watch", "--state", state, "--changes", "orthanc", "--retries", "0", "--interval", "1"]
     assert main([*base, nowhere]) == 2                                          # no output
-    assert "an output folder or a FHIR server" in capsys.readouterr().err
+    assert "watch needs an output: an output folder, a FHIR server or tables" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "out"), nowhere]) == 3        # the source cannot be reached
     assert capsys.readouterr().err.count("\n") == 1
     held = State(state, lock=True)
