@@ -1093,6 +1093,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     complete(parser)
     args = parser.parse_args(argv)
     _setup_logging(args)
+    # read by pyarrow (the tables extra, imported only when used) when it loads: its default pool
+    # keeps what it frees, and a sync's peak memory grew with the run (docs/tables.md)
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     try:
         if getattr(args, "config", None) is not None:
             return _many(parser, args, list(sys.argv[1:] if argv is None else argv))
