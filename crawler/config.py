@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from datetime import tzinfo
+from importlib.util import find_spec
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -144,6 +145,11 @@ class SyncConfig(Connection):
             raise ConfigError(f"the FHIR ids must be ours or server, not {self.fhir_ids!r}", setting="fhir_ids")
         if self.parquet is not None and self.parquet.exists() and not self.parquet.is_dir():
             raise ConfigError(f"the Parquet folder {self.parquet} is a file", setting="parquet")
+        if self.parquet is not None or self.delta is not None:
+            missing = [name for name in ("pyarrow", "deltalake") if find_spec(name) is None]
+            if missing:
+                raise ConfigError(f"the tables need {' and '.join(missing)}: pip install 'qido-crawler[tables]'",
+                                  setting="parquet" if self.parquet is not None else "delta")
         if self.scheduler and self.executor != Executor.DASK:
             raise ConfigError("a scheduler address goes with the dask executor", setting="scheduler")
         for name in ("page_size", "workers", "worker_threads", "max_offset", "checkpoint_every", "fhir_batch_size"):

@@ -153,12 +153,9 @@ def table_sinks(config: SyncConfig, run_name: str, run_id: int, source: str, wad
     first (see sinks.parquet)."""
     if config.parquet is None and config.delta is None:
         return []
-    try:
-        from .sinks.delta import DeltaTables
-        from .sinks.parquet import ParquetLog, recover as finish_killed, run_tag
-    except ImportError as exc:
-        raise ConfigError(f"the tables need pyarrow and deltalake: pip install 'qido-crawler[tables]' ({exc})",
-                          setting="parquet" if config.parquet is not None else "delta") from None
+    from .sinks.delta import DeltaTables
+    from .sinks.parquet import ParquetLog, recover as finish_killed, run_tag
+
     endpoints = {f"Endpoint/{endpoint_id(wado_base)}": wado_base}
     sinks: list[Sink] = []
     if config.parquet is not None:

@@ -202,3 +202,16 @@ def test_synced_at_grows_strictly_within_a_run_even_when_the_clock_does_not():
     collector = Collector("http://pacs/dicom-web", 1, clock=lambda: datetime(2026, 1, 1, tzinfo=timezone.utc))
     stamps = [collector.stamp() for _ in range(3)]
     assert stamps == sorted(set(stamps)) and len(stamps) == 3
+
+
+def test_tables_without_the_extra_are_exit_2_naming_the_option_before_anything_runs(monkeypatch, tmp_path, capsys):
+    import crawler.config
+    from crawler.cli import main
+
+    real = crawler.config.find_spec
+    monkeypatch.setattr(crawler.config, "find_spec", lambda name: None if name == "deltalake" else real(name))
+    # nothing listens on port 9: a run that went to the server would end with exit 3
+    code = main(["sync", "http://127.0.0.1:9/dicom-web", "--delta", str(tmp_path / "d"), "--state", str(tmp_path / "s.db")])
+    assert code == 2
+    assert "--delta: the tables need deltalake: pip install 'qido-crawler[tables]'" in capsys.readouterr().err
+    assert not (tmp_path / "s.db").exists()
