@@ -182,3 +182,75 @@ def test_two_sources_share_the_delta_tables_without_touching_each_others_rows(tm
     assert len(list((tmp_path / "delta" / "studies" / "_delta_log").glob("*.json"))) == versions + 1
     for name in TABLES:
         assert [r["source"] for r in delta_rows(con, tmp_path / "delta", name)] == ["http://b/dicom-web"], name
+
+
+def test_a_merge_that_loses_to_another_writers_commit_is_done_again(tmp_path, monkeypatch):
+    """Two writers of one table (e.g. two sources of a --config file run in parallel): the one
+    whose commit comes second reads the new version and merges again."""
+    from deltalake import DeltaTable
+
+    con = duckdb.connect()
+    uri = str(tmp_path / "delta")
+    first = DeltaTables(uri, "http://a/dicom-web", 1)
+    first.add("1.2.3", [("ImagingStudy", "a", study("1.2.3"))])
+    first.flush()
+    real_merge = DeltaTable.merge
+    lost = []
+
+    def merge_after_another_writer(self, *args, **kwargs):
+        merger = real_merge(self, *args, **kwargs)
+        if not lost:
+            lost.append(self.version())
+            other = DeltaTables(uri, "http://b/dicom-web", 1)   # commits between our read and our commit
+            other.add("1.2.4", [("ImagingStudy", "b", study("1.2.4"))])
+            monkeypatch.setattr(DeltaTable, "merge", real_merge)
+            other.flush()
+            monkeypatch.setattr(DeltaTable, "merge", merge_after_another_writer)
+        return merger
+
+    monkeypatch.setattr(DeltaTable, "merge", merge_after_another_writer)
+    second = DeltaTables(uri, "http://a/dicom-web", 2)
+    second.add("1.2.5", [("ImagingStudy", "c", study("1.2.5"))])
+    second.flush()
+    assert lost
+    assert [(r["source"], r["study_uid"]) for r in delta_rows(con, tmp_path / "delta", "studies")] == [
+        ("http://a/dicom-web", "1.2.3"), ("http://a/dicom-web", "1.2.5"), ("http://b/dicom-web", "1.2.4")]
+
+
+def test_a_run_stopped_between_the_tables_commits_is_repaired_by_the_next(tmp_path, monkeypatch):
+    """studies committed, series and instances not (the process died, or the store failed): the
+    state did not record the checkpoint, the next run sends the studies again and the merges give
+    the tables of a run that was never stopped."""
+    con = duckdb.connect()
+    changed = orjson.loads(study("1.2.3"))
+    changed["series"][0]["instance"].append({**changed["series"][0]["instance"][0], "uid": "1.2.3.1.2"})
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    for uri in (clean, stopped):
+        sink = DeltaTables(str(uri), "http://a/dicom-web", 1)
+        sink.add("1.2.3", [("ImagingStudy", "a", study("1.2.3"))])
+        sink.flush()
+    sink = DeltaTables(str(clean), "http://a/dicom-web", 2)
+    sink.add("1.2.3", [("ImagingStudy", "a", orjson.dumps(changed))])
+    sink.flush()
+
+    commit = DeltaTables._commit
+
+    def dies_after_studies(self, name, rows, touched):
+        if name != "studies":
+            raise SinkError("the store went away")
+        commit(self, name, rows, touched)
+
+    monkeypatch.setattr(DeltaTables, "_commit", dies_after_studies)
+    sink = DeltaTables(str(stopped), "http://a/dicom-web", 2)
+    sink.add("1.2.3", [("ImagingStudy", "a", orjson.dumps(changed))])
+    with pytest.raises(SinkError):
+        sink.flush()
+    sink.abort()
+    assert len(delta_rows(con, stopped, "instances")) == 1 and delta_rows(con, stopped, "studies") == delta_rows(con, clean, "studies")
+    monkeypatch.setattr(DeltaTables, "_commit", commit)
+    rerun = DeltaTables(str(stopped), "http://a/dicom-web", 3)
+    rerun.add("1.2.3", [("ImagingStudy", "a", orjson.dumps(changed))])
+    rerun.flush()
+    for name in TABLES:
+        assert delta_rows(con, stopped, name) == delta_rows(con, clean, name), name
+    assert len(delta_rows(con, stopped, "instances")) == 2

@@ -27,6 +27,10 @@ from ..tables.rows import KEYS, TABLES, Row, StudyRows
 from .base import Resource
 
 
+COMMIT_ATTEMPTS = 5
+"""Merges of one checkpoint tried this often when another writer's commit comes first."""
+
+
 def local_path(uri: str) -> Path | None:
     """The folder of a local URI (a path or ``file://``), None for an object store."""
     parts = urlsplit(uri)
@@ -106,6 +110,7 @@ class DeltaTables:
     def _commit(self, name: str, rows: list[Row], touched: list[str]) -> None:
         """One commit of table ``name``: ``rows`` are the current rows of the ``touched`` studies."""
         from deltalake import DeltaTable, write_deltalake
+        from deltalake.exceptions import CommitFailedError
 
         from ..tables.arrow import table
 
@@ -118,9 +123,18 @@ class DeltaTables:
             return
         on = " AND ".join(f"t.{column} = s.{column}" for column in KEYS[name])
         mine = f"t.source = {_quoted(self.collector.source)} AND t.study_uid IN ({', '.join(_quoted(uid) for uid in touched)})"
-        merger: Any = DeltaTable(uri, storage_options=self.storage_options).merge(
-            source=data, predicate=on, source_alias="s", target_alias="t")
-        merger.when_matched_update_all().when_not_matched_insert_all().when_not_matched_by_source_delete(mine).execute()
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            merger: Any = DeltaTable(uri, storage_options=self.storage_options).merge(
+                source=data, predicate=on, source_alias="s", target_alias="t")
+            try:
+                merger.when_matched_update_all().when_not_matched_insert_all().when_not_matched_by_source_delete(mine).execute()
+            except CommitFailedError:
+                # another writer (e.g. another source of a --config file) committed first: the
+                # merge is read again from the new version and done again (it is idempotent)
+                if attempt == COMMIT_ATTEMPTS:
+                    raise
+                continue
+            break
         self.commits += 1
 
     def finish(self) -> str | None:
