@@ -353,7 +353,8 @@ def page_of(answer: Answer, url: str, keep: leanjson.Selection | None = None, li
     if status >= 400:
         shown = redact(url)
         hint = {401: " (authentication required or refused)", 403: " (forbidden)", 404: " (not found)", 413: " (query matches too much)"}
-        raise FatalQidoError(f"HTTP {status}{hint.get(status, '')} from {shown}", url=shown, status=status)
+        cause = _refusal_cause(answer) if status in (401, 403) else None
+        raise FatalQidoError(f"HTTP {status}{f' (AWS {cause})' if cause else hint.get(status, '')} from {shown}", url=shown, status=status)
     if not body.strip():
         return Page([], status, answer.headers.get("Warning"))
     try:
@@ -369,6 +370,14 @@ def page_of(answer: Answer, url: str, keep: leanjson.Selection | None = None, li
         shown = redact(url)
         raise FatalQidoError(f"answer from {shown} is not a JSON array of objects", url=shown, status=status)
     return Page(items, status, answer.headers.get("Warning"))
+
+
+def _refusal_cause(answer: Answer) -> str | None:
+    """The cause AWS gives for a refusal (AWS HealthImaging: a wrong secret or region, a clock
+    that is off), by its error code only (``auth.aws.refusal_cause``)."""
+    from .auth.aws import refusal_cause
+
+    return refusal_cause(answer.headers, answer.body)
 
 
 def client_from(settings: Any) -> QidoClient:

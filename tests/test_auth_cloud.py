@@ -385,3 +385,22 @@ def test_refusal_cause_reads_aws_codes_only():
     )
     assert aws.refusal_cause({}, b"<html>patient Doe</html>") is None
     assert aws.refusal_cause({"x-amzn-ErrorType": "not a code; patient Doe"}, b"") is None
+
+
+def test_a_refusal_from_aws_names_its_cause_in_the_error():
+    from urllib3 import HTTPHeaderDict
+
+    from crawler.errors import FatalQidoError
+    from crawler.http import Answer
+    from crawler.qido import page_of
+
+    url = "https://dicom-medical-imaging.eu-west-1.amazonaws.com/datastore/abc/studies?limit=100"
+    body = b'{"__type": "SignatureDoesNotMatch", "message": "The canonical string for this request should have been GET /secret"}'
+    refused = Answer(403, HTTPHeaderDict({"X-Amzn-ErrorType": "SignatureDoesNotMatch:http://internal.amazon.com/coral/"}), body, None)
+    with pytest.raises(FatalQidoError) as caught:
+        page_of(refused, url)
+    assert str(caught.value).startswith("HTTP 403 (AWS SignatureDoesNotMatch: the signature does not match: check the secret access key and the region")
+    assert "secret" not in str(caught.value).replace("secret access key", "")
+    assert caught.value.status == 403
+    with pytest.raises(FatalQidoError, match=r"^HTTP 403 \(forbidden\) from"):
+        page_of(Answer(403, HTTPHeaderDict(), b"<html>patient Doe</html>", None), url)
