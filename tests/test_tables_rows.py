@@ -215,3 +215,28 @@ def test_tables_without_the_extra_are_exit_2_naming_the_option_before_anything_r
     assert code == 2
     assert "--delta: the tables need deltalake: pip install 'qido-crawler[tables]'" in capsys.readouterr().err
     assert not (tmp_path / "s.db").exists()
+
+
+def test_the_study_uid_is_the_dicom_uid_identifier_whatever_comes_first():
+    study = imaging_study(EXPECTED / "study-01.r5.json")
+    study["identifier"].reverse()
+    study["identifier"].insert(0, {"system": "urn:ietf:rfc:3986", "value": "urn:oid:1.2.3.4"})
+    assert study_rows(study, SOURCE).study["study_uid"] == "2.25.135469620240961204817724944333117003989"
+    study["identifier"] = [i for i in study["identifier"] if i.get("system") != "urn:dicom:uid"]
+    with pytest.raises(ValueError, match="no Study Instance UID"):
+        study_rows(study, SOURCE)
+
+
+def test_a_parquet_file_is_written_a_row_group_at_a_time(tmp_path):
+    import pyarrow.parquet as pq
+
+    from crawler.tables.arrow import ParquetFileWriter
+
+    rows = study_rows(imaging_study(EXPECTED / "study-01.r5.json"), SOURCE).instances
+    writer = ParquetFileWriter(tmp_path / "instances.parquet", "instances", change_log=False, rows_per_group=2)
+    for row in rows:
+        writer.add([row])
+        assert len(writer.rows) < 2   # never more than a row group held
+    writer.close()
+    assert pq.ParquetFile(tmp_path / "instances.parquet").num_row_groups == 3
+    assert pq.read_table(tmp_path / "instances.parquet").column("sop_uid").to_pylist() == [r["sop_uid"] for r in rows]
