@@ -404,3 +404,16 @@ def test_a_refusal_from_aws_names_its_cause_in_the_error():
     assert caught.value.status == 403
     with pytest.raises(FatalQidoError, match=r"^HTTP 403 \(forbidden\) from"):
         page_of(Answer(403, HTTPHeaderDict(), b"<html>patient Doe</html>", None), url)
+
+
+def test_signing_logs_no_session_token_even_with_every_logger_at_debug(caplog):
+    """botocore's signer logs the canonical request at DEBUG, the session token's value in it; a
+    program that logs everything (logging.basicConfig(level=DEBUG)) must not get it."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    signer = aws.AwsSigV4(url="https://dicom-medical-imaging.eu-west-1.amazonaws.com/x", credentials=AwsKeys(KEY_ID, SECRET, "session-token-1"))
+    headers = signer.headers("GET", "https://dicom-medical-imaging.eu-west-1.amazonaws.com/x/studies?limit=1")
+    assert headers["X-Amz-Security-Token"] == "session-token-1"
+    assert "session-token-1" not in caplog.text and SECRET not in caplog.text
+    assert headers["Authorization"].rpartition("=")[2] not in caplog.text

@@ -18,6 +18,7 @@ names the cause (a wrong key or region, a clock that is off) without the server'
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +35,12 @@ _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}")
 
 SIGNED = ("Authorization", "X-Amz-Date", "X-Amz-Security-Token")
 """The headers ``AwsSigV4.headers`` gives: the signature and what it covers besides ``Host``."""
+
+
+def _no_signing_details(record: logging.LogRecord) -> bool:
+    """botocore's signer logs the canonical request (with the session token's value), the string to
+    sign and the signature at DEBUG: a program that logs everything would keep them."""
+    return not (record.levelno <= logging.DEBUG and isinstance(record.msg, str) and record.msg.startswith(("CanonicalRequest", "StringToSign", "Signature")))
 
 
 def region_from_url(url: str) -> str | None:
@@ -89,6 +96,9 @@ class AwsSigV4:
         except ImportError:
             raise errors.missing_extra("aws") from None
         self._botocore = botocore
+        signing_log = logging.getLogger("botocore.auth")
+        if _no_signing_details not in signing_log.filters:
+            signing_log.addFilter(_no_signing_details)
         if settings is not None:
             url = url or settings.base_url
             given = settings.options.get("region")
