@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, TextIO, TypeVar
 
 import orjson
 
-from . import __version__, leanjson
+from . import __version__, leanjson, profiles
 from .config import DEFAULT_STATE, AuditConfig, SyncConfig, zone
 from .errors import ConfigError, CrawlerError, MappingError, SinkError, SourceUnreachable, StateError
 from .mapping import MappingOptions, StudyInput, map_study
@@ -176,10 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: start a local cluster)")
     g.add_argument("--worker-threads", type=_positive, default=4, metavar="N", help="with --executor dask and no --scheduler: threads per local worker process (default: %(default)s)")
     _add_max_rps(g)
-    g.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: %(default)s)")
-    g.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: %(default)s)")
-    g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
-    g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
+    _add_paging(g)
     g = p.add_argument_group("many sources", _MANY)
     _add_config(g)
     g.add_argument("--parallel", type=_positive, default=1, metavar="N", help="with --config: sync N sources at a time, each in a "
@@ -229,10 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("performance")
     g.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies crawled at once (default: %(default)s)")
     _add_max_rps(g)
-    g.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: %(default)s)")
-    g.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts; a window with more results is split (default: %(default)s)")
-    g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's LimitFindResults); found by itself otherwise")
-    g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
+    _add_paging(g)
     p.set_defaults(since=None, until=None)
     _add_config(p.add_argument_group("many sources", _MANY + " A watch follows every source at once, each in a process of its own."))
     _add_output_format(p.add_argument_group("output format and messages"))
@@ -293,10 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("performance")
     g.add_argument("--workers", type=_positive, default=4, metavar="N", help="studies read at once (default: %(default)s)")
     _add_max_rps(g)
-    g.add_argument("--page-size", type=_positive, default=100, metavar="N", help="studies asked for per listing request (default: %(default)s)")
-    g.add_argument("--max-offset", type=_positive, default=1_000_000, metavar="N", help="largest offset the server accepts (default: %(default)s)")
-    g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known; found by itself otherwise")
-    g.add_argument("--instance-page-size", type=_positive, default=1000, metavar="N", help="instances asked for per request (default: %(default)s)")
+    _add_paging(g)
     _add_output_format(p.add_argument_group("output format and messages"))
 
     p = commands.add_parser("status", help="per source: the last run, the next window, studies by status, what to do", description="Per source: the last run, the window the next run lists, studies by status, the oldest failed study, what was learned about the server, and one line on what to do next for each problem. Reads the state only.", formatter_class=_HelpFormatter)
@@ -357,6 +348,31 @@ def _add_connection(g: _Group) -> None:
 
 def _add_max_rps(g: _Group) -> None:
     g.add_argument("--max-rps", type=float, metavar="R", help="at most R requests per second to the server")
+
+
+class _Default(int):
+    """An option's default as argparse holds it: told apart from the same number given, so that a
+    server profile's value takes its place (see _paging)."""
+
+
+def _given(value: int | None) -> int | None:
+    return None if isinstance(value, _Default) else value
+
+
+def _add_paging(g: _Group) -> None:
+    """The server profile and the paging options whose defaults it gives (sync, watch, audit)."""
+    g.add_argument("--server-profile", choices=[*profiles.NAMES, profiles.AUTO], default=profiles.AUTO,
+                   help="the server family whose documented limits give the defaults of the four options below (and the change source "
+                        "watch follows): auto detects Google, Azure, AWS HealthImaging and dcm4chee-arc from the URL, else generic "
+                        "(README: Server profiles) (default: %(default)s)")
+    g.add_argument("--page-size", type=_positive, default=_Default(profiles.GENERIC_PAGE_SIZE), metavar="N",
+                   help="studies asked for per listing request (default: %(default)s, or the server profile's; never above its largest limit)")
+    g.add_argument("--max-offset", type=_positive, default=_Default(profiles.GENERIC_MAX_OFFSET), metavar="N",
+                   help="largest offset the server accepts; a window with more results is split (default: %(default)s, or the server profile's)")
+    g.add_argument("--max-results", type=_positive, metavar="N", help="the server's cap on results per query, if known (e.g. Orthanc's "
+                   "LimitFindResults; the aws-healthimaging profile's 10000); found by itself otherwise")
+    g.add_argument("--instance-page-size", type=_positive, default=_Default(profiles.GENERIC_INSTANCE_PAGE_SIZE), metavar="N",
+                   help="instances asked for per request (default: %(default)s, or the server profile's; never above its largest limit)")
 
 
 _MANY = ("Sources named in a TOML file (sources.toml, see README \"Many sources, one file\"), each with its URL and its options; "
@@ -567,14 +583,17 @@ def _shared(args: argparse.Namespace) -> dict[str, Any]:
     (_add_connection's options), the listing, and the FHIR server's credentials."""
     if args.url is None:
         raise ConfigError("give the DICOMweb server's URL (or, for sync and watch, --config FILE)", setting="url")
+    paging = _paging(args)
     return {
         "url": check_base_url(args.url),
         "since": args.since,
         "until": args.until,
         "workers": args.workers,
-        "page_size": args.page_size,
-        "max_offset": args.max_offset,
-        "max_results": args.max_results,
+        "page_size": paging.page_size,
+        "max_offset": paging.max_offset,
+        "max_results": paging.max_results,
+        "server_profile": paging.profile.name,
+        "server_profile_how": paging.how,
         "zone": zone(args.timezone),
         "fhir_url": args.fhir_url,
         "fhir_user": args.fhir_user,
@@ -591,6 +610,22 @@ def _shared(args: argparse.Namespace) -> dict[str, Any]:
         "retries": args.retries,
         "max_response_mb": args.max_response_mb,
     }
+
+
+def _paging(args: argparse.Namespace) -> profiles.Settings:
+    """The server profile (--server-profile, or detected from the URL) and the paging settings
+    made from it and the options given; worked out once per command."""
+    made = getattr(args, "_paging", None)
+    if made is None:
+        profile, how = profiles.choose(args.server_profile, args.url or "")
+        made = profiles.settings(profile, how, page_size=_given(args.page_size), instance_page_size=_given(args.instance_page_size),
+                                 max_offset=_given(args.max_offset), max_results=args.max_results)
+        if how == "detected":
+            log.info("server profile %s, detected from the URL (--server-profile to choose another)", profile.name)
+        for lowered in made.lowered:
+            log.warning("%s: the %s server profile's largest limit", lowered, profile.name)
+        args._paging = made
+    return made
 
 
 def _writing(args: argparse.Namespace) -> dict[str, Any]:
@@ -611,7 +646,8 @@ def _writing(args: argparse.Namespace) -> dict[str, Any]:
         "fhir_ids": args.fhir_ids,
         "orthanc_url": check_base_url(args.orthanc_url) if args.orthanc_url else None,
         "checkpoint_every": args.checkpoint_every,
-        "crawl": CrawlOptions(args.instance_page_size, MetadataMode(args.metadata), args.metadata_max_instances),
+        "crawl": CrawlOptions(_paging(args).instance_page_size, MetadataMode(args.metadata), args.metadata_max_instances,
+                              fallbacks=_paging(args).fallbacks),
         "fhir_version": args.fhir_version,
         "patients": args.patients,
         "validate": args.validate,
@@ -670,8 +706,11 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
     from .watch import WatchOptions, watch
 
+    if args.changes is None and args.url is not None:
+        args.changes = _paging(args).profile.changes
     if args.changes is None:
-        raise ConfigError("watch needs the change source to follow: --changes orthanc, azure or dcm4chee", setting="changes")
+        raise ConfigError("watch needs the change source to follow: --changes orthanc, azure or dcm4chee "
+                          "(or a --server-profile that has one)", setting="changes")
     config = SyncConfig(**_writing(args))
     options = WatchOptions(interval=args.interval, stable_after=args.stable_after, roll_every=args.roll_every,
                            reconcile_every=args.reconcile_every, metrics_port=args.metrics_port, roll_studies=args.roll_studies)
@@ -700,6 +739,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 def _summary(args: argparse.Namespace, summary: dict[str, Any]) -> dict[str, Any]:
     """A --json line; with --config it names its source."""
     name = getattr(args, "source_name", None)
+    paging = getattr(args, "_paging", None)
+    if paging is not None:
+        summary = {**summary, "server_profile": paging.summary()}
     return summary if name is None else {"source": name, **summary}
 
 
@@ -916,7 +958,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         report=args.report,
         state=args.state,
         include_phi=args.include_phi,
-        instance_page_size=args.instance_page_size,
+        instance_page_size=_paging(args).instance_page_size,
+        instances_by_series=_paging(args).profile.instance_level == "series",
     )
     progress = _progress(args, audit_line)
     try:
@@ -989,6 +1032,9 @@ OPTIONS = {
     "report": "--report",
     "include_phi": "--include-phi",
     "instance_page_size": "--instance-page-size",
+    "server_profile": "--server-profile",
+    "server_profile_how": "--server-profile",
+    "instances_by_series": "--server-profile",
 }
 """The option (or options) that set each setting of SyncConfig and AuditConfig: the library's
 ConfigError names a setting, the CLI's message names the option."""

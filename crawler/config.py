@@ -126,6 +126,10 @@ class SyncConfig(Connection):
     """With ``dask``: the address of a running scheduler; None starts a local cluster of
     ``workers`` processes with ``worker_threads`` threads each."""
     worker_threads: int = 4
+    server_profile: str = "generic"
+    """The server profile whose defaults the settings were made from (see profiles), for the
+    summary and the state; ``server_profile_how``: given, detected (from the URL) or default."""
+    server_profile_how: str = "default"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,6 +180,10 @@ class AuditConfig(Connection):
     max_results: int | None = None
     instance_page_size: int = 1000
     zone: tzinfo | None = None
+    instances_by_series: bool = False
+    """Ask instances series by series (a server whose instance searches need a series)."""
+    server_profile: str = "generic"
+    server_profile_how: str = "default"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -81,7 +81,8 @@ class SyncRun:
         self.remembered = {} if config.full else state.fallbacks(source)
         """Fallbacks earlier runs learned for the source (a --full run asks the server again)."""
         if self.remembered:
-            config = replace(config, crawl=replace(config.crawl, fallbacks=tuple(sorted(self.remembered.items()))))
+            starting = {**dict(config.crawl.fallbacks), **self.remembered}
+            config = replace(config, crawl=replace(config.crawl, fallbacks=tuple(sorted(starting.items()))))
         self.config = config
         self.client = client
         self.state = state

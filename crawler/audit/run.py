@@ -119,17 +119,20 @@ class AuditResult:
         }
 
 
-def read_study(client: QidoClient, uid: str, page_size: int, instance_page_size: int) -> tuple[list[SeriesRow], list[InstanceRow]]:
-    """The rows of one study's series and instances (runs in a worker thread). ValueError when a
-    UID is not safe in a request path (see uids.path_uid): nothing is asked with it."""
+def read_study(client: QidoClient, uid: str, page_size: int, instance_page_size: int,
+               by_series: bool = False) -> tuple[list[SeriesRow], list[InstanceRow]]:
+    """The rows of one study's series and instances (runs in a worker thread); with ``by_series``
+    the instances are asked series by series (a server whose instance searches need a series).
+    ValueError when a UID is not safe in a request path (see uids.path_uid): nothing is asked with it."""
     path = f"studies/{path_uid(uid)}"
     series: list[SeriesRow] = []
     for page in client.iter_pages("series", f"{path}/series", includefields(SERIES_KEYS), page_size):
         series.extend(series_rows(page.items))
     instances: list[InstanceRow] = []
-    for page in client.iter_pages("instances", f"{path}/instances", includefields(INSTANCE_KEYS), instance_page_size):
-        instances.extend(instance_rows(page.items))
-    if any(row.series_uid is None for row in instances):
+    if not by_series:
+        for page in client.iter_pages("instances", f"{path}/instances", includefields(INSTANCE_KEYS), instance_page_size):
+            instances.extend(instance_rows(page.items))
+    if by_series or any(row.series_uid is None for row in instances):
         instances = []
         for row in series:
             if row.uid is None:
@@ -142,7 +145,7 @@ def read_study(client: QidoClient, uid: str, page_size: int, instance_page_size:
 
 def _read(client: QidoClient, uid: str, config: AuditConfig) -> tuple[str, tuple[list[SeriesRow], list[InstanceRow]] | None, str | None]:
     try:
-        return uid, read_study(client, uid, config.page_size, config.instance_page_size), None
+        return uid, read_study(client, uid, config.page_size, config.instance_page_size, config.instances_by_series), None
     except SourceUnreachable as exc:
         return uid, None, f"study {uid}: {exc}"
     except QidoError as exc:
