@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, TextIO, TypeVar
 import orjson
 
 from . import __version__, leanjson, profiles
+from .auth import FHIR_KINDS, SOURCE_KINDS
+from .auth.settings import OAUTH_KEYS
 from .config import DEFAULT_STATE, AuditConfig, SyncConfig, zone
 from .errors import ConfigError, CrawlerError, MappingError, SinkError, SourceUnreachable, StateError
 from .mapping import MappingOptions, StudyInput, map_study
@@ -330,6 +332,20 @@ def _add_fhir_credentials(g: _Group) -> None:
     g.add_argument("--fhir-user", default=os.environ.get("QIDO_CRAWLER_FHIR_USER"), help="basic auth user for the FHIR server (env QIDO_CRAWLER_FHIR_USER)")
     g.add_argument("--fhir-password", default=os.environ.get("QIDO_CRAWLER_FHIR_PASSWORD"), help="basic auth password for the FHIR server (env QIDO_CRAWLER_FHIR_PASSWORD)")
     g.add_argument("--fhir-token", default=os.environ.get("QIDO_CRAWLER_FHIR_TOKEN"), help="bearer token for the FHIR server (env QIDO_CRAWLER_FHIR_TOKEN)")
+    g.add_argument("--fhir-auth", choices=FHIR_KINDS, help="the FHIR server's kind of credentials (README: Authentication) (default: inferred from the options given)")
+    _add_oauth(g, "--fhir-oauth-", "the FHIR server's ", "; smart: from the server's .well-known/smart-configuration")
+
+
+def _add_oauth(g: _Group, prefix: str, whose: str, token_url: str = "") -> None:
+    """OAuth2 client credentials (and for the FHIR server SMART Backend Services): no secret on the command line."""
+    g.add_argument(f"{prefix}token-url", metavar="URL", help=f"{whose}OAuth2 token endpoint{token_url}")
+    g.add_argument(f"{prefix}client-id", metavar="ID", help=f"{whose}OAuth2 client id")
+    g.add_argument(f"{prefix}client-secret-env", metavar="NAME", help="the environment variable that holds the client secret")
+    g.add_argument(f"{prefix}client-secret-file", metavar="PATH", help="a file that holds the client secret (one line)")
+    g.add_argument(f"{prefix}private-key", metavar="PATH", help="a PEM private key (RSA: RS384, EC P-384: ES384) to sign a JWT client assertion instead of a secret")
+    g.add_argument(f"{prefix}key-id", metavar="KID", help="the key id (kid) of the private key, as registered with the token endpoint")
+    g.add_argument(f"{prefix}scope", metavar="SCOPE", help="the scope to ask for (space-separated)"
+                   + ("; smart default: system/<Type>.cruds for each type written (the audit: system/ImagingStudy.rs)" if "fhir" in prefix else ""))
 
 
 def _add_connection(g: _Group) -> None:
@@ -338,6 +354,8 @@ def _add_connection(g: _Group) -> None:
     g.add_argument("--password", default=os.environ.get("QIDO_CRAWLER_PASSWORD"), help="HTTP basic auth password (env QIDO_CRAWLER_PASSWORD)")
     g.add_argument("--token", default=os.environ.get("QIDO_CRAWLER_TOKEN"), help="bearer token (env QIDO_CRAWLER_TOKEN)")
     g.add_argument("--token-command", default=os.environ.get("QIDO_CRAWLER_TOKEN_COMMAND"), metavar="CMD", help="command that prints a bearer token; run again after a 401 (env QIDO_CRAWLER_TOKEN_COMMAND)")
+    g.add_argument("--auth", choices=SOURCE_KINDS, help="the DICOMweb server's kind of credentials (README: Authentication) (default: inferred from the options given)")
+    _add_oauth(g, "--oauth-", "")
     g.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header on every request (repeatable)")
     g.add_argument("--ca-bundle", default=os.environ.get("QIDO_CRAWLER_CA_BUNDLE"), metavar="PATH", help="CA certificates to verify TLS with (env QIDO_CRAWLER_CA_BUNDLE)")
     g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (warns)")
@@ -603,6 +621,10 @@ def _shared(args: argparse.Namespace) -> dict[str, Any]:
         "password": args.password,
         "token": args.token,
         "token_command": args.token_command,
+        "auth": args.auth,
+        "auth_options": _oauth_options(args, "oauth_"),
+        "fhir_auth": args.fhir_auth,
+        "fhir_auth_options": _oauth_options(args, "fhir_oauth_"),
         "headers": headers(args.header),
         "max_rps": args.max_rps,
         "verify": verification(args),
@@ -626,6 +648,11 @@ def _paging(args: argparse.Namespace) -> profiles.Settings:
             log.warning("%s: the %s server profile's largest limit", lowered, profile.name)
         args._paging = made
     return made
+
+
+def _oauth_options(args: argparse.Namespace, prefix: str) -> dict[str, str]:
+    """The --oauth-* (or --fhir-oauth-*) options given, by key (``crawler.auth.settings.OAUTH_KEYS``)."""
+    return {key: value for key in OAUTH_KEYS if (value := getattr(args, prefix + key, None)) is not None}
 
 
 def _writing(args: argparse.Namespace) -> dict[str, Any]:
@@ -1014,6 +1041,11 @@ OPTIONS = {
     "fhir_password": "--fhir-user/--fhir-password",
     "fhir_token": "--fhir-token",
     "fhir_ids": "--fhir-ids",
+    "auth": "--auth",
+    "fhir_auth": "--fhir-auth",
+    **{f"{prefix}oauth_{key}": f"--{prefix.replace('_', '-')}oauth-{key.replace('_', '-')}" for prefix in ("", "fhir_") for key in OAUTH_KEYS},
+    "auth_options": "/".join(f"--oauth-{key.replace('_', '-')}" for key in OAUTH_KEYS),
+    "fhir_auth_options": "/".join(f"--fhir-oauth-{key.replace('_', '-')}" for key in OAUTH_KEYS),
     "log_server_text": "--log-server-text",
     "page_size": "--page-size",
     "max_offset": "--max-offset",

@@ -13,8 +13,10 @@ from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from datetime import tzinfo
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .auth import check_kind
 from .crawl import CrawlOptions
 from .errors import ConfigError
 from .http import RetryPolicy, check_header_value
@@ -48,10 +50,16 @@ class Connection:
     retry: RetryPolicy = RetryPolicy()
     verify: bool | str = True
     """Verify TLS certificates (True), not (False), or against this CA bundle file."""
+    auth: str | None = None
+    """The kind of credentials (``crawler.auth.SOURCE_KINDS``); None: inferred from those given."""
+    auth_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """The settings of the kinds that need more than a user, password or token (``--oauth-<key>``:
+    ``token_url``, ``client_id``, ``client_secret_env``, ...); names of secrets, never secrets."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url:
             raise ConfigError("the DICOMweb base URL is missing", setting="url")
+        check_kind(self.auth)
         if (self.user is None) != (self.password is None):
             raise ConfigError("the user and password go together", setting="user")
         if (self.token or self.token_command) and self.user:
@@ -101,6 +109,8 @@ class SyncConfig(Connection):
     fhir_user: str | None = None
     fhir_password: str | None = field(default=None, repr=False)
     fhir_token: str | None = field(default=None, repr=False)
+    fhir_auth: str | None = None
+    fhir_auth_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     fhir_ids: str = "ours"
     """``ours``: PUT [type]/[id] with the crawler's ids (the server must allow update as create);
     ``server``: conditional updates by identifier, the server's ids kept in the state."""
@@ -145,6 +155,7 @@ class SyncConfig(Connection):
         if self.max_results is not None and (not isinstance(self.max_results, int) or self.max_results < 1):
             raise ConfigError(f"the server's cap on results must be at least 1, not {self.max_results!r}", setting="max_results")
         _check_fhir_auth(self.fhir_user, self.fhir_password, self.fhir_token)
+        check_kind(self.fhir_auth, fhir=True)
         if self.fhir_ids not in ("ours", "server"):
             raise ConfigError(f"the FHIR ids must be ours or server, not {self.fhir_ids!r}", setting="fhir_ids")
         if self.parquet is not None and self.parquet.exists() and not self.parquet.is_dir():
@@ -171,6 +182,8 @@ class AuditConfig(Connection):
     fhir_user: str | None = None
     fhir_password: str | None = field(default=None, repr=False)
     fhir_token: str | None = field(default=None, repr=False)
+    fhir_auth: str | None = None
+    fhir_auth_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     since: str | None = None
     until: str | None = None
     include_phi: bool = False
@@ -190,6 +203,7 @@ class AuditConfig(Connection):
         if self.since and self.until and self.since > self.until:
             raise ConfigError(f"the window starts ({self.since}) after it ends ({self.until})", setting="since")
         _check_fhir_auth(self.fhir_user, self.fhir_password, self.fhir_token)
+        check_kind(self.fhir_auth, fhir=True)
         for name in ("page_size", "workers", "instance_page_size", "max_offset"):
             _check_count(self, name, 1)
 

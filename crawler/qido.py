@@ -24,7 +24,9 @@ import orjson
 import requests
 import urllib3
 
-from . import dicomjson, http, leanjson
+from . import auth as credentials_kinds, dicomjson, http, leanjson
+from .auth import Credentials, SessionAuth, Static
+from .auth.plain import TokenCommand
 from .errors import FatalQidoError, QidoError, RetriableQidoError, SourceUnreachable
 from .http import (
     ACCEPT_ENCODING,
@@ -51,7 +53,6 @@ from .http import (
     resolve_origin,
     retriable_error,
     server_wait,
-    token_from_command,
     total_deadline,
     urllib3_timeout,
 )
@@ -102,7 +103,11 @@ class QidoClient:
         headers: Mapping[str, str] | None = None,
         max_rps: float | None = None,
         max_body: int | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
+        """``credentials`` give every request its auth headers (``crawler.auth``); ``token`` (a
+        bearer token) and ``token_provider`` (a token command, run again after a 401) are kinds of
+        them. ``auth`` (user, password) is requests' own basic auth, as in the URL or .netrc."""
         self.base_url = check_base_url(base_url)
         self.max_body = http.MAX_BODY if max_body is None else max_body
         self._closed = threading.Event()
@@ -115,12 +120,12 @@ class QidoClient:
             self.session.auth = auth
         for name, value in (headers or {}).items():
             self.session.headers[name] = check_header_value(f"the {name} header", value)
-        self._token_provider = token_provider
-        self._token_lock = threading.Lock()
-        if token_provider and not token:
-            token = token_provider()
-        if token:
-            self.session.headers["Authorization"] = _bearer(token)
+        if credentials is None and token_provider is not None:
+            credentials = TokenCommand(token_provider, token)
+        elif credentials is None and token:
+            credentials = Static({"Authorization": _bearer(token)})
+        self.credentials = credentials
+        self._session_auth = SessionAuth(credentials) if credentials is not None else None
         self.session.headers["Accept"] = "application/dicom+json"
         self.session.headers["Accept-Encoding"] = ACCEPT_ENCODING
         self._rate = RateLimit(max_rps) if max_rps else None
@@ -181,13 +186,9 @@ class QidoClient:
             raise
 
     def _refresh_token(self, used: str | None) -> bool:
-        """Run the token command again after a 401, once for all threads that saw the same token."""
-        if self._token_provider is None:
-            return False
-        with self._token_lock:
-            if self.session.headers.get("Authorization") == used:
-                self.session.headers["Authorization"] = _bearer(self._token_provider())
-        return True
+        """After a 401: new credentials (a token fetched or printed again), once for all threads
+        that sent the same; True when asking again may help."""
+        return self.credentials is not None and self.credentials.refresh(credentials_kinds.used(used))
 
     def _get_once(self, kind: str, url: str, keep: leanjson.Selection | None = None) -> Page:
         if self._closed.is_set():
@@ -258,6 +259,8 @@ class QidoClient:
             headers["Accept"] = accept
         if origin.authorization:
             headers["Authorization"] = origin.authorization
+        if self.credentials is not None:
+            headers.update(self.credentials.headers("GET", url))
         if None in headers.values():
             headers = requests.structures.CaseInsensitiveDict((k, v) for k, v in headers.items() if v is not None)
         response, body = origin.adapter.get(origin, url[len(origin.prefix):], headers, timeout, limit=self.max_body, deadline=deadline)
@@ -269,7 +272,7 @@ class QidoClient:
         verify = None if self.session.verify is True else self.session.verify
         headers = {"Accept": accept} if accept else None
         # requests takes urllib3's Timeout as it is (HTTPAdapter.send), though its stubs say otherwise
-        response = self.session.get(url, timeout=timeout, verify=verify, stream=True, allow_redirects=False, headers=headers)  # type: ignore[arg-type]
+        response = self.session.get(url, timeout=timeout, verify=verify, stream=True, allow_redirects=False, headers=headers, auth=self._session_auth)  # type: ignore[arg-type]
         body = read_answer(response.raw, self.max_body, deadline, self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout)
         answer = Answer(response.status_code, response.headers, body, header_text(response.request.headers.get("Authorization")))
         return answer, redirect_location(response.status_code, response.headers)
@@ -383,18 +386,19 @@ def _refusal_cause(answer: Answer) -> str | None:
 def client_from(settings: Any) -> QidoClient:
     """A client from a ``config.Connection`` (a SyncConfig, an AuditConfig), whose ``retry``
     carries the attempts its ``retries`` give, and ``workers`` (the pool's size) when it has them."""
+    credentials = credentials_kinds.for_source(settings)
+    if credentials is not None:
+        credentials.headers("GET", settings.url)   # a token fetched now: refused credentials stop the run before it starts
     return QidoClient(
         settings.url,
-        auth=(settings.user, settings.password) if settings.user is not None and settings.password is not None else None,
-        token=settings.token,
         timeout=settings.timeout,
         retry=settings.retry,
         pool_size=getattr(settings, "workers", 1) + 1,
         verify=settings.verify,
-        token_provider=token_from_command(settings.token_command) if settings.token_command else None,
         headers=settings.headers,
         max_rps=settings.max_rps,
         max_body=_max_body(getattr(settings, "max_response_mb", None)),
+        credentials=credentials,
     )
 
 

@@ -31,7 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SECRETS = {"password", "token", "fhir-password", "fhir-token"}
+SECRETS = {"password", "token", "fhir-password", "fhir-token", "oauth-client-secret", "fhir-oauth-client-secret"}
 FROM_ENVIRONMENT = {
     "password-env": ("password", "QIDO_CRAWLER_PASSWORD"),
     "token-env": ("token", "QIDO_CRAWLER_TOKEN"),

@@ -127,8 +127,11 @@ def sync(config: SyncConfig, progress: Callable[[RunProgress], None] | None = No
 
 def fhir_server(config: SyncConfig, url: str) -> Sink:
     """The FHIR server sink at ``url`` (``config.fhir_url``), its capabilities checked."""
+    from .auth import for_fhir
+    from .auth.smart import write_scope
     from .sinks.fhir import FhirServer
 
+    written = ("Endpoint", "ImagingStudy", *(("Patient",) if config.patients else ()))
     fhir = FhirServer(
         url,
         fhir_version=config.fhir_version,
@@ -140,8 +143,9 @@ def fhir_server(config: SyncConfig, url: str) -> Sink:
         verify=config.verify,
         server_text=config.log_server_text,
         max_answer=config.max_response_mb * 2**20,
-        written_types=("Endpoint", "ImagingStudy", *(("Patient",) if config.patients else ())),
+        written_types=written,
         ids=config.fhir_ids,
+        credentials=for_fhir(config, write_scope(written)),
     )
     fhir.check()
     return fhir

@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 import orjson
 import requests
 
+from ..auth import Credentials, SessionAuth, Static, used
+from ..auth.plain import basic_header
 from ..errors import SinkError
 from ..http import (
     MAX_REDIRECTS,
@@ -117,6 +119,7 @@ class FhirReader:
         sleep: Callable[[float], None] = time.sleep,
         session: requests.Session | None = None,
         max_answer: int = MAX_ANSWER,
+        credentials: Credentials | None = None,
     ) -> None:
         self.base_url = check_base_url(base_url)
         self.session = session or requests.Session()
@@ -124,10 +127,13 @@ class FhirReader:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.verify = verify
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
-        elif auth:
-            self.session.auth = auth
+        if credentials is None and token:
+            credentials = Static({"Authorization": f"Bearer {token}"})
+        elif credentials is None and auth:
+            credentials = Static({"Authorization": basic_header(*auth)})
+        self.credentials = credentials
+        if credentials is not None:
+            self.session.auth = SessionAuth(credentials)
         self.session.headers["Accept"] = "application/fhir+json"
         self.timeout = timeout
         self.deadline = total_deadline(timeout)
@@ -168,15 +174,23 @@ class FhirReader:
         target = url
         with WATCHDOG.deadline(deadline) as watched:
             try:
-                for _ in range(MAX_REDIRECTS + 1):
-                    response = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
-                    location = redirect_location(response.status_code, response.headers)
-                    if location is None:
+                for attempt in range(2):   # a 401: the credentials refreshed (a new token), then once more
+                    for _ in range(MAX_REDIRECTS + 1):
+                        response = self.session.get(target, timeout=self.timeout, stream=True, allow_redirects=False)
+                        location = redirect_location(response.status_code, response.headers)
+                        if location is None:
+                            break
+                        response.close()
+                        target = follow_redirect(target, location)
+                    else:
+                        raise SinkError(f"FHIR server {redact(self.base_url)} redirected GET more than {MAX_REDIRECTS} times")
+                    if attempt or response.status_code != 401 or self.credentials is None:
+                        break
+                    sent = response.request.headers.get("Authorization") if response.request is not None else None
+                    if not self.credentials.refresh(used(sent.decode("latin-1") if isinstance(sent, bytes) else sent)):
                         break
                     response.close()
-                    target = follow_redirect(target, location)
-                else:
-                    raise SinkError(f"FHIR server {redact(self.base_url)} redirected GET more than {MAX_REDIRECTS} times")
+                    target = url
                 body = read_answer(response.raw, self.max_answer, deadline, self.timeout[1])
             except RedirectRefused as exc:
                 raise SinkError(f"FHIR server {redact(self.base_url)}: {exc}") from None

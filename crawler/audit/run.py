@@ -32,6 +32,8 @@ from ..listing import ListingReport, check_listed, iter_studies, listing_failed
 from ..mapping.ids import normalise_base
 from ..planner import Window, plan
 from ..http import redact
+from ..auth import for_fhir
+from ..auth.smart import READ_SCOPE
 from ..qido import QidoClient, client_from
 from ..figures import EXIT_OK, EXIT_PARTIAL
 from ..worker import study_hash
@@ -181,6 +183,7 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
             timeout=config.timeout,
             retries=config.retries,
             retry=config.retry,
+            credentials=for_fhir(config, READ_SCOPE),
         )
     try:
         generated = datetime.now(timezone.utc).replace(microsecond=0)

@@ -72,6 +72,8 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import orjson
 import requests
 
+from ..auth import Credentials, SessionAuth, Static, used
+from ..auth.plain import basic_header
 from ..errors import ConfigError, SinkError
 from ..http import (
     RETRIABLE_STATUS,
@@ -175,6 +177,8 @@ class _Answer:
     headers: Any
     content: bytes | None
     """None when the body could not be read whole (too large, unknown encoding)."""
+    authorization: str | None = None
+    """The Authorization header the request carried (to tell a stale token after a 401)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,7 @@ class FhirServer:
         server_text: bool = False,
         written_types: Sequence[str] = WRITTEN_TYPES,
         ids: str = "ours",
+        credentials: Credentials | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.query or parts.fragment:
@@ -269,10 +274,13 @@ class FhirServer:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.verify = verify
-        if token:   # a bearer token wins over user and password (both would set Authorization)
-            self.session.headers["Authorization"] = f"Bearer {token}"
-        elif auth:
-            self.session.auth = auth
+        if credentials is None and token:   # a bearer token wins over user and password (both would set Authorization)
+            credentials = Static({"Authorization": f"Bearer {token}"})
+        elif credentials is None and auth:
+            credentials = Static({"Authorization": basic_header(*auth)})
+        self.credentials = credentials
+        if credentials is not None:
+            self.session.auth = SessionAuth(credentials)
         self.session.headers["Accept"] = FHIR_JSON
         # figures
         self.requests = 0
@@ -758,21 +766,25 @@ class FhirServer:
         # the watchdog shuts the socket at the deadline wherever the request waits: a server
         # sending its status line or headers a byte at a time is cut too (read timeouts are not)
         with WATCHDOG.deadline(started + self.deadline) as watched:
-            for _ in range(MAX_REDIRECTS + 1):
-                try:
-                    answer = self._exchange(method, target, body, started)
-                except Retriable:
+            for attempt in range(2):   # a 401: the credentials refreshed (a new token), then once more
+                for _ in range(MAX_REDIRECTS + 1):
+                    try:
+                        answer = self._exchange(method, target, body, started)
+                    except Retriable:
+                        if watched.fired:
+                            raise Retriable(f"the answer was not complete within {self.deadline:g} s") from None
+                        raise
                     if watched.fired:
-                        raise Retriable(f"the answer was not complete within {self.deadline:g} s") from None
-                    raise
-                if watched.fired:
-                    raise Retriable(f"the answer was not complete within {self.deadline:g} s")
-                location = answer.headers.get("Location")
-                if answer.status not in REDIRECTS or not location:
+                        raise Retriable(f"the answer was not complete within {self.deadline:g} s")
+                    location = answer.headers.get("Location")
+                    if answer.status not in REDIRECTS or not location:
+                        break
+                    target = self._follow(method, target, location, answer.status)
+                else:
+                    raise SinkError(f"FHIR server {self.base_url} redirected {method} more than {MAX_REDIRECTS} times")
+                if attempt or answer.status != 401 or self.credentials is None or not self.credentials.refresh(used(answer.authorization)):
                     break
-                target = self._follow(method, target, location, answer.status)
-            else:
-                raise SinkError(f"FHIR server {self.base_url} redirected {method} more than {MAX_REDIRECTS} times")
+                target = url
         status = answer.status
         if status in (401, 403):
             raise SinkError(
@@ -809,13 +821,15 @@ class FhirServer:
                 method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False, stream=True, verify=verify
             )
             try:
+                sent = response.request.headers.get("Authorization") if response.request is not None else None
+                authorization = sent.decode("latin-1") if isinstance(sent, bytes) else sent
                 if response.status_code in REDIRECTS:
-                    return _Answer(response.status_code, response.headers, b"")
+                    return _Answer(response.status_code, response.headers, b"", authorization)
                 try:
                     content: bytes | None = self._read(response, started)
                 except _AnswerTooLarge:
                     content = None
-                return _Answer(response.status_code, response.headers, content)
+                return _Answer(response.status_code, response.headers, content, authorization)
             finally:
                 response.close()
         except requests.exceptions.SSLError as exc:
