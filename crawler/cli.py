@@ -356,6 +356,8 @@ def _add_connection(g: _Group) -> None:
     g.add_argument("--token-command", default=os.environ.get("QIDO_CRAWLER_TOKEN_COMMAND"), metavar="CMD", help="command that prints a bearer token; run again after a 401 (env QIDO_CRAWLER_TOKEN_COMMAND)")
     g.add_argument("--auth", choices=SOURCE_KINDS, help="the DICOMweb server's kind of credentials (README: Authentication) (default: inferred from the options given)")
     _add_oauth(g, "--oauth-", "")
+    g.add_argument("--aws-region", metavar="REGION", help="with --auth aws: the region to sign for (default: from the URL's host name, "
+                   "dicom-medical-imaging.REGION.amazonaws.com, else AWS_REGION)")
     g.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header on every request (repeatable)")
     g.add_argument("--ca-bundle", default=os.environ.get("QIDO_CRAWLER_CA_BUNDLE"), metavar="PATH", help="CA certificates to verify TLS with (env QIDO_CRAWLER_CA_BUNDLE)")
     g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (warns)")
@@ -622,7 +624,7 @@ def _shared(args: argparse.Namespace) -> dict[str, Any]:
         "token": args.token,
         "token_command": args.token_command,
         "auth": args.auth,
-        "auth_options": _oauth_options(args, "oauth_"),
+        "auth_options": {**_oauth_options(args, "oauth_"), **_aws_options(args)},
         "fhir_auth": args.fhir_auth,
         "fhir_auth_options": _oauth_options(args, "fhir_oauth_"),
         "headers": headers(args.header),
@@ -653,6 +655,16 @@ def _paging(args: argparse.Namespace) -> profiles.Settings:
 def _oauth_options(args: argparse.Namespace, prefix: str) -> dict[str, str]:
     """The --oauth-* (or --fhir-oauth-*) options given, by key (``crawler.auth.settings.OAUTH_KEYS``)."""
     return {key: value for key in OAUTH_KEYS if (value := getattr(args, prefix + key, None)) is not None}
+
+
+def _aws_options(args: argparse.Namespace) -> dict[str, str]:
+    """--aws-region, as the aws kind reads it (``region``); only with --auth aws."""
+    region = getattr(args, "aws_region", None)
+    if region is None:
+        return {}
+    if args.auth != "aws":
+        raise ConfigError("--aws-region goes with --auth aws", setting="aws_region")
+    return {"region": region}
 
 
 def _writing(args: argparse.Namespace) -> dict[str, Any]:
@@ -1042,6 +1054,7 @@ OPTIONS = {
     "fhir_token": "--fhir-token",
     "fhir_ids": "--fhir-ids",
     "auth": "--auth",
+    "aws_region": "--aws-region",
     "fhir_auth": "--fhir-auth",
     **{f"{prefix}oauth_{key}": f"--{prefix.replace('_', '-')}oauth-{key.replace('_', '-')}" for prefix in ("", "fhir_") for key in OAUTH_KEYS},
     "auth_options": "/".join(f"--oauth-{key.replace('_', '-')}" for key in OAUTH_KEYS),

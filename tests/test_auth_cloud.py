@@ -9,6 +9,7 @@ tokens they issue. AWS Signature V4 is checked by the QIDO simulator (fixtures/f
 from __future__ import annotations
 
 import datetime
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ from botocore.awsrequest import AWSRequest  # noqa: E402
 from botocore.credentials import Credentials as AwsKeys  # noqa: E402
 
 from crawler.auth import aws, azure, gcp  # noqa: E402
+from crawler.auth import azure as azure_kind  # noqa: E402
 from crawler.errors import ConfigError, SinkError, SourceUnreachable  # noqa: E402
 from fixtures.fakepacs import FakePacs  # noqa: E402
 
@@ -406,6 +408,150 @@ def test_a_refusal_from_aws_names_its_cause_in_the_error():
         page_of(Answer(403, HTTPHeaderDict(), b"<html>patient Doe</html>", None), url)
 
 
+# --- through the command line (--auth gcp|azure|aws) ------------------------------------------
+
+
+def run_cli(capsys, *args):
+    from crawler.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _aws_environment(monkeypatch, tmp_path, token: str | None = None) -> None:
+    """Keys in the environment, and nothing else of botocore's chain (no files, no instance role)."""
+    for name in ("AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                 "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    if token:
+        monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def _files_hold(folder, secret: str) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_sync_signed_with_aws_signature_v4_finds_every_study(tmp_path, capsys, monkeypatch):
+    _aws_environment(monkeypatch, tmp_path, token="session-token-1")
+    with FakePacs(n_studies=24, seed=3, sigv4=(KEY_ID, SECRET, REGION, "session-token-1")) as pacs:
+        code, out, err = run_cli(capsys, "sync", pacs.url, "--auth", "aws", "--aws-region", REGION, "--state", str(tmp_path / "s.db"),
+                                 "--out", str(tmp_path / "out"), "--json", "-vv")
+        statuses = pacs.statuses
+        kinds = pacs.counts()
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["studies_new"] == 24 and summary["studies_failed"] == 0
+    assert statuses[403] == 0 and statuses[200] >= 24 + 1
+    assert kinds["instances"] + kinds["metadata"] >= 24     # each study's own requests were signed too
+    for secret in (SECRET, "session-token-1"):
+        assert secret not in out and secret not in err
+        assert _files_hold(tmp_path, secret) == []
+
+
+@pytest.mark.parametrize(
+    ("region", "offset", "code_name", "cause"),
+    [("us-east-1", 0.0, "SignatureDoesNotMatch", "the region signed for"), (REGION, 20 * 60.0, "RequestTimeTooSkewed", "clock")],
+    ids=["wrong-region", "clock-20-minutes-off"],
+)
+def test_aws_refusal_is_exit_3_naming_the_cause_and_never_the_secret(tmp_path, capsys, monkeypatch, region, offset, code_name, cause):
+    _aws_environment(monkeypatch, tmp_path)
+    with FakePacs(n_studies=5, seed=3, sigv4=(KEY_ID, SECRET, REGION), sigv4_clock_offset=offset) as pacs:
+        code, out, err = run_cli(capsys, "sync", pacs.url, "--auth", "aws", "--aws-region", region, "--state", str(tmp_path / "s.db"),
+                                 "--out", str(tmp_path / "out"), "--json", "-vv", "--retries", "0")
+        assert pacs.statuses[403] >= 1 and pacs.statuses[200] == 0
+    assert code == 3, err
+    assert f"AWS {code_name}: " in err and cause in err
+    assert SECRET not in out + err and "calculated" not in err
+    assert _files_hold(tmp_path, SECRET) == []
+
+
+def test_aws_region_goes_with_auth_aws_only(tmp_path, capsys):
+    code, _out, err = run_cli(capsys, "sync", "http://127.0.0.1:9/dicom-web", "--aws-region", REGION, "--state", str(tmp_path / "s.db"),
+                              "--out", str(tmp_path / "out"))
+    assert code == 2 and "--aws-region goes with --auth aws" in err
+
+
+def test_aws_without_a_region_is_exit_2_naming_the_option(tmp_path, capsys, monkeypatch):
+    _aws_environment(monkeypatch, tmp_path)
+    code, _out, err = run_cli(capsys, "sync", "http://127.0.0.1:9/dicom-web", "--auth", "aws", "--state", str(tmp_path / "s.db"),
+                              "--out", str(tmp_path / "out"))
+    assert code == 2 and "--aws-region" in err
+
+
+def test_sync_with_google_application_default_credentials(tmp_path, capsys, monkeypatch):
+    issuer = GoogleIssuer()
+    asked = []
+
+    def default(scopes=None, **kwargs):
+        asked.append(scopes)
+        return _google(None, 0, issuer), "project-x"
+
+    monkeypatch.setattr(google.auth, "default", default)
+    with FakePacs(n_studies=12, seed=4, token="gcp-token-1") as pacs:
+        code, out, err = run_cli(capsys, "sync", pacs.url, "--auth", "gcp", "--state", str(tmp_path / "s.db"), "--out", str(tmp_path / "out"),
+                                 "--json", "-vv")
+        assert pacs.statuses[401] == 0
+    assert code == 0, err
+    assert json.loads(out)["studies_new"] == 12
+    assert issuer.issued == 1 and asked == [[gcp.SCOPE]]
+    assert "gcp-token-1" not in out + err and _files_hold(tmp_path, "gcp-token-1") == []
+
+
+def test_sync_with_the_default_azure_credential(tmp_path, capsys, monkeypatch):
+    import azure.identity
+
+    issuer = AzureIssuer(time.time() + 3600)
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", lambda: issuer)
+    with FakePacs(n_studies=12, seed=4, token="az-token-1") as pacs:
+        code, out, err = run_cli(capsys, "sync", pacs.url, "--auth", "azure", "--state", str(tmp_path / "s.db"), "--out", str(tmp_path / "out"),
+                                 "--json", "-vv")
+        assert pacs.statuses[401] == 0
+    assert code == 0, err
+    assert json.loads(out)["studies_new"] == 12
+    assert issuer.scopes == [(azure_kind.DICOM_SCOPE,)]
+    assert "az-token-1" not in out + err and _files_hold(tmp_path, "az-token-1") == []
+
+
+def test_no_azure_identity_is_exit_2_before_the_pacs_is_asked(tmp_path, capsys, monkeypatch):
+    import azure.identity
+
+    class Nobody:
+        def get_token(self, *scopes, **kwargs):
+            raise CredentialUnavailableError("EnvironmentCredential: environment variables are not fully configured")
+
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", Nobody)
+    with FakePacs(n_studies=2, seed=4, token="az-token-1") as pacs:
+        code, _out, err = run_cli(capsys, "sync", pacs.url, "--auth", "azure", "--state", str(tmp_path / "s.db"), "--out", str(tmp_path / "out"))
+        assert pacs.requests == []
+    assert code == 2 and "no Azure identity available" in err
+
+
+def test_both_ways_the_client_sends_carry_a_signature_aws_accepts():
+    """The lean urllib3 path and requests' own (taken when the server has set a cookie) send the
+    Host and the query that were signed; a UID list and a wildcard need SigV4's encoding."""
+    from crawler.http import RetryPolicy
+    from crawler.qido import QidoClient
+
+    with FakePacs(n_studies=7, sigv4=(KEY_ID, SECRET, REGION)) as pacs:
+        signer = aws.AwsSigV4(url=pacs.url, region=REGION, credentials=AwsKeys(KEY_ID, SECRET))
+        client = QidoClient(pacs.url, credentials=signer, retry=RetryPolicy(attempts=1))
+        uids = [("StudyInstanceUID", f"{pacs.study_uid(0)},{pacs.study_uid(1)}")]
+        wildcard = [("PatientID", pacs.patient_id(0)[:-1] + "*"), ("limit", 3)]
+        assert len(client.get("studies", "studies", uids).items) == 2
+        assert len(client.get("studies", "studies", wildcard).items) >= 1
+        client.session.cookies.set("route", "a")
+        assert len(client.get("studies", "studies", uids).items) == 2
+        assert len(client.get("studies", "studies", wildcard).items) >= 1
+        assert pacs.statuses[403] == 0 and pacs.statuses[200] == 4
+        client.close()
+
+
 def test_signing_logs_no_session_token_even_with_every_logger_at_debug(caplog):
     """botocore's signer logs the canonical request at DEBUG, the session token's value in it; a
     program that logs everything (logging.basicConfig(level=DEBUG)) must not get it."""
@@ -417,3 +563,22 @@ def test_signing_logs_no_session_token_even_with_every_logger_at_debug(caplog):
     assert headers["X-Amz-Security-Token"] == "session-token-1"
     assert "session-token-1" not in caplog.text and SECRET not in caplog.text
     assert headers["Authorization"].rpartition("=")[2] not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("make", "modules", "extra"),
+    [
+        (lambda: gcp.GcpCredentials(FHIR), ("google.auth", "google"), "gcp"),
+        (lambda: azure.AzureCredentials(), ("azure.identity",), "azure"),
+        (lambda: aws.AwsSigV4(url="https://dicom-medical-imaging.eu-west-1.amazonaws.com/x"), ("botocore", "botocore.auth"), "aws"),
+    ],
+    ids=["gcp", "azure", "aws"],
+)
+def test_a_kind_without_its_extra_is_a_usage_error_naming_the_extra(monkeypatch, make, modules, extra):
+    import sys
+
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ConfigError, match=rf"needs the {extra} extra: pip install 'qido-crawler\[{extra}\]'") as caught:
+        make()
+    assert caught.value.setting == ("fhir_auth" if extra == "gcp" else "auth")
