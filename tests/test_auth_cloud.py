@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -582,3 +583,29 @@ def test_a_kind_without_its_extra_is_a_usage_error_naming_the_extra(monkeypatch,
     with pytest.raises(ConfigError, match=rf"needs the {extra} extra: pip install 'qido-crawler\[{extra}\]'") as caught:
         make()
     assert caught.value.setting == ("fhir_auth" if extra == "gcp" else "auth")
+
+
+@pytest.mark.parametrize("kind", ["gcp", "azure"])
+def test_the_fhir_server_takes_its_own_cloud_credentials(tmp_path, capsys, monkeypatch, kind):
+    """--fhir-auth gcp|azure beside a source with no credentials: the FHIR server's token is the
+    kind's (Azure: scope from the FHIR server's origin), the PACS is asked with none."""
+    import azure.identity
+
+    from fixtures.fakefhir import FakeFhir
+
+    google_issuer, azure_issuer = GoogleIssuer(), AzureIssuer(time.time() + 3600)
+    monkeypatch.setattr(google.auth, "default", lambda scopes=None, **kwargs: (_google(None, 0, google_issuer), "project-x"))
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", lambda: azure_issuer)
+    token = {"gcp": "gcp-token-1", "azure": "az-token-1"}[kind]
+    with FakeFhir(token=token) as fhir, FakePacs(n_studies=5, seed=8) as pacs:
+        code, out, err = run_cli(capsys, "sync", pacs.url, "--state", str(tmp_path / "s.db"), "--fhir-url", fhir.url, "--fhir-auth", kind,
+                                 "--json", "-vv")
+        assert code == 0, err
+        assert len([k for k in fhir.resources if k[0] == "ImagingStudy"]) == 5
+    assert json.loads(out)["studies_new"] == 5
+    if kind == "azure":
+        host = urlsplit(fhir.url).netloc
+        assert azure_issuer.scopes == [(f"http://{host}/.default",)]
+    else:
+        assert google_issuer.issued == 1
+    assert token not in out + err and _files_hold(tmp_path, token) == []
