@@ -210,11 +210,46 @@ def test_a_merge_that_loses_to_another_writers_commit_is_done_again(tmp_path, mo
 
     monkeypatch.setattr(DeltaTable, "merge", merge_after_another_writer)
     second = DeltaTables(uri, "http://a/dicom-web", 2)
-    second.add("1.2.5", [("ImagingStudy", "c", study("1.2.5"))])
+    second.add("1.2.3", [("ImagingStudy", "a", study("1.2.3"))])   # held already: merged
     second.flush()
     assert lost
-    assert [(r["source"], r["study_uid"]) for r in delta_rows(con, tmp_path / "delta", "studies")] == [
-        ("http://a/dicom-web", "1.2.3"), ("http://a/dicom-web", "1.2.5"), ("http://b/dicom-web", "1.2.4")]
+    assert [(r["source"], r["study_uid"], r["run_id"]) for r in delta_rows(con, tmp_path / "delta", "studies", drop=())] == [
+        ("http://a/dicom-web", "1.2.3", 2), ("http://b/dicom-web", "1.2.4", 1)]
+
+
+def test_new_studies_are_appended_without_a_merge_and_one_the_table_holds_is_merged_not_doubled(tmp_path, monkeypatch):
+    """A first sync reads nothing back (no merge); a study that a killed run appended but the
+    state never recorded comes again in the next run: the table holds it, so it is merged."""
+    from deltalake import DeltaTable
+
+    con = duckdb.connect()
+    uri = str(tmp_path / "delta")
+    merges = []
+    real_merge = DeltaTable.merge
+
+    def counted(self, *args, **kwargs):
+        merges.append(self.table_uri)
+        return real_merge(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "merge", counted)
+    first = DeltaTables(uri, "http://a/dicom-web", 1)
+    for uid in ("1.2.3", "1.2.4"):
+        first.add(uid, [("ImagingStudy", uid, study(uid))])
+    first.flush()
+    assert merges == []
+    first.add("1.2.5", [("ImagingStudy", "1.2.5", study("1.2.5"))])
+    first.add("1.2.3", [("ImagingStudy", "1.2.3", study("1.2.3"))])   # written again in the run (a watch does)
+    first.flush()
+    assert len(merges) == 3   # one per table, for 1.2.3 only
+    again = DeltaTables(uri, "http://a/dicom-web", 2)
+    again.add("1.2.4", [("ImagingStudy", "1.2.4", study("1.2.4"))])
+    again.add("1.2.6", [("ImagingStudy", "1.2.6", study("1.2.6"))])
+    again.flush()
+    assert len(merges) == 6   # one per table, for 1.2.4 only
+    rows = delta_rows(con, tmp_path / "delta", "studies", drop=())
+    assert [(r["study_uid"], r["run_id"]) for r in rows] == [("1.2.3", 1), ("1.2.4", 2), ("1.2.5", 1), ("1.2.6", 2)]
+    series = delta_rows(con, tmp_path / "delta", "series")
+    assert len(series) == len({(r["study_uid"], r["series_uid"]) for r in series}) > 0
 
 
 def test_a_run_stopped_between_the_tables_commits_is_repaired_by_the_next(tmp_path, monkeypatch):

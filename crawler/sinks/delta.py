@@ -2,9 +2,13 @@
 kept equal to the current copy by merges (deltalake, delta-rs).
 
 The studies added since the last checkpoint wait in memory (their rows; a study written twice
-keeps its last rows). ``flush`` makes one Delta commit per table: a merge by key that updates
-or inserts the rows of the changed studies and deletes the rows of those studies that are no
-longer there (a removed series or instance; every row of a study gone from the PACS). The state
+keeps its last rows). ``flush`` makes at most two Delta commits per table: the studies the table
+does not hold yet are appended (no merge: a first sync reads nothing back), and a merge by key
+updates or inserts the rows of the other changed studies and deletes the rows of those studies
+that are no longer there (a removed series or instance; every row of a study gone from the
+PACS). Which studies the table holds is read once per run from the ``studies`` table's keys and
+kept as short digests; a study appended at a checkpoint the state did not record is found there
+by the next run and merged, not appended twice. The state
 is committed after the three commits, so a killed run leaves each table at a checkpoint the
 state has recorded or at one it has not; the next run sends those studies again and the merge
 gives the same rows. Object stores (``s3://``, ``az://``, ``gs://``...) take delta-rs's storage
@@ -14,6 +18,7 @@ options from the environment (docs/tables.md).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +50,10 @@ def table_uri(uri: str, name: str) -> str:
     return f"{uri.rstrip('/')}/{name}"
 
 
+def _digest(uid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "big")
+
+
 def _quoted(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -73,6 +82,8 @@ class DeltaTables:
         self.storage_options = storage_options
         self.pending: dict[str, StudyRows | None] = {}
         self.commits = 0
+        self._held: set[int] | None = None
+        """Digests of the Study Instance UIDs of this source that the studies table holds."""
 
     def add(self, key: str, resources: Sequence[Resource]) -> None:
         rows = self.collector.rows(resources, None)
@@ -96,9 +107,17 @@ class DeltaTables:
             if folder is not None:
                 make_folder(folder)
             with private_files(self.uri):
+                held = self._holds()
+                new = {uid for uid, study in self.pending.items() if study is not None and _digest(uid) not in held}
                 for name in TABLES:
-                    rows = [row for study in self.pending.values() if study is not None for row in study.table(name)]
-                    self._commit(name, rows, list(self.pending))
+                    appended = [row for uid in new if (study := self.pending[uid]) is not None for row in study.table(name)]
+                    if appended:
+                        self._append(name, appended)
+                    changed = [uid for uid in self.pending if uid not in new]
+                    if changed:
+                        rows = [row for uid in changed if (study := self.pending[uid]) is not None for row in study.table(name)]
+                        self._commit(name, rows, changed)
+                held.update(_digest(uid) for uid in new)
         except OSError as exc:
             raise SinkError(f"cannot write the Delta tables at {self.uri}: {exc.strerror or exc}") from None
         except DeltaError as exc:
@@ -106,6 +125,39 @@ class DeltaTables:
             raise SinkError(f"cannot write the Delta tables at {self.uri}: {type(exc).__name__}: {first[:300]}") from None
         self.pending.clear()
         return {}
+
+    def _holds(self) -> set[int]:
+        """The digests of this source's studies in the studies table (read at the first flush)."""
+        if self._held is None:
+            from deltalake import DeltaTable
+
+            uri = table_uri(self.uri, "studies")
+            self._held = set()
+            if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
+                import pyarrow.compute as pc
+
+                dataset = DeltaTable(uri, storage_options=self.storage_options).to_pyarrow_dataset()
+                keys = dataset.to_table(columns=["study_uid"], filter=pc.field("source") == self.collector.source)
+                self._held.update(_digest(uid) for uid in keys.column("study_uid").to_pylist())
+        return self._held
+
+    def _append(self, name: str, rows: list[Row]) -> None:
+        """One commit that adds the rows of studies the tables do not hold yet."""
+        from deltalake import write_deltalake
+        from deltalake.exceptions import CommitFailedError
+
+        from ..tables.arrow import table
+
+        data = table(name, rows, change_log=False)
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                write_deltalake(table_uri(self.uri, name), data, mode="append", storage_options=self.storage_options)
+            except CommitFailedError:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise
+                continue
+            break
+        self.commits += 1
 
     def _commit(self, name: str, rows: list[Row], touched: list[str]) -> None:
         """One commit of table ``name``: ``rows`` are the current rows of the ``touched`` studies."""
