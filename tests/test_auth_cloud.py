@@ -15,27 +15,22 @@ import time
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+import google.auth
+import google.auth.exceptions
+import google.oauth2.credentials
 import pytest
 import requests
+from azure import identity as azure_identity
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
+from azure.identity import CredentialUnavailableError
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials as AwsKeys
 
-pytest.importorskip("google.auth", reason="the gcp extra")
-pytest.importorskip("azure.identity", reason="the azure extra")
-pytest.importorskip("botocore", reason="the aws extra")
-
-import google.auth  # noqa: E402
-import google.auth.exceptions  # noqa: E402
-import google.oauth2.credentials  # noqa: E402
-from azure.core.credentials import AccessToken  # noqa: E402
-from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError  # noqa: E402
-from azure.identity import CredentialUnavailableError  # noqa: E402
-from botocore.auth import SigV4Auth  # noqa: E402
-from botocore.awsrequest import AWSRequest  # noqa: E402
-from botocore.credentials import Credentials as AwsKeys  # noqa: E402
-
-from crawler.auth import aws, azure, gcp  # noqa: E402
-from crawler.auth import azure as azure_kind  # noqa: E402
-from crawler.errors import ConfigError, SinkError, SourceUnreachable  # noqa: E402
-from fixtures.fakepacs import FakePacs  # noqa: E402
+from crawler.auth import aws, azure, gcp
+from crawler.errors import ConfigError, SinkError, SourceUnreachable
+from fixtures.fakepacs import FakePacs
 
 THREADS = 16
 FHIR = SimpleNamespace(fhir=True, base_url="https://ws-fhir.fhir.azurehealthcareapis.com/R4", options={})
@@ -505,28 +500,24 @@ def test_sync_with_google_application_default_credentials(tmp_path, capsys, monk
 
 
 def test_sync_with_the_default_azure_credential(tmp_path, capsys, monkeypatch):
-    import azure.identity
-
     issuer = AzureIssuer(time.time() + 3600)
-    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", lambda: issuer)
+    monkeypatch.setattr(azure_identity, "DefaultAzureCredential", lambda: issuer)
     with FakePacs(n_studies=12, seed=4, token="az-token-1") as pacs:
         code, out, err = run_cli(capsys, "sync", pacs.url, "--auth", "azure", "--state", str(tmp_path / "s.db"), "--out", str(tmp_path / "out"),
                                  "--json", "-vv")
         assert pacs.statuses[401] == 0
     assert code == 0, err
     assert json.loads(out)["studies_new"] == 12
-    assert issuer.scopes == [(azure_kind.DICOM_SCOPE,)]
+    assert issuer.scopes == [(azure.DICOM_SCOPE,)]
     assert "az-token-1" not in out + err and _files_hold(tmp_path, "az-token-1") == []
 
 
 def test_no_azure_identity_is_exit_2_before_the_pacs_is_asked(tmp_path, capsys, monkeypatch):
-    import azure.identity
-
     class Nobody:
         def get_token(self, *scopes, **kwargs):
             raise CredentialUnavailableError("EnvironmentCredential: environment variables are not fully configured")
 
-    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", Nobody)
+    monkeypatch.setattr(azure_identity, "DefaultAzureCredential", Nobody)
     with FakePacs(n_studies=2, seed=4, token="az-token-1") as pacs:
         code, _out, err = run_cli(capsys, "sync", pacs.url, "--auth", "azure", "--state", str(tmp_path / "s.db"), "--out", str(tmp_path / "out"))
         assert pacs.requests == []
@@ -589,13 +580,11 @@ def test_a_kind_without_its_extra_is_a_usage_error_naming_the_extra(monkeypatch,
 def test_the_fhir_server_takes_its_own_cloud_credentials(tmp_path, capsys, monkeypatch, kind):
     """--fhir-auth gcp|azure beside a source with no credentials: the FHIR server's token is the
     kind's (Azure: scope from the FHIR server's origin), the PACS is asked with none."""
-    import azure.identity
-
     from fixtures.fakefhir import FakeFhir
 
     google_issuer, azure_issuer = GoogleIssuer(), AzureIssuer(time.time() + 3600)
     monkeypatch.setattr(google.auth, "default", lambda scopes=None, **kwargs: (_google(None, 0, google_issuer), "project-x"))
-    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", lambda: azure_issuer)
+    monkeypatch.setattr(azure_identity, "DefaultAzureCredential", lambda: azure_issuer)
     token = {"gcp": "gcp-token-1", "azure": "az-token-1"}[kind]
     with FakeFhir(token=token) as fhir, FakePacs(n_studies=5, seed=8) as pacs:
         code, out, err = run_cli(capsys, "sync", pacs.url, "--state", str(tmp_path / "s.db"), "--fhir-url", fhir.url, "--fhir-auth", kind,
