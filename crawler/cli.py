@@ -983,6 +983,7 @@ def _source_facts(state: State, source: str, holder: tuple[int, str] | None) -> 
         verified=verified,
         fallbacks=state.fallbacks(source) if version >= 8 else {},
         copied_as_of=state.last_whole_run(source),
+        server_profile=state.server_profile(source) if version >= 6 else None,
     )
 
 

@@ -236,6 +236,7 @@ class SyncRun:
         executor(config.executor)(self, windows, report)
         check_listed(report, figures.studies_listed)
         state.set_source_facts(self.source, report.cap if config.max_results is None else known_cap, report.verified)
+        state.set_server_profile(self.source, config.server_profile, config.server_profile_how)
         if report.filters.tried:
             state.set_key_form(self.source, "keywords" if report.filters.keywords else "tags")
         if config.full and self.crawled_ok:

@@ -893,6 +893,19 @@ class State:
         identity: str = row[0]
         return identity
 
+    def server_profile(self, source: str) -> tuple[str, str] | None:
+        """The server profile the source's last run used and how it was chosen (given, detected,
+        default); None before any run recorded one."""
+        row = self._q("SELECT value FROM state_info WHERE key = ?", (f"server_profile {source}",)).fetchone()
+        if row is None:
+            return None
+        name, _, how = str(row[0]).partition(" ")
+        return name, how
+
+    def set_server_profile(self, source: str, name: str, how: str) -> None:
+        self._q("INSERT INTO state_info (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (f"server_profile {source}", f"{name} {how}"))
+
     def set_run_folder(self, run_id: int, folder: str) -> None:
         """Record the folder a run will write into before it makes it (outside the run's
         transaction), so that only this state ever recovers or removes it."""

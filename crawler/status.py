@@ -71,6 +71,8 @@ class SourceFacts:
     copied_as_of: tuple[int, str] | None = None
     """(run id, start) of the newest run that ended whole (ok or partial): the copy holds what
     the PACS held then (and what later polls of a watch brought)."""
+    server_profile: tuple[str, str] | None = None
+    """(profile, how it was chosen) of the source's last run that listed (see profiles)."""
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -220,6 +222,7 @@ def source_report(facts: SourceFacts, now: datetime, lookback: int, retry_per_ru
         "cap": facts.cap,
         "verified": facts.verified,
         "fallbacks": dict(sorted(facts.fallbacks.items())),
+        "server_profile": None if facts.server_profile is None else {"name": facts.server_profile[0], "how": facts.server_profile[1]},
         "advice": _advice(facts, last, now, retry_per_run),
     }
 
@@ -295,6 +298,9 @@ def render(status: dict[str, Any]) -> list[str]:
         if oldest is not None:
             lines.append(f"  oldest failed: {oldest['study_uid']} ({oldest['status']}, run {oldest['last_run']})"
                          + (f": {oldest['error']}" if oldest["error"] else ""))
+        profile = source["server_profile"]
+        if profile is not None and profile["how"] != "default":
+            lines.append(f"  server profile: {profile['name']} ({profile['how']})")
         if source["cap"] is not None:
             lines.append(f"  server: a cap of {source['cap']:,} results per query (learned; windows are split under it)")
         else:

@@ -224,3 +224,15 @@ def test_the_profile_instance_level_holds_beside_the_fallbacks_the_state_remembe
         instance_searches = [r for r in pacs.requests if r.kind == "instances"]
         assert instance_searches and all("/series/" in r.path for r in instance_searches)
         assert pacs.statuses[404] == 0
+
+
+def test_status_says_which_profile_the_last_run_used(tmp_path, capsys):
+    with FakePacs(n_studies=10, seed=18, behaviour=vendor_behaviour("azure")) as pacs:
+        state = str(tmp_path / "state.db")
+        assert main(["sync", pacs.url, "--server-profile", "azure", "--out", str(tmp_path / "out"), "--state", state, "-q"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--state", state, "--json"]) == 0
+    (source,) = json.loads(capsys.readouterr().out)["sources"]
+    assert source["server_profile"] == {"name": "azure", "how": "given"}
+    assert main(["status", "--state", state]) == 0
+    assert "  server profile: azure (given)" in capsys.readouterr().out.splitlines()
