@@ -598,3 +598,33 @@ def test_the_fhir_server_takes_its_own_cloud_credentials(tmp_path, capsys, monke
     else:
         assert google_issuer.issued == 1
     assert token not in out + err and _files_hold(tmp_path, token) == []
+
+
+def test_a_run_longer_than_the_azure_tokens_life_renews_it_without_a_refused_request(tmp_path, capsys, monkeypatch):
+    """Tokens that live 61.5 s reach the kind's 60 s margin after 1.5 s: a run of about 5 s
+    renews them while it goes, and the simulator, which takes a token only until that margin,
+    refuses nothing: each request asks the kind for its headers when it is sent."""
+    life = 61.5
+    issued: dict[str, float] = {}
+    lock = threading.Lock()
+
+    class ShortLived:
+        def get_token(self, *scopes, **kwargs):
+            with lock:
+                token = f"az-token-{len(issued) + 1}"
+                issued[token] = time.time() + life
+                return AccessToken(token, int(issued[token]))
+
+    def valid(token: str) -> bool:
+        with lock:
+            return token in issued and time.time() < issued[token] - azure.MARGIN + 0.5
+
+    monkeypatch.setattr(azure_identity, "DefaultAzureCredential", ShortLived)
+    with FakePacs(n_studies=24, seed=9, token=valid, latency=0.35) as pacs:
+        code, out, err = run_cli(capsys, "sync", pacs.url, "--auth", "azure", "--state", str(tmp_path / "s.db"), "--metadata", "never",
+                                 "--workers", "2", "--json")
+        assert pacs.statuses[401] == 0
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["studies_new"] == 24 and summary["studies_failed"] == 0 and summary["seconds"] > 3
+    assert len(issued) >= 3
