@@ -10,6 +10,7 @@ tested as documented. Every assertion over the request log first checks that it 
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -236,3 +237,39 @@ def test_status_says_which_profile_the_last_run_used(tmp_path, capsys):
     assert source["server_profile"] == {"name": "azure", "how": "given"}
     assert main(["status", "--state", state]) == 0
     assert "  server profile: azure (given)" in capsys.readouterr().out.splitlines()
+
+
+def test_an_audit_in_the_aws_healthimaging_profile_reads_instances_series_by_series(tmp_path, capsys):
+    with FakePacs(n_studies=30, seed=18, behaviour=vendor_behaviour("aws-healthimaging", max_results=12)) as pacs:
+        code = main(["audit", pacs.url, "--report", str(tmp_path / "report"), "--server-profile", "aws-healthimaging",
+                     "--max-results", "12", "--json", "-q"])
+        summary = json.loads(capsys.readouterr().out)
+        instance_searches = [r for r in pacs.requests if r.kind == "instances"]
+        assert instance_searches and all("/series/" in r.path for r in instance_searches)
+        assert max(int(p.get("offset", 0)) for p in searches(pacs, "studies")) < 12
+        assert pacs.statuses[404] == 0
+    assert code == 0, summary
+    assert summary["server_profile"] == {"name": "aws-healthimaging", "how": "given"}
+    assert summary["totals"]["studies"] == 30
+    assert summary["totals"]["instances"] == sum(pacs.n_instances(uid) for uid in ground_truth(pacs))
+
+
+def test_a_watch_without_changes_follows_its_profiles_change_source(tmp_path, monkeypatch):
+    watch_module = importlib.import_module("crawler.watch")
+    seen = {}
+
+    class Watched:
+        exit_code = 0
+
+    def fake_watch(config, options, stop):
+        seen["changes"] = config.changes
+        return Watched()
+
+    monkeypatch.setattr(watch_module, "watch", fake_watch)
+    common = ["--out", str(tmp_path / "out"), "--state", str(tmp_path / "state.db"), "-q"]
+    assert main(["watch", "https://contoso-dicom.dicom.azurehealthcareapis.com/v2", *common]) == 0
+    assert seen.pop("changes") == "azure"
+    assert main(["watch", "http://127.0.0.1:9/dicom-web", "--server-profile", "orthanc", *common]) == 0
+    assert seen.pop("changes") == "orthanc"
+    assert main(["watch", "https://contoso-dicom.dicom.azurehealthcareapis.com/v2", "--changes", "dcm4chee", *common]) == 0
+    assert seen.pop("changes") == "dcm4chee"
