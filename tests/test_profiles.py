@@ -273,3 +273,18 @@ def test_a_watch_without_changes_follows_its_profiles_change_source(tmp_path, mo
     assert seen.pop("changes") == "orthanc"
     assert main(["watch", "https://contoso-dicom.dicom.azurehealthcareapis.com/v2", "--changes", "dcm4chee", *common]) == 0
     assert seen.pop("changes") == "dcm4chee"
+
+
+def test_orthanc_names_itself_in_no_header_so_auto_gives_it_the_generic_profile(pacs, tmp_path, capsys):
+    """The live Orthanc: its DICOMweb answers carry no Server header (nothing to detect it by
+    without another request), and the generic profile's values are Orthanc's own."""
+    answer = pacs.session.get(f"{pacs.dicomweb}/studies", params={"limit": 1}, timeout=30)
+    assert answer.status_code == 200 and answer.json()
+    assert "Server" not in answer.headers
+    code = main(["sync", pacs.dicomweb, "--out", str(tmp_path / "out"), "--state", str(tmp_path / "state.db"), "--json", "-q",
+                 *(["--user", pacs.user, "--password", pacs.password] if pacs.user else [])])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert summary["server_profile"] == {"name": "generic", "how": "default"}
+    generic, orthanc = profiles.PROFILES["generic"], profiles.PROFILES["orthanc"]
+    assert replace(orthanc, name="generic", changes=None, cap_signal=generic.cap_signal) == generic
