@@ -288,3 +288,11 @@ def test_orthanc_names_itself_in_no_header_so_auto_gives_it_the_generic_profile(
     assert summary["server_profile"] == {"name": "generic", "how": "default"}
     generic, orthanc = profiles.PROFILES["generic"], profiles.PROFILES["orthanc"]
     assert replace(orthanc, name="generic", changes=None, cap_signal=generic.cap_signal) == generic
+
+
+def test_a_page_size_above_the_profiles_largest_limit_is_lowered_with_a_warning(tmp_path, capsys):
+    code = main(["sync", "http://127.0.0.1:9/dicom-web", "--server-profile", "azure", "--page-size", "500", "--retries", "0",
+                 "--out", str(tmp_path / "out"), "--state", str(tmp_path / "state.db")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "page size 500 -> 200: the azure server profile's largest limit" in err
