@@ -34,13 +34,13 @@ class BackendServices(ClientCredentials):
 
     def _load_client_credentials(self) -> None:
         s = self.settings
+        if s.client_secret_env or s.client_secret_file:
+            given = s.option("client_secret_env" if s.client_secret_env else "client_secret_file")
+            raise s.refused(f"SMART Backend Services authenticate with a private key ({s.option('private_key')}), not a secret ({given})",
+                            "client_secret_env" if s.client_secret_env else "client_secret_file")
         if not s.private_key:
             raise s.refused(f"SMART Backend Services for {s.server} need {s.option('private_key')} (a signed JWT, no secret)",
                             "private_key")
-        if s.client_secret_env or s.client_secret_file:
-            given = s.option("client_secret_env" if s.client_secret_env else "client_secret_file")
-            raise s.refused(f"SMART Backend Services authenticate with a private key, not a secret ({given})",
-                            "client_secret_env" if s.client_secret_env else "client_secret_file")
         super()._load_client_credentials()
 
     def _configured_token_url(self) -> str | None:
