@@ -108,6 +108,27 @@ def test_gcp_renews_within_a_minute_of_expiry_by_its_own_clock():
     assert credentials.headers("GET", "https://x/studies") == {"Authorization": "Bearer gcp-token-1"}
 
 
+def test_gcp_token_of_a_few_minutes_is_not_renewed_for_every_request():
+    """google-auth's ``valid`` turns False 3 min 45 s before expiry: a token issued for 2 minutes
+    (a short-lived or impersonated one) would be fetched again for each request; the kind keeps it
+    until 60 s before its expiry."""
+    import google.auth.credentials
+
+    class ShortLived(google.auth.credentials.Credentials):
+        """google-auth's base credentials, refreshed by a token service that issues 2-minute tokens."""
+
+        issued = 0
+
+        def refresh(self, request):
+            ShortLived.issued += 1
+            self.token, self.expiry = f"gcp-token-{ShortLived.issued}", _utcnow() + datetime.timedelta(seconds=120)
+
+    credentials = gcp.GcpCredentials(credentials=ShortLived(), request=object())
+    for _ in range(5):
+        assert credentials.headers("GET", "https://x/studies") == {"Authorization": "Bearer gcp-token-1"}
+    assert ShortLived.issued == 1
+
+
 def test_gcp_application_default_credentials_are_asked_for_the_cloud_healthcare_scope(monkeypatch):
     issuer = GoogleIssuer()
     asked = []

@@ -3,8 +3,8 @@
 ``google.auth.default`` finds them where Google's own tools do: ``GOOGLE_APPLICATION_CREDENTIALS``
 (a service account key file or a workload identity federation configuration), the file that
 ``gcloud auth application-default login`` writes, or the metadata server of a Google Cloud VM,
-Cloud Run or GKE. The access token is renewed by the library (``credentials.refresh``) before it
-expires, under one lock, so that the crawl's threads share one renewal.
+Cloud Run or GKE. The access token is renewed by the library (``credentials.refresh``) when it
+expires within a minute, under one lock, so that the crawl's threads share one renewal.
 """
 
 from __future__ import annotations
@@ -86,12 +86,13 @@ class GcpCredentials:
             return self._header != before
 
     def _stale(self) -> bool:
+        """No token, or one that expires within MARGIN. Not google-auth's ``valid``, which turns
+        False 3 min 45 s ahead: a token issued for less than that would be fetched for each
+        request. Credentials without an expiry are as ``valid`` says."""
         credentials = self._credentials
-        if not credentials.valid:
-            return True
         expiry = credentials.expiry
-        if expiry is None:
-            return False
+        if not credentials.token or expiry is None:
+            return not credentials.valid
         if expiry.tzinfo is not None:
             expiry = expiry.astimezone(datetime.timezone.utc).replace(tzinfo=None)
         return bool(expiry - self._now() <= MARGIN)
