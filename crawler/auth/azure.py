@@ -20,7 +20,8 @@ DICOM_SCOPE = "https://dicom.healthcareapis.azure.com/.default"
 """The scope of every Azure Health Data Services DICOM service."""
 
 MARGIN = 60.0
-"""Seconds before its expiry at which a token is renewed before it is used."""
+"""Seconds before its expiry at which a token is renewed before it is used (a quarter of its life
+when that is shorter, so that a short-lived token is not asked for at every request)."""
 
 
 def fhir_scope(fhir_url: str) -> str:
@@ -57,11 +58,11 @@ class AzureCredentials:
         self._clock = clock
         self._lock = threading.Lock()
         self._header: str | None = None
-        self._expires_on = 0.0
+        self._renew_at = 0.0
 
     def headers(self, method: str, url: str, body: bytes = b"") -> Mapping[str, str]:
         with self._lock:
-            if self._header is None or self._clock() >= self._expires_on - MARGIN:
+            if self._header is None or self._clock() >= self._renew_at:
                 self._renew()
             assert self._header is not None
             return {"Authorization": self._header}
@@ -92,7 +93,8 @@ class AzureCredentials:
         except azure.AzureError as exc:
             raise errors.refused(f"the Azure credentials cannot issue an access token ({type(exc).__name__})") from None
         self._header = errors.bearer(token.token, "Azure")
-        self._expires_on = float(token.expires_on)
+        now, expires_on = self._clock(), float(token.expires_on)
+        self._renew_at = expires_on - min(MARGIN, max(expires_on - now, 0.0) / 4)
 
     def __repr__(self) -> str:
         return f"AzureCredentials(scope={self.scope!r}, <token hidden>)"

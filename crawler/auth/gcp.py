@@ -21,7 +21,8 @@ SCOPE = "https://www.googleapis.com/auth/cloud-healthcare"
 """The scope of the Cloud Healthcare API (its DICOMweb and FHIR stores)."""
 
 MARGIN = datetime.timedelta(seconds=60)
-"""A token that expires within this is renewed before it is used."""
+"""A token that expires within this is renewed before it is used (within a quarter of its life
+when that is shorter, so that a short-lived token is not fetched for every request)."""
 
 _ERROR_CODE = re.compile(r"[a-z_]{1,64}")
 
@@ -66,6 +67,7 @@ class GcpCredentials:
         self._now = now or _utcnow
         self._lock = threading.Lock()
         self._header = ""
+        self._margin = MARGIN
 
     def headers(self, method: str, url: str, body: bytes = b"") -> Mapping[str, str]:
         with self._lock:
@@ -86,16 +88,14 @@ class GcpCredentials:
             return self._header != before
 
     def _stale(self) -> bool:
-        """No token, or one that expires within MARGIN. Not google-auth's ``valid``, which turns
+        """No token, or one that expires within its margin. Not google-auth's ``valid``, which turns
         False 3 min 45 s ahead: a token issued for less than that would be fetched for each
         request. Credentials without an expiry are as ``valid`` says."""
         credentials = self._credentials
-        expiry = credentials.expiry
+        expiry = _naive_utc(credentials.expiry)
         if not credentials.token or expiry is None:
             return not credentials.valid
-        if expiry.tzinfo is not None:
-            expiry = expiry.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-        return bool(expiry - self._now() <= MARGIN)
+        return bool(expiry - self._now() <= self._margin)
 
     def _renew(self) -> None:
         google, errors = self._exceptions, self._errors
@@ -108,6 +108,8 @@ class GcpCredentials:
         except google.GoogleAuthError as exc:
             raise errors.refused(f"the Google credentials cannot issue an access token ({type(exc).__name__})") from None
         self._header = errors.bearer(self._credentials.token, "Google")
+        expiry = _naive_utc(self._credentials.expiry)
+        self._margin = MARGIN if expiry is None else min(MARGIN, max(expiry - self._now(), datetime.timedelta(0)) / 4)
 
     def __repr__(self) -> str:
         return "GcpCredentials(<token hidden>)"
@@ -115,6 +117,13 @@ class GcpCredentials:
 
 def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def _naive_utc(moment: datetime.datetime | None) -> datetime.datetime | None:
+    """``moment`` as google-auth keeps expiries: naive, in UTC."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
 
 
 def _error_code(exc: BaseException) -> str:
