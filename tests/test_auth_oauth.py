@@ -16,6 +16,7 @@ from crawler.auth import AuthSettings, Kind
 from crawler.auth.oauth import ClientCredentials
 from crawler.cli import main
 from crawler.errors import ConfigError, SourceUnreachable
+from crawler.qido import QidoClient
 from fixtures.fakeoauth import FakeOAuth
 from fixtures.fakepacs import FakePacs
 
@@ -203,3 +204,15 @@ def test_an_endpoint_unreachable_while_the_token_is_still_valid_keeps_the_token(
     now[0] = 601.0
     with pytest.raises(SourceUnreachable, match="cannot get an OAuth token"):
         credentials.headers("GET", "http://h/")
+
+
+def test_both_send_paths_carry_the_token_and_a_401_on_either_renews_it(monkeypatch):
+    monkeypatch.setenv("CRAWLER_SECRET", SECRET)
+    with FakeOAuth(secrets_by_client={"crawler": SECRET}) as oauth, FakePacs(n_studies=3, seed=7, token=oauth.valid) as pacs:
+        credentials = auth.make(AuthSettings(pacs.url, token_url=oauth.token_url, client_id="crawler", client_secret_env="CRAWLER_SECRET"))
+        for direct in (True, False, True):
+            client = QidoClient(pacs.url, credentials=credentials)
+            client._resolved = not direct           # no origin resolved: the request goes through the session
+            assert len(client.get("studies", "studies").items) == 3
+            oauth.revoke()
+    assert len(oauth.issued) == 3 and oauth.rejected == 2

@@ -114,16 +114,25 @@ def test_smart_with_a_secret_is_a_usage_error(tmp_path, capsys, monkeypatch):
     assert code == 2 and "--fhir-oauth-private-key" in err and "not a secret" in err
 
 
-def test_audit_reads_a_smart_fhir_server_with_the_read_scope(tmp_path, capsys):
+def test_audit_reads_a_smart_fhir_server_with_the_read_scope_and_renews_a_revoked_token(tmp_path, capsys):
     key = ec.generate_private_key(ec.SECP384R1())
-    with FakeOAuth(keys_by_client={"imaging-sync": key.public_key()}) as oauth, \
-            FakeFhir(token=oauth.valid, smart_configuration=smart_configuration(oauth)) as fhir, \
-            FakePacs(n_studies=3, seed=15) as pacs:
-        path = key_file(tmp_path, key)
-        code, _, err = sync(capsys, pacs.url, "--state", str(tmp_path / "s.db"), *smart_args(fhir, path))
-        assert code == 0, err
-        code = main(["audit", pacs.url, "--report", str(tmp_path / "report"), *smart_args(fhir, path), "--timezone", "UTC"])
-        err = capsys.readouterr().err
-        assert code == 0, err
-        assert fhir.statuses[401] == 0
-    assert oauth.scopes_asked[-1] == "system/ImagingStudy.rs"
+    revoke = []
+    with FakeOAuth(keys_by_client={"imaging-sync": key.public_key()}) as oauth:
+
+        def valid(token: str) -> bool:
+            if revoke:
+                revoke.clear()
+                oauth.revoke()
+            return oauth.valid(token)
+
+        with FakeFhir(token=valid, smart_configuration=smart_configuration(oauth)) as fhir, FakePacs(n_studies=3, seed=15) as pacs:
+            path = key_file(tmp_path, key)
+            code, _, err = sync(capsys, pacs.url, "--state", str(tmp_path / "s.db"), *smart_args(fhir, path))
+            assert code == 0, err
+            revoke.append(True)                     # the audit's first request finds its token revoked
+            code = main(["audit", pacs.url, "--report", str(tmp_path / "report"), *smart_args(fhir, path), "--timezone", "UTC"])
+            err = capsys.readouterr().err
+            assert code == 0, err
+            assert fhir.statuses[401] == 1
+    assert len(oauth.issued) == 3
+    assert oauth.scopes_asked[1:] == ["system/ImagingStudy.rs"] * 2

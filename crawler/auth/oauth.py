@@ -187,7 +187,7 @@ class ClientCredentials:
             raise self.settings.unreachable(f"TLS error talking to {origin_of(url)} (OAuth for {self.settings.server}): "
                                             f"{failure_reason(exc)}") from None
         except (requests.exceptions.RequestException, OSError) as exc:
-            if isinstance(exc, OSError) or retriable_error(exc):
+            if not isinstance(exc, requests.exceptions.RequestException) or retriable_error(exc):
                 raise Retriable(failure_reason(exc), connect=True) from None
             raise self._refused(url, f"sent an answer that cannot be read ({type(exc).__name__})") from None
         if response.status_code in (429, 500, 502, 503, 504):
