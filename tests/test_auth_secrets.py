@@ -135,3 +135,22 @@ def test_a_refused_client_and_an_unreachable_endpoint_leave_no_secret(tmp_path, 
                             "--oauth-client-id", "crawler", "--oauth-client-secret-env", "PACS_CLIENT_SECRET", files=False)
     assert code == 3 and "cannot get an OAuth token" in unreachable
     assert_nowhere([CLIENT_SECRET], unreachable)
+
+
+def test_a_sources_file_names_the_client_secret_by_its_variable_and_refuses_the_secret_itself(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PACS_A_SECRET", CLIENT_SECRET)
+    with FakeOAuth(secrets_by_client={"crawler-a": CLIENT_SECRET}) as oauth, FakePacs(n_studies=3, seed=28, token=oauth.valid) as pacs:
+        config = tmp_path / "sources.toml"
+        config.write_text(f'[defaults]\nmetadata = "never"\n\n[sources.a]\nurl = "{pacs.url}"\noauth-token-url = "{oauth.token_url}"\n'
+                          f'oauth-client-id = "crawler-a"\noauth-client-secret-env = "PACS_A_SECRET"\n')
+        code = main(["sync", "--config", str(config), "--state", str(tmp_path / "state.db"), "--json", "-vv"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert len(oauth.issued) == 1
+    assert_nowhere([CLIENT_SECRET, *oauth.issued], "\n".join([out, err, (tmp_path / "state.db").read_bytes().decode("latin-1")]))
+    config.write_text(f'[sources.a]\nurl = "http://127.0.0.1:9/dicom-web"\noauth-client-secret = "{CLIENT_SECRET}"\n')
+    assert main(["sync", "--config", str(config), "--state", str(tmp_path / "other.db")]) == 2
+    err = capsys.readouterr().err
+    assert "oauth-client-secret is a secret and has no place in the file; name the environment variable that holds it with " \
+           "oauth-client-secret-env" in err
+    assert CLIENT_SECRET not in err
