@@ -185,9 +185,10 @@ class QidoClient:
                 raise SourceUnreachable(str(exc), url=exc.url) from None
             raise
 
-    def _refresh_token(self, used: str | None) -> bool:
-        """After a 401: new credentials (a token fetched or printed again), once for all threads
-        that sent the same; True when asking again may help."""
+    def renew_credentials(self, used: str | None) -> bool:
+        """After a 401 to a request that carried the Authorization ``used``: new credentials (a
+        token fetched or printed again), once for all threads that sent the same; True when asking
+        again may help."""
         return self.credentials is not None and self.credentials.refresh(credentials_kinds.used(used))
 
     def _get_once(self, kind: str, url: str, keep: leanjson.Selection | None = None) -> Page:
@@ -195,7 +196,7 @@ class QidoClient:
             raise FatalQidoError(f"the client was closed: {redact(url)} not asked", url=redact(url))
         try:
             answer = self._send(kind, url)
-            if answer.status == 401 and self._refresh_token(answer.authorization):
+            if answer.status == 401 and self.renew_credentials(answer.authorization):
                 answer = self._send(kind, url)
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise transport_failure(exc, redact(url)) from None

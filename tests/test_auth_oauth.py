@@ -216,3 +216,19 @@ def test_both_send_paths_carry_the_token_and_a_401_on_either_renews_it(monkeypat
             assert len(client.get("studies", "studies").items) == 3
             oauth.revoke()
     assert len(oauth.issued) == 3 and oauth.rejected == 2
+
+
+def test_a_change_feed_read_with_a_revoked_token_renews_it(monkeypatch):
+    from crawler.changes import azure_changes
+    from fixtures.fakeazure import AzureFeedPacs
+
+    monkeypatch.setenv("CRAWLER_SECRET", SECRET)
+    with FakeOAuth(secrets_by_client={"crawler": SECRET}) as oauth, AzureFeedPacs(n_studies=5, seed=8, token=oauth.valid) as pacs:
+        credentials = auth.make(AuthSettings(pacs.url, token_url=oauth.token_url, client_id="crawler", client_secret_env="CRAWLER_SECRET"))
+        client = QidoClient(pacs.url, credentials=credentials)
+        first = azure_changes(client, pacs.url, None)
+        oauth.revoke()
+        pacs.arrive(2)
+        read = azure_changes(client, pacs.url, first.cursor)
+    assert [c.study_uid for c in read.changes] == [pacs.study_uid(2)]
+    assert len(oauth.issued) == 2 and oauth.rejected == 1

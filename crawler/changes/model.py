@@ -45,6 +45,9 @@ def get_json(client: QidoClient, url: str) -> object:
     client.counts.add("changes")
     try:  # through the client's fetch: its deadline, size cap and same-origin redirects apply
         response = client.fetch(url, accept="application/json")
+        if response.status == 401 and client.renew_credentials(response.authorization):
+            client.counts.add("changes")
+            response = client.fetch(url, accept="application/json")
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
         raise transport_failure(exc, redact(url)) from None
     except Exception as exc:  # noqa: BLE001 - anything else also means "not reached"
