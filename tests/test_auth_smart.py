@@ -136,3 +136,14 @@ def test_audit_reads_a_smart_fhir_server_with_the_read_scope_and_renews_a_revoke
             assert fhir.statuses[401] == 1
     assert len(oauth.issued) == 3
     assert oauth.scopes_asked[1:] == ["system/ImagingStudy.rs"] * 2
+
+
+def test_an_unreachable_fhir_token_endpoint_is_exit_3_before_any_study(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FHIR_CLIENT_SECRET", "fhir-Secret-32")
+    with FakeFhir() as fhir, FakePacs(n_studies=2, seed=16) as pacs:
+        code, _, err = sync(capsys, pacs.url, "--state", str(tmp_path / "s.db"), "--fhir-url", fhir.url,
+                            "--fhir-oauth-token-url", "http://127.0.0.1:9/token", "--fhir-oauth-client-id", "w",
+                            "--fhir-oauth-client-secret-env", "FHIR_CLIENT_SECRET")
+        assert fhir.requests == [] and pacs.requests == []
+    assert code == 3 and "cannot get an OAuth token for the FHIR server from http://127.0.0.1:9" in err
+    assert "fhir-Secret-32" not in err
