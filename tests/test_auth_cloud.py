@@ -661,10 +661,10 @@ def test_the_fhir_server_takes_its_own_cloud_credentials(tmp_path, capsys, monke
 
 
 def test_a_run_longer_than_the_azure_tokens_life_renews_it_without_a_refused_request(tmp_path, capsys, monkeypatch):
-    """Tokens that live 4 s (kept for three quarters of that), a simulator whose clock runs half a
-    second ahead (it refuses a token from 0.5 s before its expiry), a run of about 5 s: the kind
-    renews the token while the run goes and the simulator refuses nothing, as each request asks
-    the kind for its headers when it is sent."""
+    """Tokens that live 6 s (kept for three quarters of that), a simulator whose clock runs half a
+    second ahead (it refuses a token from 0.5 s before its expiry, after its 0.25 s latency), a
+    run of about 8 s: the kind renews the token while the run goes and the simulator refuses
+    nothing, as each request asks the kind for its headers when it is sent."""
     issued: dict[str, float] = {}
     lock = threading.Lock()
 
@@ -672,7 +672,7 @@ def test_a_run_longer_than_the_azure_tokens_life_renews_it_without_a_refused_req
         def get_token(self, *scopes, **kwargs):
             with lock:
                 token = f"az-token-{len(issued) + 1}"
-                issued[token] = time.time() + 4
+                issued[token] = time.time() + 6
                 return AccessToken(token, int(issued[token]))
 
     def valid(token: str) -> bool:
@@ -680,11 +680,11 @@ def test_a_run_longer_than_the_azure_tokens_life_renews_it_without_a_refused_req
             return token in issued and time.time() < int(issued[token]) - 0.5
 
     monkeypatch.setattr(azure_identity, "DefaultAzureCredential", ShortLived)
-    with FakePacs(n_studies=24, seed=9, token=valid, latency=0.35) as pacs:
+    with FakePacs(n_studies=60, seed=9, token=valid, latency=0.25) as pacs:
         code, out, err = run_cli(capsys, "sync", pacs.url, "--auth", "azure", "--state", str(tmp_path / "s.db"), "--metadata", "never",
                                  "--workers", "2", "--json")
         assert pacs.statuses[401] == 0
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["studies_new"] == 24 and summary["studies_failed"] == 0 and summary["seconds"] > 3
+    assert summary["studies_new"] == 60 and summary["studies_failed"] == 0 and summary["seconds"] > 6
     assert len(issued) >= 2                     # the run outlived its first token
