@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--delta", metavar="URI",
                    help="also keep three Delta Lake tables at URI/studies, URI/series, URI/instances, merged at each checkpoint "
                         "(a folder, or s3:// az:// gs:// with delta-rs's environment; needs the tables extra)")
+    _add_tags(g)
     g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=_STATE_HELP)
     g.add_argument("--dry-run", action="store_true",
                    help="list and compare with the state only: report how many studies are new, changed, unchanged and gone, "
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--delta", metavar="URI",
                    help="also keep three Delta Lake tables at URI/studies, URI/series, URI/instances, merged at each checkpoint "
                         "(a folder, or s3:// az:// gs:// with delta-rs's environment; needs the tables extra)")
+    _add_tags(g)
     g.add_argument("--state", type=state_location, default=Path(DEFAULT_STATE), metavar="PATH", help=_STATE_HELP)
     g.add_argument("--checkpoint-every", type=_positive, default=1000, metavar="N", help="commit the state and flush the outputs every N crawled studies (and every minute; and after every poll) (default: %(default)s)")
     g = p.add_argument_group("watching")
@@ -403,6 +405,15 @@ def _add_config(g: _Group) -> None:
     g.add_argument("--config", type=Path, metavar="FILE", help="the sources of a TOML file instead of one URL; one state holds them all, "
                    "each source with its own run lock")
     g.add_argument("--only", action="append", default=[], metavar="NAME", help="with --config: only this source (repeatable)")
+
+
+def _add_tags(g: _Group) -> None:
+    g.add_argument("--include-tag", action="append", default=[], metavar="TAG",
+                   help="with --parquet/--delta: one more typed column for this DICOM attribute, by keyword or tag (SliceThickness, "
+                        "00180050), its level inferred or given (Manufacturer:series) (repeatable; docs/tables.md)")
+    g.add_argument("--include-phi", action="store_true",
+                   help="allow --include-tag attributes that identify a patient, a person or an institution (PatientName, "
+                        "AccessionNumber, InstitutionName, ...)")
 
 
 def _add_output_format(g: _Group) -> None:
@@ -692,6 +703,8 @@ def _writing(args: argparse.Namespace) -> dict[str, Any]:
         "validate": args.validate,
         "issuer_systems": issuer_systems(args.issuer_system),
         "wado_url": args.wado_url,
+        "include_tags": tuple(args.include_tag),
+        "include_phi": args.include_phi,
     }
 
 
@@ -1077,6 +1090,7 @@ OPTIONS = {
     "worker_threads": "--worker-threads",
     "report": "--report",
     "include_phi": "--include-phi",
+    "include_tags": "--include-tag",
     "instance_page_size": "--instance-page-size",
     "server_profile": "--server-profile",
     "server_profile_how": "--server-profile",

@@ -140,6 +140,11 @@ class SyncConfig(Connection):
     """The server profile whose defaults the settings were made from (see profiles), for the
     summary and the state; ``server_profile_how``: given, detected (from the URL) or default."""
     server_profile_how: str = "default"
+    include_tags: tuple[str, ...] = ()
+    """``--include-tag``: DICOM attributes (keyword or tag, optional ``:level``) written as typed
+    columns of the tables (see tables.tags); parsed into ``crawl.tags``."""
+    include_phi: bool = False
+    """Allow ``include_tags`` that identify a patient, a person or an institution."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,6 +174,26 @@ class SyncConfig(Connection):
             raise ConfigError("a scheduler address goes with the dask executor", setting="scheduler")
         for name in ("page_size", "workers", "worker_threads", "max_offset", "checkpoint_every", "fhir_batch_size"):
             _check_count(self, name, 1)
+        self._check_tags()
+
+    def _check_tags(self) -> None:
+        """``include_tags`` parsed into ``crawl.tags`` (the crawl asks for them, the table sinks
+        write them); refused when no table is written, or a tag cannot be a column."""
+        if isinstance(self.include_tags, str):
+            object.__setattr__(self, "include_tags", (self.include_tags,))
+        if not self.include_tags:
+            object.__setattr__(self, "crawl", replace(self.crawl, tags=()))
+            return
+        if self.parquet is None and self.delta is None:
+            raise ConfigError("the included tags are columns of the tables: they need a Parquet folder or Delta tables",
+                              setting="include_tags")
+        from .tables.tags import FIXED_COLUMNS, TagError, parse_all
+
+        try:
+            tags = parse_all(self.include_tags, self.include_phi, FIXED_COLUMNS)
+        except TagError as exc:
+            raise ConfigError(str(exc), setting="include_tags") from None
+        object.__setattr__(self, "crawl", replace(self.crawl, tags=tags))
 
 
 @dataclass(frozen=True, kw_only=True)

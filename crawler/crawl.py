@@ -18,7 +18,7 @@ import enum
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import dicomjson as dj
 from .dicomjson import Dataset, Tag
@@ -28,6 +28,9 @@ from .leanjson import Selection
 from .mapping.tags import INSTANCE_TAGS, READ_TAGS
 from .qido import Page, QidoClient
 from .uids import path_uid, shown
+
+if TYPE_CHECKING:
+    from .tables.tags import IncludeTag
 
 STUDY_FIELDS = (
     Tag.StudyDate, Tag.StudyTime, Tag.AccessionNumber, Tag.IssuerOfAccessionNumberSequence,
@@ -58,6 +61,21 @@ METADATA = Selection(READ_TAGS, Tag.SeriesInstanceUID, INSTANCE_TAGS)
 
 def includefields(tags: tuple[str, ...]) -> list[tuple[str, str]]:
     return [("includefield", tag) for tag in tags]
+
+
+def tag_fields(tags: tuple[IncludeTag, ...], *levels: str) -> tuple[str, ...]:
+    """The ``--include-tag`` tags at ``levels``, as includefield values (instance results carry
+    the series' attributes on most servers: the instance search asks for series tags too)."""
+    return tuple(t.tag for t in tags if t.level in levels)
+
+
+def metadata_selection(tags: tuple[IncludeTag, ...]) -> Selection:
+    """``METADATA`` plus the ``--include-tag`` series tags (of each series' first instance) and
+    instance tags (of every instance)."""
+    if not tags:
+        return METADATA
+    return Selection(READ_TAGS | set(tag_fields(tags, "series", "instance")), Tag.SeriesInstanceUID,
+                     INSTANCE_TAGS | set(tag_fields(tags, "instance")))
 
 
 @dataclass(frozen=True)
@@ -123,6 +141,9 @@ class CrawlOptions:
     metadata_max_instances: int = 1000
     fallbacks: tuple[tuple[str, str], ...] = ()
     """Fallbacks earlier runs learned for this source: (name, reason) pairs (see FALLBACKS)."""
+    tags: tuple[IncludeTag, ...] = ()
+    """``--include-tag``: asked for with includefield at their level and kept from WADO-RS
+    metadata (``SyncConfig`` sets them from ``include_tags``)."""
 
 
 @dataclass
@@ -194,7 +215,8 @@ def study_path_uid(summary: StudySummary) -> str:
 
 
 def fetch_instances(
-    client: QidoClient, study_uid: str, page_size: int, learned: Learned | None = None, used: dict[str, str] | None = None
+    client: QidoClient, study_uid: str, page_size: int, learned: Learned | None = None, used: dict[str, str] | None = None,
+    tags: tuple[IncludeTag, ...] = (),
 ) -> list[dict[str, Any]]:
     """Instance-level results of a study, with series attributes where the server gives them.
 
@@ -202,23 +224,23 @@ def fetch_instances(
     them in; when they do not even carry the Series Instance UID, the series are listed and their
     instances asked for series by series. With ``learned``, a server that refuses the study-level
     instance search (404/400) while it lists the study's series is asked series by series from
-    then on (the fallback is noted in ``used``).
+    then on (the fallback is noted in ``used``). ``tags`` (``--include-tag``) are asked for too.
     """
     study_uid = path_uid(study_uid)
     if learned is not None and SERIES_LEVEL_INSTANCES in learned.fallbacks:
         if used is not None:
             used[SERIES_LEVEL_INSTANCES] = learned.fallbacks[SERIES_LEVEL_INSTANCES]
-        return _instances_by_series(client, study_uid, page_size)
+        return _instances_by_series(client, study_uid, page_size, tags)
     path = f"studies/{study_uid}/instances"
     limit = getattr(client, "max_limit", None)
     try:
-        items = _gather(client.iter_pages("instances", path, includefields(INSTANCE_FIELDS), page_size))
+        items = _gather(client.iter_pages("instances", path, includefields(INSTANCE_FIELDS + tag_fields(tags, "series", "instance")), page_size))
     except FatalQidoError as exc:
         if learned is None or exc.status not in (400, 404):
             raise
         if exc.status == 400 and hasattr(client, "max_limit"):
             client.max_limit = limit   # the halved limits were not the cause: the search itself is refused
-        merged = _instances_by_series(client, study_uid, page_size)
+        merged = _instances_by_series(client, study_uid, page_size, tags)
         if not merged:
             raise   # no series either: the study is gone (or empty), and the first answer says so
         reason = f"HTTP {exc.status} on studies/{{uid}}/instances"
@@ -228,42 +250,45 @@ def fetch_instances(
         return merged
     if not items or all(Tag.Modality in item for item in items):
         return items
-    by_uid = _series_by_uid(client, study_uid, page_size)
+    by_uid = _series_by_uid(client, study_uid, page_size, tags)
     if all(Tag.SeriesInstanceUID in item for item in items):
         return [{**by_uid.get(_read_uid(item, Tag.SeriesInstanceUID, study_uid) or "", {}), **item} for item in items]
-    return _instances_of_series(client, study_uid, by_uid, page_size)
+    return _instances_of_series(client, study_uid, by_uid, page_size, tags)
 
 
-def _series_by_uid(client: QidoClient, study_uid: str, page_size: int) -> dict[str, Dataset]:
+def _series_by_uid(client: QidoClient, study_uid: str, page_size: int, tags: tuple[IncludeTag, ...] = ()) -> dict[str, Dataset]:
     """The study's series-level results by Series Instance UID (the first result of each)."""
     by_uid: dict[str, Dataset] = {}
-    for item in _gather(client.iter_pages("series", f"studies/{study_uid}/series", includefields(SERIES_FIELDS), page_size)):
+    fields = includefields(SERIES_FIELDS + tag_fields(tags, "series"))
+    for item in _gather(client.iter_pages("series", f"studies/{study_uid}/series", fields, page_size)):
         uid = _read_uid(item, Tag.SeriesInstanceUID, study_uid)
         if uid:
             by_uid.setdefault(uid, item)
     return by_uid
 
 
-def _instances_by_series(client: QidoClient, study_uid: str, page_size: int) -> list[dict[str, Any]]:
+def _instances_by_series(client: QidoClient, study_uid: str, page_size: int, tags: tuple[IncludeTag, ...] = ()) -> list[dict[str, Any]]:
     """The study's series, then each series' instances (with the series' attributes merged in)."""
-    return _instances_of_series(client, study_uid, _series_by_uid(client, study_uid, page_size), page_size)
+    return _instances_of_series(client, study_uid, _series_by_uid(client, study_uid, page_size, tags), page_size, tags)
 
 
-def _instances_of_series(client: QidoClient, study_uid: str, by_uid: dict[str, Dataset], page_size: int) -> list[dict[str, Any]]:
+def _instances_of_series(client: QidoClient, study_uid: str, by_uid: dict[str, Dataset], page_size: int,
+                         tags: tuple[IncludeTag, ...] = ()) -> list[dict[str, Any]]:
     merged: list[dict[str, Any]] = []
+    fields = includefields(INSTANCE_FIELDS + tag_fields(tags, "instance"))
     for series_uid, series_item in by_uid.items():
         series_path = f"studies/{study_uid}/series/{_path(series_uid, Tag.SeriesInstanceUID, study_uid)}/instances"
-        for item in _gather(client.iter_pages("instances", series_path, includefields(INSTANCE_FIELDS), page_size)):
+        for item in _gather(client.iter_pages("instances", series_path, fields, page_size)):
             merged.append({**series_item, **item})
     return merged
 
 
-def fetch_study_metadata(client: QidoClient, study_uid: str) -> list[dict[str, Any]]:
+def fetch_study_metadata(client: QidoClient, study_uid: str, keep: Selection = METADATA) -> list[dict[str, Any]]:
     """The study's instances with the attributes the mapping reads (of the whole metadata)."""
-    return client.get("metadata", f"studies/{path_uid(study_uid)}/metadata", keep=METADATA).items
+    return client.get("metadata", f"studies/{path_uid(study_uid)}/metadata", keep=keep).items
 
 
-def fetch_series_metadata(client: QidoClient, study_uid: str, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def fetch_series_metadata(client: QidoClient, study_uid: str, instances: list[dict[str, Any]], keep: Selection = METADATA) -> list[dict[str, Any]]:
     """One instance's metadata per series: the series-level sequences at one request per series."""
     study_uid = path_uid(study_uid)
     chosen: dict[str, str] = {}
@@ -276,7 +301,7 @@ def fetch_series_metadata(client: QidoClient, study_uid: str, instances: list[di
     for series_uid, instance_uid in chosen.items():
         series_part = _path(series_uid, Tag.SeriesInstanceUID, study_uid)
         instance_part = _path(instance_uid, Tag.SOPInstanceUID, study_uid)
-        out.extend(client.get("metadata", f"studies/{study_uid}/series/{series_part}/instances/{instance_part}/metadata", keep=METADATA).items[:1])
+        out.extend(client.get("metadata", f"studies/{study_uid}/series/{series_part}/instances/{instance_part}/metadata", keep=keep).items[:1])
     return out
 
 
@@ -316,13 +341,14 @@ def _fetch_path(client: QidoClient, summary: StudySummary, options: CrawlOptions
         mode = MetadataMode.NEVER
     small = summary.n_instances is not None and summary.n_instances <= options.metadata_max_instances
     wants_metadata = mode is MetadataMode.ALWAYS or (mode is MetadataMode.AUTO and learned.qido_lacks_sequences)
+    keep = metadata_selection(options.tags)
     if wants_metadata and small:
         try:
-            metadata = fetch_study_metadata(client, uid)
+            metadata = fetch_study_metadata(client, uid, keep)
         except FatalQidoError as exc:
             return _without_metadata(client, summary, options, learned, used, exc, None)
         return StudyInput(summary.attributes, metadata), _count(metadata, uid), "metadata"
-    instances = fetch_instances(client, uid, options.instance_page_size, learned, used)
+    instances = fetch_instances(client, uid, options.instance_page_size, learned, used, options.tags)
     if mode is MetadataMode.NEVER:
         return StudyInput(summary.attributes, instances), _count(instances, uid), "qido"
     if mode is MetadataMode.AUTO and not wants_metadata:
@@ -335,9 +361,9 @@ def _fetch_path(client: QidoClient, summary: StudySummary, options: CrawlOptions
         small = _count(instances, uid) <= options.metadata_max_instances   # no count reported: the number just listed
     try:
         if small:
-            metadata = fetch_study_metadata(client, uid)
+            metadata = fetch_study_metadata(client, uid, keep)
             return StudyInput(summary.attributes, metadata), _count(metadata, uid), "qido+metadata"
-        series_metadata = fetch_series_metadata(client, uid, instances)
+        series_metadata = fetch_series_metadata(client, uid, instances, keep)
     except FatalQidoError as exc:
         return _without_metadata(client, summary, options, learned, used, exc, instances)
     return StudyInput(summary.attributes, instances, series_metadata), _count(instances, uid), "qido+series-metadata"
@@ -353,7 +379,7 @@ def _without_metadata(
     if options.metadata is not MetadataMode.AUTO or exc.status not in METADATA_MISSING:
         raise exc
     if instances is None:
-        instances = fetch_instances(client, summary.uid, options.instance_page_size, learned, used)
+        instances = fetch_instances(client, summary.uid, options.instance_page_size, learned, used, options.tags)
     if not instances:
         raise exc
     reason = f"HTTP {exc.status} on WADO-RS metadata"

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import dicomjson as dj
 from .config import SyncConfig
-from .crawl import METADATA_UNAVAILABLE, MetadataMode, summarise
+from .crawl import METADATA_UNAVAILABLE, MetadataMode, summarise, tag_fields
 from .dicomjson import Tag
 from .errors import QidoError, StateError
 from .figures import EXIT_OK, EXIT_PARTIAL
@@ -27,6 +27,7 @@ from .mapping.ids import normalise_base
 from .planner import Window
 from .qido import QidoClient, client_from
 from .run import RETRY_PER_RUN, unchanged
+from .tables.tags import signature
 from .state import State
 from .sync import choose_windows
 from .uids import shown
@@ -73,7 +74,8 @@ def dry_run(config: SyncConfig) -> DryRunResult:
         windows, scope, _ = choose_windows(config, mark)
         result = DryRunResult(scope)
         known_cap, verified = state.source_facts(source) if state is not None else (None, 0)
-        report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
+        report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size,
+                               fields=tag_fields(config.crawl.tags, "study"))
         if state is not None:
             report.filters.keywords = state.key_form(source) == "keywords"
         listed: set[str] = set()
@@ -82,7 +84,7 @@ def dry_run(config: SyncConfig) -> DryRunResult:
         try:
             for page in iter_study_pages(client, windows, report, max_offset=config.max_offset):
                 for item in page:
-                    _consider(item, state, source, config.crawl.instance_page_size, metadata, listed, result)
+                    _consider(item, state, source, config.crawl.instance_page_size, metadata, listed, result, signature(config.crawl.tags))
         except QidoError as exc:
             listing_failed(exc, report, started=bool(listed) or client.answered)
         check_listed(report, result.studies_listed)
@@ -117,7 +119,7 @@ def _read_only(config: SyncConfig) -> State | None:
 
 
 def _consider(item: dict[str, Any], state: State | None, source: str, page_size: int, metadata: int, listed: set[str],
-              result: DryRunResult) -> None:
+              result: DryRunResult, tags: tuple[str, ...] = ()) -> None:
     """One listed study, compared with the state; ``metadata``: the metadata requests a real run
     would make per study crawled (0 or 1)."""
     if dj.UNREADABLE in item:
@@ -135,7 +137,7 @@ def _consider(item: dict[str, Any], state: State | None, source: str, page_size:
     listed.add(summary.uid)
     result.studies_listed += 1
     row = state.study(source, summary.uid) if state is not None else None
-    if row is not None and unchanged(row, summary):
+    if row is not None and unchanged(row, summary, tags):
         result.studies_unchanged += 1
         return
     if row is None:

@@ -22,7 +22,7 @@ from .figures import Figures
 from .kinds import StudyStatus
 from .listing import study_date
 from .sinks import Sink
-from .sinks.base import Resource, learns_max_entries, learns_server_ids, uses_server_ids
+from .sinks.base import Resource, learns_max_entries, learns_server_ids, takes_tags, uses_server_ids
 from .state import State
 from .worker import Outcome, digest, study_hash
 
@@ -85,8 +85,13 @@ class Ledger:
             return
         digests = [digest(r[2]) for r in outcome.resources]
         send = [(r, d) for r, d in zip(outcome.resources, digests) if self._stored_hash(r[0], r[1]) != d or self._unknown_to_server(r)]
-        if send:
-            for sink in self.sinks:
+        for sink in self.sinks:
+            if outcome.tags is not None and takes_tags(sink):
+                # a study crawled again (its listing entry changed) may have new tag values while
+                # its ImagingStudy is the same: the tables get its rows again
+                sink.add_tags(summary.uid, outcome.tags)
+                sink.add(summary.uid, [*(r for r, _ in send if r is not outcome.study), outcome.study])
+            elif send:
                 sink.add(summary.uid, [r for r, _ in send])
         self.held.append(Held(outcome, known, send, digests[-1]))
 
@@ -129,7 +134,7 @@ class Ledger:
             _, study_resource_id, _ = held.outcome.study
             state.record_study(
                 self.source, summary.uid, run_id=self.run_id, status=StudyStatus.SYNCED, resource_id=study_resource_id,
-                n_series=summary.n_series, n_instances=summary.n_instances, study_hash=study_hash(dict(summary.attributes)),
+                n_series=summary.n_series, n_instances=summary.n_instances, study_hash=study_hash(dict(summary.attributes), held.outcome.tags.signature if held.outcome.tags else ()),
                 resource_hash=held.study_digest, study_date=study_date(summary.attributes),
             )
         figures.resources_refused += len(unrecorded - recorded)

@@ -113,6 +113,8 @@ class ListingReport:
     notices: Notices = field(default_factory=lambda: Notices(log))
     repaired: int = 0
     """Listing entries that were not UTF-8, listed with U+FFFD in place of the bad bytes."""
+    fields: tuple[str, ...] = ()
+    """Tags asked for besides ``STUDY_FIELDS`` (the study-level ``--include-tag`` tags)."""
 
 
 @dataclass
@@ -253,7 +255,7 @@ def list_window(
             return
         page_size = client.page_size(report.page_size)
         params: list[tuple[str, str | int]] = [
-            *window.params(filters.keywords), *extra, *includefields(STUDY_FIELDS), ("limit", page_size)
+            *window.params(filters.keywords), *extra, *includefields(STUDY_FIELDS + report.fields), ("limit", page_size)
         ]
         if offset:
             params.append(("offset", offset))

@@ -17,7 +17,9 @@ from typing import Any
 from . import dicomjson as dj
 from .changes import Change, orthanc_base, read_changes
 from .config import SyncConfig
-from .crawl import METADATA_UNAVAILABLE, SERIES_LEVEL_INSTANCES, STUDY_FIELDS, Learned, StudySummary, includefields, summarise
+from .crawl import (
+    METADATA_UNAVAILABLE, SERIES_LEVEL_INSTANCES, STUDY_FIELDS, Learned, StudySummary, includefields, summarise, tag_fields,
+)
 from .dicomjson import Tag
 from .errors import CrawlerError, QidoError, SourceUnreachable
 from .executors import executor
@@ -32,6 +34,7 @@ from .planner import Window
 from .qido import QidoClient
 from .sinks import NdjsonFolder, Sink
 from .state import State, StudyRow
+from .tables.tags import signature
 from .worker import Candidate, CrawlJob, Outcome, study_hash
 
 log = logging.getLogger("crawler")
@@ -48,15 +51,16 @@ RETRY_PER_RUN = 1000
 """Failed studies outside the run's windows asked for again per run (one request each)."""
 
 
-def unchanged(row: StudyRow, summary: StudySummary) -> bool:
+def unchanged(row: StudyRow, summary: StudySummary, tags: tuple[str, ...] = ()) -> bool:
     """Whether a listed study is as the state recorded it, and need not be crawled: synced, the
-    same reported counts (the server reports them), the same study-level attributes."""
+    same reported counts (the server reports them), the same study-level attributes and
+    ``--include-tag`` tags (their ``signature``)."""
     return (
         row.status == StudyStatus.SYNCED
         and row.n_series == summary.n_series
         and row.n_instances == summary.n_instances
         and summary.n_instances is not None
-        and row.study_hash == study_hash(dict(summary.attributes))
+        and row.study_hash == study_hash(dict(summary.attributes), tags)
     )
 
 
@@ -202,7 +206,8 @@ class SyncRun:
 
     def _new_report(self) -> ListingReport:
         known_cap, verified = self.state.source_facts(self.source)
-        report = ListingReport(cap=self.config.max_results or known_cap, verified=verified, page_size=self.config.page_size)
+        report = ListingReport(cap=self.config.max_results or known_cap, verified=verified, page_size=self.config.page_size,
+                               fields=tag_fields(self.config.crawl.tags, "study"))
         report.filters.keywords = self.state.key_form(self.source) == "keywords"
         self.notices = report.notices
         return report
@@ -285,7 +290,7 @@ class SyncRun:
         # in a watch's poll the change source has said the study changed, and its listing entry
         # may not show how (a corrected patient name, an instance replaced): it is crawled, and
         # only resources that differ are written
-        if row is not None and self.polled is None and unchanged(row, summary):
+        if row is not None and self.polled is None and unchanged(row, summary, signature(self.config.crawl.tags)):
             figures.studies_unchanged += 1
             self._report()
             return None
@@ -347,7 +352,8 @@ class SyncRun:
 
     def _listing_of(self, uid: str) -> list[dict[str, Any]]:
         """What a listing shows of one study, asked for by its Study Instance UID."""
-        return self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(STUDY_FIELDS)]).items
+        fields = STUDY_FIELDS + tag_fields(self.config.crawl.tags, "study")
+        return self.client.get("studies", "studies", [(Tag.StudyInstanceUID, uid), *includefields(fields)]).items
 
     def _fed_items(self) -> Iterator[dict[str, Any]]:
         """The studies the change source named that the listing did not show, each asked for by

@@ -168,9 +168,9 @@ def table_sinks(config: SyncConfig, run_name: str, run_id: int, source: str, wad
                 log.warning("finished the Parquet files of interrupted run %s at its last checkpoint", run)
         except OSError as exc:
             raise SinkError(f"cannot finish the interrupted runs' Parquet files in {config.parquet}: {exc.strerror or exc}") from None
-        sinks.append(ParquetLog(config.parquet, run_name, source, run_id, endpoints))
+        sinks.append(ParquetLog(config.parquet, run_name, source, run_id, endpoints, tags=config.crawl.tags))
     if config.delta is not None:
-        sinks.append(DeltaTables(config.delta, source, run_id, endpoints))
+        sinks.append(DeltaTables(config.delta, source, run_id, endpoints, tags=config.crawl.tags))
     return sinks
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -20,14 +20,21 @@ from .qido import QidoClient
 from .sinks.base import Resource
 from .uids import shown
 
+if TYPE_CHECKING:
+    from .tables.tags import TagValues
+
 
 def digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def study_hash(attributes: dict[str, Any]) -> str:
-    """Hash of the study-level attributes that matter (not the server's URLs or availability)."""
-    kept = {k: v for k, v in attributes.items() if k not in VOLATILE}
+def study_hash(attributes: dict[str, Any], tags: tuple[str, ...] = ()) -> str:
+    """Hash of the study-level attributes that matter (not the server's URLs or availability),
+    and of the ``--include-tag`` tags (``tables.tags.signature``; none: the hash is as before),
+    so that a study synced without a tag is crawled again for its column."""
+    kept: dict[str, Any] = {k: v for k, v in attributes.items() if k not in VOLATILE}
+    if tags:
+        kept["include-tags"] = tags
     return digest(orjson.dumps(kept, option=orjson.OPT_SORT_KEYS))
 
 
@@ -57,6 +64,8 @@ class Outcome:
     path: str | None = None
     fallbacks: tuple[tuple[str, str], ...] = ()
     series_without_modality: int = 0
+    tags: TagValues | None = None
+    """The values of the ``--include-tag`` tags (None without any)."""
 
     @property
     def study(self) -> Resource:
@@ -94,8 +103,13 @@ def crawl_one(client: QidoClient, summary: StudySummary, job: CrawlJob, learned:
             for resource in (convert(endpoint(options.wado_base or options.source), job.fhir_version), *resources):
                 validate(resource, job.fhir_version, summary.uid)
         serialised = tuple((r["resourceType"], r["id"], orjson.dumps(r)) for r in resources)
+        tags = None
+        if job.crawl.tags:
+            from .tables.tags import extract
+
+            tags = extract(job.crawl.tags, summary.attributes, (*fetched.data.instances, *fetched.data.series), options.zone)
         return Outcome(summary, (endpoint_resource(options.wado_base or options.source, job.fhir_version), *serialised), path=fetched.path,
-                       fallbacks=fetched.fallbacks, series_without_modality=without_modality)
+                       fallbacks=fetched.fallbacks, series_without_modality=without_modality, tags=tags)
     except MappingError as exc:
         return Outcome(summary, status=StudyStatus.FAILED, error=str(exc))
     except QidoError as exc:

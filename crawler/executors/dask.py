@@ -34,7 +34,7 @@ from typing import Any
 
 from .. import worker
 from ..config import SyncConfig
-from ..crawl import Learned, StudySummary
+from ..crawl import Learned, StudySummary, tag_fields
 from ..errors import ConfigError, QidoError, SourceUnreachable
 from ..kinds import StudyStatus
 from ..listing import (
@@ -134,7 +134,8 @@ def list_task(key: str, config: SyncConfig, window: Window, cap: int | None, ver
     ``filters`` how the server takes the matching keys, as learned so far (see listing)."""
     client, _ = _task_client(key, config)
     client.learn_max_limit(max_limit)
-    report = ListingReport(cap=cap, verified=verified, page_size=config.page_size, filters=deepcopy(filters or Filters()))
+    report = ListingReport(cap=cap, verified=verified, page_size=config.page_size, filters=deepcopy(filters or Filters()),
+                           fields=tag_fields(config.crawl.tags, "study"))
     state = WindowListing(window, budget=budget)
     if verify and cap is None:
         state.dates = array("L")

@@ -9,7 +9,10 @@ answered), and names the studies it could not take, which are then not recorded 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeGuard
+from typing import TYPE_CHECKING, Protocol, TypeGuard
+
+if TYPE_CHECKING:
+    from ..tables.tags import TagValues
 
 Resource = tuple[str, str, bytes]
 """(resource type, id, serialised JSON without a newline)."""
@@ -59,6 +62,18 @@ class ServerIds(Sink, Protocol):
 
     def unknown_to_server(self, resource_type: str, resource_id: str) -> bool:
         """Whether the server holds the resource under no id the state knows."""
+
+
+class TakesTags(Sink, Protocol):
+    """A sink with a column per ``--include-tag`` (the tables): the values of a study's tags are
+    handed to it just before the study's resources (``add`` with the same key)."""
+
+    def add_tags(self, key: str, tags: TagValues) -> None:
+        """Keep ``tags`` for the next ``add`` of ``key``."""
+
+
+def takes_tags(sink: Sink) -> TypeGuard[TakesTags]:
+    return hasattr(sink, "add_tags")
 
 
 def learns_max_entries(sink: Sink) -> TypeGuard[LearnsMaxEntries]:

@@ -29,6 +29,7 @@ from ..errors import SinkError
 from ..files import make_folder
 from ..tables.collect import Collector
 from ..tables.rows import KEYS, TABLES, Row, StudyRows
+from ..tables.tags import IncludeTag, TagValues
 from .base import Resource
 
 
@@ -76,17 +77,20 @@ class DeltaTables:
     """The three tables under ``uri`` for one run of ``source``."""
 
     def __init__(self, uri: str, source: str, run_id: int, endpoints: Mapping[str, str] | None = None,
-                 storage_options: dict[str, str] | None = None) -> None:
+                 storage_options: dict[str, str] | None = None, tags: Sequence[IncludeTag] = ()) -> None:
         self.uri = uri.rstrip("/")
-        self.collector = Collector(source, run_id, endpoints)
+        self.collector = Collector(source, run_id, endpoints, tags=tags)
         self.storage_options = storage_options
         self.pending: dict[str, StudyRows | None] = {}
         self.commits = 0
         self._held: set[int] | None = None
         """Digests of the Study Instance UIDs of this source that the studies table holds."""
 
+    def add_tags(self, key: str, tags: TagValues) -> None:
+        self.collector.tag_values[key] = tags
+
     def add(self, key: str, resources: Sequence[Resource]) -> None:
-        rows = self.collector.rows(resources, None)
+        rows = self.collector.rows(resources, None, key)
         if rows is not None:
             self.pending[rows.study["study_uid"]] = rows
 
@@ -148,10 +152,11 @@ class DeltaTables:
 
         from ..tables.arrow import table
 
-        data = table(name, rows, change_log=False)
+        data = table(name, rows, change_log=False, tags=self.collector.tags)
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
-                write_deltalake(table_uri(self.uri, name), data, mode="append", storage_options=self.storage_options)
+                # schema_mode="merge": a table made before an --include-tag was added gets its column
+                write_deltalake(table_uri(self.uri, name), data, mode="append", schema_mode="merge", storage_options=self.storage_options)
             except CommitFailedError:
                 if attempt == COMMIT_ATTEMPTS:
                     raise
@@ -167,7 +172,7 @@ class DeltaTables:
         from ..tables.arrow import table
 
         uri = table_uri(self.uri, name)
-        data = table(name, rows, change_log=False)
+        data = table(name, rows, change_log=False, tags=self.collector.tags)
         if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
             if rows:
                 write_deltalake(uri, data, mode="append", storage_options=self.storage_options)
@@ -177,7 +182,7 @@ class DeltaTables:
         mine = f"t.source = {_quoted(self.collector.source)} AND t.study_uid IN ({', '.join(_quoted(uid) for uid in touched)})"
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             merger: Any = DeltaTable(uri, storage_options=self.storage_options).merge(
-                source=data, predicate=on, source_alias="s", target_alias="t")
+                source=data, predicate=on, source_alias="s", target_alias="t", merge_schema=True)
             try:
                 merger.when_matched_update_all().when_not_matched_insert_all().when_not_matched_by_source_delete(mine).execute()
             except CommitFailedError:

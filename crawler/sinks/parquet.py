@@ -27,6 +27,7 @@ from ..files import make_folder
 from ..tables.arrow import ParquetFileWriter, merge, sync_folder
 from ..tables.collect import Collector
 from ..tables.rows import TABLES
+from ..tables.tags import IncludeTag, TagValues
 from .base import Resource
 
 log = logging.getLogger("crawler")
@@ -42,10 +43,11 @@ def run_tag(run_name: str) -> str:
 class ParquetLog:
     """The Parquet change log of one run at ``folder``; ``run_name`` names its files."""
 
-    def __init__(self, folder: Path, run_name: str, source: str, run_id: int, endpoints: Mapping[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, run_name: str, source: str, run_id: int, endpoints: Mapping[str, str] | None = None,
+                 tags: Sequence[IncludeTag] = ()) -> None:
         self.folder = Path(folder)
         self.run_name = run_name
-        self.collector = Collector(source, run_id, endpoints)
+        self.collector = Collector(source, run_id, endpoints, tags=tags)
         self.checkpoints = 0
         self._writers: dict[str, ParquetFileWriter] = {}
         self.rows = dict.fromkeys(TABLES, 0)
@@ -55,7 +57,7 @@ class ParquetLog:
         if writer is None:
             try:
                 make_folder(self.folder / name)
-                writer = ParquetFileWriter(self._part(name, "tmp"), name, change_log=True)
+                writer = ParquetFileWriter(self._part(name, "tmp"), name, change_log=True, tags=self.collector.tags)
             except OSError as exc:
                 raise SinkError(f"cannot write to {self.folder / name}: {exc.strerror}") from None
             self._writers[name] = writer
@@ -64,8 +66,11 @@ class ParquetLog:
     def _part(self, name: str, kind: str) -> Path:
         return self.folder / name / f".{self.run_name}.{self.checkpoints:05d}.{kind}"
 
+    def add_tags(self, key: str, tags: TagValues) -> None:
+        self.collector.tag_values[key] = tags
+
     def add(self, key: str, resources: Sequence[Resource]) -> None:
-        rows = self.collector.rows(resources, "upsert")
+        rows = self.collector.rows(resources, "upsert", key)
         if rows is None:
             return
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -12,20 +12,22 @@ import pyarrow.parquet as pq
 
 from ..files import open_private
 from .rows import Row
-from .schema import CHANGE_LOG, SNAPSHOT
+from .schema import CHANGE_LOG, SNAPSHOT, with_tags
+from .tags import IncludeTag
 
 ROWS_PER_GROUP = 20_000
 """Rows of one table held before they are written as a row group (an instances row is about
 300 bytes in memory: a few MB per table)."""
 
 
-def schema(name: str, change_log: bool) -> pa.Schema:
-    return (CHANGE_LOG if change_log else SNAPSHOT)[name]
+def schema(name: str, change_log: bool, tags: Sequence[IncludeTag] = ()) -> pa.Schema:
+    """The table's schema, with the columns of ``tags`` (``--include-tag``) at its level."""
+    return with_tags((CHANGE_LOG if change_log else SNAPSHOT)[name], name, tags)
 
 
-def table(name: str, rows: list[Row], change_log: bool) -> pa.Table:
+def table(name: str, rows: list[Row], change_log: bool, tags: Sequence[IncludeTag] = ()) -> pa.Table:
     """``rows`` (dicts with every column of the schema, missing ones None) as an Arrow table."""
-    target = schema(name, change_log)
+    target = schema(name, change_log, tags)
     return pa.Table.from_pylist(rows, schema=target)
 
 
@@ -33,15 +35,17 @@ class ParquetFileWriter:
     """One Parquet file written at ``path`` (created 0600) from rows added a few at a time; each
     ``ROWS_PER_GROUP`` rows become a row group. ``close`` writes the footer and syncs the file."""
 
-    def __init__(self, path: Path, name: str, change_log: bool, rows_per_group: int = ROWS_PER_GROUP) -> None:
+    def __init__(self, path: Path, name: str, change_log: bool, rows_per_group: int = ROWS_PER_GROUP,
+                 tags: Sequence[IncludeTag] = ()) -> None:
         self.path = path
         self.name = name
         self.change_log = change_log
+        self.tags = tuple(tags)
         self.rows_per_group = rows_per_group
         self.rows: list[Row] = []
         self.count = 0
         self._handle: IO[bytes] = open_private(path, "wb")
-        self._writer = pq.ParquetWriter(self._handle, schema(name, change_log), compression="zstd")
+        self._writer = pq.ParquetWriter(self._handle, schema(name, change_log, tags), compression="zstd")
 
     def add(self, rows: Iterable[Row]) -> None:
         self.rows.extend(rows)
@@ -50,7 +54,7 @@ class ParquetFileWriter:
 
     def _write(self) -> None:
         if self.rows:
-            self._writer.write_table(table(self.name, self.rows, self.change_log))
+            self._writer.write_table(table(self.name, self.rows, self.change_log, self.tags))
             self.count += len(self.rows)
             self.rows = []
 
@@ -73,10 +77,12 @@ class ParquetFileWriter:
 
 def merge(parts: list[Path], out: Path, name: str, change_log: bool) -> int:
     """Copy the row groups of ``parts`` (complete Parquet files), in order, into one new file
-    ``out`` (written 0600 and synced), one row group in memory at a time. Returns the rows."""
+    ``out`` (written 0600 and synced), one row group in memory at a time. Returns the rows.
+    The file has the parts' schema (the run's, with its ``--include-tag`` columns)."""
     count = 0
     with open_private(out, "wb") as handle:
-        writer = pq.ParquetWriter(handle, schema(name, change_log), compression="zstd")
+        target = pq.ParquetFile(parts[0]).schema_arrow if parts else schema(name, change_log)
+        writer = pq.ParquetWriter(handle, target, compression="zstd")
         for part in parts:
             source = pq.ParquetFile(part)
             for group in range(source.num_row_groups):

@@ -5,18 +5,23 @@ rows of a study are the last ones even when a watch writes a study twice in one 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from datetime import datetime, timedelta, timezone
 
 import orjson
 
 from ..sinks.base import Resource
 from .rows import StudyRows, study_rows
+from .tags import IncludeTag, TagValues, at_level
 
 
 class Collector:
     def __init__(self, source: str, run_id: int, endpoints: Mapping[str, str] | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc), tags: Sequence[IncludeTag] = ()) -> None:
         self.source = source
+        self.tags = tuple(tags)
+        self.tag_values: dict[str, TagValues] = {}
+        """Values of ``tags`` handed over by ``TakesTags.add_tags``, by study, until its rows are made."""
         self.clock = clock
         self.run_id = run_id
         self.endpoints: dict[str, str] = dict(endpoints or {})
@@ -29,9 +34,10 @@ class Collector:
         self._last = now
         return now
 
-    def rows(self, resources: Sequence[Resource], change: str | None) -> StudyRows | None:
+    def rows(self, resources: Sequence[Resource], change: str | None, key: str | None = None) -> StudyRows | None:
         """The rows of the ImagingStudy among ``resources`` (None when only shared resources
-        changed), with ``run_id``, ``synced_at`` and, for a change log, ``change``."""
+        changed), with ``run_id``, ``synced_at``, for a change log ``change``, and the columns of
+        the ``--include-tag`` tags (the values given for ``key``; null without)."""
         study = None
         for resource_type, resource_id, body in resources:
             if resource_type == "Endpoint":
@@ -43,10 +49,24 @@ class Collector:
         if study is None:
             return None
         rows = study_rows(study, self.source, self.endpoints)
+        values = self.tag_values.pop(key, None) if key is not None else None
+        if self.tags:
+            self._add_tags(rows, values or TagValues())
         meta = self.meta(change)
         for row in (rows.study, *rows.series, *rows.instances):
             row.update(meta)
         return rows
+
+    def _add_tags(self, rows: StudyRows, values: TagValues) -> None:
+        def put(row: dict[str, Any], level: str, found: Mapping[str, Any]) -> None:
+            for tag in at_level(self.tags, level):
+                row[tag.column] = found.get(tag.column)
+
+        put(rows.study, "study", values.study)
+        for row in rows.series:
+            put(row, "series", values.series.get(row["series_uid"], {}))
+        for row in rows.instances:
+            put(row, "instance", values.instances.get(row["sop_uid"], {}))
 
     def deletion(self, study_uid: str, resource_id: str) -> dict[str, object]:
         """The ``studies`` row of a change log that says a study is gone."""

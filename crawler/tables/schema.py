@@ -7,9 +7,12 @@ pyarrow: only the table sinks and the export do.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 
 from .rows import KEYS, TABLES
+from .tags import FIXED_COLUMNS, IncludeTag
 
 UTC_MICROS = pa.timestamp("us", tz="UTC")
 CODE = pa.struct([("system", pa.string()), ("code", pa.string()), ("display", pa.string()), ("text", pa.string())])
@@ -73,5 +76,26 @@ CHANGE_LOG: dict[str, pa.Schema] = {
     for name, schema in SNAPSHOT.items()
 }
 
+_TAG_TYPES = {"date32": pa.date32(), "timestamp": UTC_MICROS, "int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
+
+
+def tag_type(tag: IncludeTag) -> pa.DataType:
+    """The Arrow type of an ``--include-tag`` column (see tables.tags)."""
+    base = _TAG_TYPES[tag.arrow_type.removeprefix("list<").removesuffix(">")]
+    return pa.list_(base) if tag.multiple else base
+
+
+def with_tags(schema: pa.Schema, name: str, tags: Sequence[IncludeTag]) -> pa.Schema:
+    """``schema`` (of table ``name``) with the columns of the tags at its level, after the fixed
+    columns and before ``change``, ``run_id`` and ``synced_at``."""
+    at = schema.get_field_index("change" if "change" in schema.names else "run_id")
+    for tag in tags:
+        if tag.table == name:
+            schema = schema.insert(at, pa.field(tag.column, tag_type(tag)))
+            at += 1
+    return schema
+
+
 assert tuple(SNAPSHOT) == TABLES
+assert all(set(CHANGE_LOG[name].names) == FIXED_COLUMNS[name] for name in TABLES)
 assert all(SNAPSHOT[name].names[:len(KEYS[name])] == list(KEYS[name]) for name in TABLES)
