@@ -39,17 +39,19 @@ def pem(key) -> bytes:
 
 def test_a_run_longer_than_the_tokens_life_refreshes_it_without_a_failed_request(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CRAWLER_SECRET", SECRET)
-    with FakeOAuth(secrets_by_client={"crawler": SECRET}, expires_in=2) as oauth, \
-            FakePacs(n_studies=36, seed=5, token=oauth.valid, latency=0.25) as pacs:
+    # 4 s tokens are renewed 1 s before they expire: the simulator's 0.25 s latency, which comes
+    # before its token check, leaves 0.75 s of slack on a loaded machine
+    with FakeOAuth(secrets_by_client={"crawler": SECRET}, expires_in=4) as oauth, \
+            FakePacs(n_studies=48, seed=5, token=oauth.valid, latency=0.25) as pacs:
         code, out, err = run_cli(capsys, "sync", pacs.url, "--state", str(tmp_path / "s.db"), "--metadata", "never",
                                  "--workers", "2", "--json", *oauth_args(oauth))
         assert code == 0, err
         summary = json.loads(out)
-        assert summary["studies_new"] == 36 and summary["studies_failed"] == 0
+        assert summary["studies_new"] == 48 and summary["studies_failed"] == 0
         assert oauth.rejected == 0                  # not one request went out with an expired token
-        assert len(oauth.issued) >= 3               # the run outlived two tokens at least
+        assert len(oauth.issued) >= 2               # the run outlived its first token
         assert oauth.methods[0] == "basic"
-        assert summary["seconds"] > 4
+        assert summary["seconds"] > 4.5
 
 
 def test_a_revoked_token_is_fetched_again_once_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
