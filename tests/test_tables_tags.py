@@ -8,10 +8,12 @@ a later run gives the existing Delta tables its column (schema evolution) and it
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
+import pydicom
 import pytest
 import requests
 
@@ -22,6 +24,7 @@ from crawler.tables.tags import (
     FIXED_COLUMNS, IncludeTag, TagError, column_name, extract, parse, parse_all, signature, value,
 )
 from crawler.worker import study_hash
+from fixtures import corpus, orthanc
 from fixtures.tables import delta_files
 
 URL = "http://pacs.invalid/dicom-web"
@@ -89,6 +92,7 @@ PHI = ["PatientName", "PatientID", "PatientBirthDate", "PatientAge", "PatientSex
        "AccessionNumber", "StudyID", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "00100020:series",
        "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "NameOfPhysiciansReadingStudy",
        "PhysiciansOfRecord", "RequestingPhysician", "StationName", "DeviceSerialNumber", "ContentCreatorName",
+       "ReviewerName", "HumanPerformerName",   # person names outside the list: refused by their VR (PN)
        "00100010", "(0008,0050)"]
 
 
@@ -340,12 +344,14 @@ def test_a_phi_tag_without_include_phi_is_refused_and_nothing_is_written(pacs, c
         assert err.count("\n") == 1, err
     assert not runner.parquet.exists() and not runner.delta.exists() and not runner.state.exists()
 
-    summary, err = runner.sync("--include-tag", "PatientName", "--include-tag", "AccessionNumber", "--include-phi")
-    expected = server_values(pacs, corpus_study_uids, ["PatientName", "AccessionNumber"])["studies"]
+    # PatientWeight: Orthanc's study search answers it only when asked (includefield of the listing)
+    summary, err = runner.sync(*tag_options(["PatientName", "AccessionNumber", "PatientWeight"]), "--include-phi")
+    expected = server_values(pacs, corpus_study_uids, ["PatientName", "AccessionNumber", "PatientWeight"])["studies"]
     con = duckdb.connect()
-    got = table_values(con, f"read_parquet({delta_files(runner.delta / 'studies')!r})", "studies", ["patient_name", "accession_number"])
+    columns = ["patient_name", "accession_number", "patient_weight"]
+    got = table_values(con, f"read_parquet({delta_files(runner.delta / 'studies')!r})", "studies", columns)
     assert got == expected
-    assert any(row["patient_name"] for row in got.values()) and any(row["accession_number"] for row in got.values())
+    assert all(any(row[column] for row in got.values()) for column in columns)
     names = {row["patient_name"] for row in got.values() if row["patient_name"]}
     assert not any(name in err for name in names)
 
@@ -372,6 +378,8 @@ def test_a_tag_added_later_evolves_the_tables_and_fills_its_column(pacs, corpus_
     first, _ = runner.sync()
     assert first["studies_new"] == len(corpus_study_uids)
     added = ["SliceThickness", "Manufacturer"]
+    dry, _ = runner.sync("--full", "--dry-run", *tag_options(added))
+    assert (dry["studies_changed"], dry["studies_unchanged"]) == (len(corpus_study_uids), 0)
     second, _ = runner.sync("--full", *tag_options(added))
     # the tags are part of each study's hash: every listed study is crawled again for its columns
     assert second["studies_unchanged"] == 0 and second["studies_failed"] == 0
@@ -391,3 +399,88 @@ def test_a_tag_added_later_evolves_the_tables_and_fills_its_column(pacs, corpus_
         assert latest[0] == len(expected[name]) and latest[1] == sum(row[column] is not None for row in expected[name].values())
     third, _ = runner.sync("--full", *tag_options(reversed(added)))
     assert third["studies_unchanged"] == len(corpus_study_uids)
+
+
+@pytest.fixture
+def live(corpus_files, tmp_path):
+    """A fresh Orthanc (this test changes what it holds)."""
+    server = orthanc.start(tmp_path / "orthanc", config={"OverwriteInstances": True})
+    try:
+        server.upload(corpus_files)
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+def test_a_changed_study_level_value_rewrites_the_rows_though_the_imagingstudy_is_the_same(live, corpus_files, corpus_study_uids, tmp_path, capsys):
+    runner = Runner(live, tmp_path, capsys)
+    options = [*tag_options(["PatientWeight", "SliceThickness"]), "--include-phi"]
+    runner.sync(*options)
+    uid = corpus.uid("study", "01")
+    files = [p for p in corpus_files if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == uid]
+    weight = float(pydicom.dcmread(files[0], stop_before_pixels=True).get("PatientWeight", 70)) + 1.5
+    changed = []
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.PatientWeight = weight
+        changed.append(tmp_path / f"w{i}.dcm")
+        ds.save_as(changed[-1], enforce_file_format=True)
+    live.upload(changed)
+
+    summary, _ = runner.sync("--full", *options)
+    # the listing entry changed (PatientWeight is asked for there), the ImagingStudy did not
+    assert summary["studies_unchanged"] == len(corpus_study_uids) - 1 and summary["resources_written"] == 0
+    con = duckdb.connect()
+    got = table_values(con, f"read_parquet({delta_files(runner.delta / 'studies')!r})", "studies", ["patient_weight"])
+    assert got[(uid,)] == {"patient_weight": weight}
+    assert got == server_values(live, corpus_study_uids, ["PatientWeight"])["studies"]
+    log = con.execute(f"SELECT study_uid, patient_weight FROM read_parquet('{runner.parquet}/studies/*.parquet') WHERE run_id = ?",
+                      [summary["run_id"]]).fetchall()
+    assert log == [(uid, weight)]
+
+
+def test_a_study_the_change_feed_names_is_asked_for_with_its_tags(live, corpus_files, tmp_path, capsys):
+    """A study outside the run's windows that Orthanc's change log names is listed by its UID:
+    that query asks for the study-level tags too."""
+    runner = Runner(live, tmp_path, capsys)
+    options = [*tag_options(["PatientWeight", "SliceThickness"]), "--include-phi", "--changes", "orthanc"]
+    runner.sync(*options)
+    source = next(p for p in corpus_files if pydicom.dcmread(p, stop_before_pixels=True).get("SliceThickness") is not None)
+    late_uid, sop_uid = corpus.uid("study", "late"), corpus.uid("instance", "late")
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = late_uid, corpus.uid("series", "late"), sop_uid
+    ds.StudyDate, ds.PatientWeight = "19990101", 77.5
+    ds.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+    live.upload([tmp_path / "late.dcm"])
+
+    summary, _ = runner.sync(*options)
+    assert summary["studies_new"] == 1
+    con = duckdb.connect()
+    studies = table_values(con, f"read_parquet({delta_files(runner.delta / 'studies')!r})", "studies", ["patient_weight"])
+    assert studies[(late_uid,)] == {"patient_weight": 77.5}
+    instances = table_values(con, f"read_parquet({delta_files(runner.delta / 'instances')!r})", "instances", ["slice_thickness"])
+    assert instances[(late_uid, corpus.uid("series", "late"), sop_uid)] == {"slice_thickness": float(ds.SliceThickness)}
+
+
+def test_the_dask_executor_asks_for_the_tags_too(pacs, corpus_study_uids, tmp_path, capsys):
+    """With --executor dask the listing and the crawl run in worker processes: the tags travel
+    in the settings and the values come back in the outcomes."""
+    runner = Runner(pacs, tmp_path, capsys)
+    keywords = ["PatientWeight", "Manufacturer", "SliceThickness"]
+    summary, _ = runner.sync(*tag_options(keywords), "--include-phi", "--executor", "dask", "--workers", "1", "--worker-threads", "2")
+    assert summary["studies_new"] == len(corpus_study_uids)
+    expected = server_values(pacs, corpus_study_uids, keywords)
+    con = duckdb.connect()
+    for name, column in (("studies", "patient_weight"), ("series", "manufacturer"), ("instances", "slice_thickness")):
+        got = table_values(con, f"read_parquet('{runner.parquet}/{name}/*.parquet')", name, [column])
+        assert got == expected[name] and any(row[column] is not None for row in got.values()), name
+
+
+def test_watch_takes_the_same_options_and_refuses_the_same(pacs, tmp_path, capsys):
+    base = ["watch", pacs.dicomweb, "--changes", "orthanc", "--state", str(tmp_path / "s.db")]
+    assert main([*base, "--parquet", str(tmp_path / "t"), "--include-tag", "PatientName"]) == 2
+    assert "--include-phi" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "o"), "--include-tag", "SliceThickness"]) == 2
+    assert "--include-tag" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "o").exists() and not (tmp_path / "s.db").exists()
