@@ -90,8 +90,11 @@ def detect(url: str) -> str | None:
     ``healthcare.googleapis.com/.../dicomWeb``, Azure's ``*.dicom.azurehealthcareapis.com``,
     AWS HealthImaging's ``dicom-medical-imaging.<region>.amazonaws.com``, dcm4chee-arc's
     ``/dcm4chee-arc/aets/<AE>/rs``."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:   # not a URL (an unclosed IPv6 bracket): check_base_url says what is wrong
+        return None
     path = parts.path
     if _GOOGLE.search(host) and "/dicomWeb" in path:
         return "google"
