@@ -179,8 +179,9 @@ class SyncConfig(Connection):
     def _check_tags(self) -> None:
         """``include_tags`` parsed into ``crawl.tags`` (the crawl asks for them, the table sinks
         write them); refused when no table is written, or a tag cannot be a column."""
-        if isinstance(self.include_tags, str):
-            object.__setattr__(self, "include_tags", (self.include_tags,))
+        given: object = self.include_tags
+        if isinstance(given, str):
+            object.__setattr__(self, "include_tags", (given,))
         if not self.include_tags:
             object.__setattr__(self, "crawl", replace(self.crawl, tags=()))
             return

@@ -143,6 +143,8 @@ def test_the_library_refuses_what_the_cli_refuses(tmp_path):
     config = SyncConfig(url=URL, parquet=tmp_path / "t", include_tags=("PatientName", "SliceThickness"), include_phi=True)
     assert [t.keyword for t in config.crawl.tags] == ["PatientName", "SliceThickness"]
     assert SyncConfig(url=URL, out=tmp_path).crawl.tags == ()
+    one = SyncConfig(url=URL, delta=str(tmp_path / "d"), include_tags="SliceThickness")   # type: ignore[arg-type]
+    assert one.include_tags == ("SliceThickness",) and [t.column for t in one.crawl.tags] == ["slice_thickness"]
 
 
 def test_the_study_hash_takes_the_tags_and_is_unchanged_without_them():
@@ -345,7 +347,7 @@ def test_a_phi_tag_without_include_phi_is_refused_and_nothing_is_written(pacs, c
     assert not runner.parquet.exists() and not runner.delta.exists() and not runner.state.exists()
 
     # PatientWeight: Orthanc's study search answers it only when asked (includefield of the listing)
-    summary, err = runner.sync(*tag_options(["PatientName", "AccessionNumber", "PatientWeight"]), "--include-phi")
+    _, err = runner.sync(*tag_options(["PatientName", "AccessionNumber", "PatientWeight"]), "--include-phi")
     expected = server_values(pacs, corpus_study_uids, ["PatientName", "AccessionNumber", "PatientWeight"])["studies"]
     con = duckdb.connect()
     columns = ["patient_name", "accession_number", "patient_weight"]

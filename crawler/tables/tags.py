@@ -146,11 +146,11 @@ def column_name(keyword: str) -> str:
 
 
 def _lookup(name: str) -> int:
-    from pydicom.datadict import DicomDictionary, tag_for_keyword
+    from pydicom.datadict import dictionary_has_tag, tag_for_keyword
 
     match = _HEX.match(name)
     number = int(match[1] + match[2], 16) if match else tag_for_keyword(name)
-    if number is None or number not in DicomDictionary:
+    if number is None or not dictionary_has_tag(number):
         what = "private tags are not supported" if match and int(match[1], 16) % 2 else "not in the DICOM dictionary"
         raise TagError(f"unknown tag {name!r}: {what}")
     return number
