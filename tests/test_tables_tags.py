@@ -486,3 +486,50 @@ def test_watch_takes_the_same_options_and_refuses_the_same(pacs, tmp_path, capsy
     assert main([*base, "--out", str(tmp_path / "o"), "--include-tag", "SliceThickness"]) == 2
     assert "--include-tag" in capsys.readouterr().err
     assert not (tmp_path / "t").exists() and not (tmp_path / "o").exists() and not (tmp_path / "s.db").exists()
+
+
+def test_watch_writes_the_tag_columns_of_a_study_uploaded_while_watching(live, corpus_files, corpus_study_uids, tmp_path):
+    import threading
+    import time
+
+    from crawler.watch import WatchOptions, watch
+
+    config = SyncConfig(live.dicomweb, parquet=tmp_path / "parquet", delta=str(tmp_path / "delta"), state=tmp_path / "state.db",
+                        changes="orthanc", include_tags=("PatientWeight", "SliceThickness"), include_phi=True)  # type: ignore[arg-type]
+    stop = threading.Event()
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(watch(config, WatchOptions(interval=1, stable_after=1, roll_every=2,
+                                                                                      reconcile_every=3600), stop)), daemon=True)
+    thread.start()
+    con = duckdb.connect()
+
+    def in_delta() -> dict[tuple, dict]:
+        if not (tmp_path / "delta" / "studies" / "_delta_log").is_dir():
+            return {}
+        return table_values(con, f"read_parquet({delta_files(tmp_path / 'delta' / 'studies')!r})", "studies", ["patient_weight"])
+
+    def wait_for(what, timeout: float = 60.0):
+        end = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < end and thread.is_alive(), "timed out"
+            time.sleep(0.2)
+
+    source = next(p for p in corpus_files if pydicom.dcmread(p, stop_before_pixels=True).get("SliceThickness") is not None)
+    added, series, sop = corpus.uid("study", "tags-watch"), corpus.uid("series", "tags-watch"), corpus.uid("instance", "tags-watch")
+    try:
+        wait_for(lambda: {(uid,) for uid in corpus_study_uids} <= set(in_delta()))
+        ds = pydicom.dcmread(source)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.PatientWeight = added, series, sop, 66.5
+        ds.save_as(tmp_path / "w.dcm", enforce_file_format=True)
+        live.upload([tmp_path / "w.dcm"])
+        wait_for(lambda: (added,) in in_delta())
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive() and result and result[0].exit_code == 0
+    assert in_delta()[(added,)] == {"patient_weight": 66.5}
+    instances = table_values(con, f"read_parquet({delta_files(tmp_path / 'delta' / 'instances')!r})", "instances", ["slice_thickness"])
+    assert instances[(added, series, sop)] == {"slice_thickness": float(ds.SliceThickness)}
+    logged = con.execute(f"SELECT patient_weight FROM read_parquet('{tmp_path}/parquet/studies/*.parquet') WHERE study_uid = ?",
+                         [added]).fetchall()
+    assert logged and all(row == (66.5,) for row in logged)
