@@ -200,7 +200,9 @@ def test_a_finished_run_is_recorded_with_its_end_outcome_folder_figures_and_mark
     assert first["run_dir"]
     assert [(r[0], r[2], r[3]) for r in rows] == [(1, "ok", first["run_dir"]), (2, "partial", second["run_dir"])]
     assert all(r[1] for r in rows)
-    assert [json.loads(r[4]) for r in rows] == [first, second]
+    # the summary names the server profile besides the figures (the state keeps it per source)
+    assert [json.loads(r[4]) for r in rows] == [{k: v for k, v in s.items() if k != "server_profile"} for s in (first, second)]
+    assert first["server_profile"] == {"name": "generic", "how": "default"}
     assert rows[0][5] is not None and rows[1][5] is None
     assert [json.loads(r[6]) for r in rows] == [["all studies"], ["all studies"]]
 
