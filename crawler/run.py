@@ -242,6 +242,7 @@ class SyncRun:
         check_listed(report, figures.studies_listed)
         state.set_source_facts(self.source, report.cap if config.max_results is None else known_cap, report.verified)
         state.set_server_profile(self.source, config.server_profile, config.server_profile_how)
+        state.set_included_tags(self.source, signature(config.crawl.tags))
         if report.filters.tried:
             state.set_key_form(self.source, "keywords" if report.filters.keywords else "tags")
         if config.full and self.crawled_ok:

@@ -902,6 +902,16 @@ class State:
         name, _, how = str(row[0]).partition(" ")
         return name, how
 
+    def included_tags(self, source: str) -> tuple[str, ...]:
+        """The ``--include-tag`` signature (``tables.tags.signature``) of the source's last run
+        that listed: its study hashes include it, so an audit asks for and hashes the same."""
+        row = self._q("SELECT value FROM state_info WHERE key = ?", (f"include_tags {source}",)).fetchone()
+        return tuple(json.loads(row[0])) if row else ()
+
+    def set_included_tags(self, source: str, signature: tuple[str, ...]) -> None:
+        self._q("INSERT INTO state_info (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (f"include_tags {source}", json.dumps(list(signature))))
+
     def set_server_profile(self, source: str, name: str, how: str) -> None:
         self._q("INSERT INTO state_info (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (f"server_profile {source}", f"{name} {how}"))

@@ -8,6 +8,7 @@ a later run gives the existing Delta tables its column (schema evolution) and it
 from __future__ import annotations
 
 import json
+import sqlite3
 import shutil
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -533,3 +534,22 @@ def test_watch_writes_the_tag_columns_of_a_study_uploaded_while_watching(live, c
     logged = con.execute(f"SELECT patient_weight FROM read_parquet('{tmp_path}/parquet/studies/*.parquet') WHERE study_uid = ?",
                          [added]).fetchall()
     assert logged and all(row == (66.5,) for row in logged)
+
+
+def test_an_audit_of_a_state_synced_with_tags_asks_for_them_and_finds_nothing_stale(pacs, corpus_study_uids, tmp_path, capsys):
+    """The study hashes of a sync with --include-tag take the tags (and the study-level values);
+    the state keeps which, so an audit asks for the same and hashes alike. Failed before: every
+    study of the source STALE_IN_STATE."""
+    runner = Runner(pacs, tmp_path, capsys)
+    runner.sync(*tag_options(TAGS))
+    assert main(["audit", pacs.dicomweb, "--report", str(tmp_path / "report"), "--state", str(runner.state), "--json",
+                 "--timezone", "Europe/Berlin"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "STALE_IN_STATE" not in summary["findings"] and "MISSING_FROM_STATE" not in summary["findings"]
+    # and a study-level value that changed since is stale: the audit did hash the values
+    state = sqlite3.connect(runner.state)
+    state.execute("UPDATE studies SET study_hash = 'x' WHERE study_uid = ?", (sorted(corpus_study_uids)[0],))
+    state.commit()
+    state.close()
+    main(["audit", pacs.dicomweb, "--report", str(tmp_path / "report2"), "--state", str(runner.state), "--json", "--timezone", "Europe/Berlin"])
+    assert json.loads(capsys.readouterr().out)["findings"].get("STALE_IN_STATE") == 1

@@ -76,6 +76,15 @@ def read_state(path: Path | str, source: str) -> tuple[dict[str, CopyRow], tuple
         state.close()
 
 
+def included_tags(path: Path | str, source: str) -> tuple[str, ...]:
+    """The ``--include-tag`` signature the sync of ``source`` hashed its studies with."""
+    state = State.open(path, read_only=True)
+    try:
+        return state.included_tags(source)
+    finally:
+        state.close()
+
+
 def _uid_of(resource: dict[str, Any]) -> str | None:
     for identifier in resource.get("identifier") or []:
         if isinstance(identifier, dict) and identifier.get("system") == DICOM_UID:

@@ -38,7 +38,7 @@ from ..qido import QidoClient, client_from
 from ..figures import EXIT_OK, EXIT_PARTIAL
 from ..worker import study_hash
 from ..uids import path_uid, shown
-from .copies import FhirReader, read_state
+from .copies import FhirReader, included_tags, read_state
 from .findings import Collector, CopyRow, Evaluation, InstanceRow, SeriesRow, evaluate, instance_rows, series_rows, totals
 from .report import write_report
 
@@ -170,8 +170,10 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
         raise ConfigError(f"cannot create the report folder {config.report}: {exc.strerror or exc}", setting="report") from None
     state_rows: dict[str, CopyRow] | None = None
     known_cap, verified = None, 0
+    tags: tuple[str, ...] = ()
     if config.state is not None:
         state_rows, (known_cap, verified) = read_state(config.state, source)
+        tags = included_tags(config.state, source)
     client = client_from(config)
     fhir: FhirReader | None = None
     if config.fhir_url:
@@ -192,8 +194,10 @@ def audit(config: AuditConfig, progress: Callable[[AuditProgress], None] | None 
         scope = "all studies" if windows == [Window()] else str(windows[0])
         collector = Collector()
         figures = AuditProgress()
-        report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size)
-        _crawl(client, config, windows, report, collector, figures, progress, started_clock)
+        # the listing asks for the study-level tags the sync included, and hashes as the sync did
+        report = ListingReport(cap=config.max_results or known_cap, verified=verified, page_size=config.page_size,
+                               fields=tuple(t.partition(":")[0] for t in tags if t.endswith(":study")))
+        _crawl(client, config, windows, report, collector, figures, progress, started_clock, tags)
         fhir_rows = fhir.rows(source, collector.studies) if fhir is not None else None
         if fhir is not None:
             report.incomplete.extend(fhir.problems)
@@ -260,6 +264,7 @@ def _crawl(
     figures: AuditProgress,
     progress: Callable[[AuditProgress], None] | None,
     started_clock: float,
+    tags: tuple[str, ...] = (),
 ) -> None:
     """List the windows and read every study once (the same listing engine as sync: caps found
     and windows split the same way)."""
@@ -294,7 +299,7 @@ def _crawl(
                 except ValueError as exc:
                     report.incomplete.append(f"a listing entry could not be used: {exc}")
                     continue
-                facts = collector.listed(item, study_hash(dict(summary.attributes)))
+                facts = collector.listed(item, study_hash(dict(summary.attributes), tags))
                 if facts is None:
                     continue
                 figures.studies_listed += 1
