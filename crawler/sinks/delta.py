@@ -83,6 +83,9 @@ class DeltaTables:
         self.storage_options = storage_options
         self.pending: dict[str, StudyRows | None] = {}
         self.commits = 0
+        self._open: dict[str, Any] = {}
+        """Each table's DeltaTable once it exists: an append through it reads only the log entries
+        added since, not the whole log again."""
         self._held: set[int] | None = None
         """Digests of the Study Instance UIDs of this source that the studies table holds."""
 
@@ -147,21 +150,26 @@ class DeltaTables:
 
     def _append(self, name: str, rows: list[Row]) -> None:
         """One commit that adds the rows of studies the tables do not hold yet."""
-        from deltalake import write_deltalake
+        from deltalake import DeltaTable, write_deltalake
         from deltalake.exceptions import CommitFailedError
 
         from ..tables.arrow import table
 
         data = table(name, rows, change_log=False, tags=self.collector.tags)
+        uri = table_uri(self.uri, name)
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            target = self._open.get(name, uri)
             try:
                 # schema_mode="merge": a table made before an --include-tag was added gets its column
-                write_deltalake(table_uri(self.uri, name), data, mode="append", schema_mode="merge", storage_options=self.storage_options)
+                write_deltalake(target, data, mode="append", schema_mode="merge", storage_options=None if target is not uri else self.storage_options)
             except CommitFailedError:
+                self._open.pop(name, None)
                 if attempt == COMMIT_ATTEMPTS:
                     raise
                 continue
             break
+        if name not in self._open:
+            self._open[name] = DeltaTable(uri, storage_options=self.storage_options)
         self.commits += 1
 
     def _commit(self, name: str, rows: list[Row], touched: list[str]) -> None:
@@ -184,6 +192,7 @@ class DeltaTables:
             merger: Any = DeltaTable(uri, storage_options=self.storage_options).merge(
                 source=data, predicate=on, source_alias="s", target_alias="t", merge_schema=True)
             try:
+                self._open.pop(name, None)   # a version of its own: the next append reads the table again
                 merger.when_matched_update_all().when_not_matched_insert_all().when_not_matched_by_source_delete(mine).execute()
             except CommitFailedError:
                 # another writer (e.g. another source of a --config file) committed first: the
