@@ -161,6 +161,7 @@ class SyncConfig(Connection):
             raise ConfigError(f"the server's cap on results must be at least 1, not {self.max_results!r}", setting="max_results")
         _check_fhir_auth(self.fhir_user, self.fhir_password, self.fhir_token)
         check_kind(self.fhir_auth, fhir=True)
+        _check_fhir_credentials_need_a_server(self.fhir_url, self.fhir_auth, self.fhir_auth_options)
         if self.fhir_ids not in ("ours", "server"):
             raise ConfigError(f"the FHIR ids must be ours or server, not {self.fhir_ids!r}", setting="fhir_ids")
         if self.parquet is not None and self.parquet.exists() and not self.parquet.is_dir():
@@ -230,6 +231,7 @@ class AuditConfig(Connection):
             raise ConfigError(f"the window starts ({self.since}) after it ends ({self.until})", setting="since")
         _check_fhir_auth(self.fhir_user, self.fhir_password, self.fhir_token)
         check_kind(self.fhir_auth, fhir=True)
+        _check_fhir_credentials_need_a_server(self.fhir_url, self.fhir_auth, self.fhir_auth_options)
         for name in ("page_size", "workers", "instance_page_size", "max_offset"):
             _check_count(self, name, 1)
 
@@ -239,6 +241,15 @@ def _check_count(config: object, name: str, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         words = name.replace("_", " ")
         raise ConfigError(f"{words} must be an integer >= {minimum}, not {value!r}", setting=name)
+
+
+def _check_fhir_credentials_need_a_server(url: str | None, kind: str | None, options: Mapping[str, Any]) -> None:
+    """A FHIR server's kind of credentials or OAuth settings without the server would be read and
+    then ignored: refused. (Its user, password and token may come from the environment for every
+    job, so they are not.)"""
+    if url is None and (kind is not None or options):
+        raise ConfigError("the FHIR server's credentials (--fhir-auth, --fhir-oauth-*) need a FHIR server (--fhir-url)",
+                          setting="fhir_auth")
 
 
 def _check_fhir_auth(user: str | None, password: str | None, token: str | None) -> None:

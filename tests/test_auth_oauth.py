@@ -234,3 +234,12 @@ def test_a_change_feed_read_with_a_revoked_token_renews_it(monkeypatch):
         read = azure_changes(client, pacs.url, first.cursor)
     assert [c.study_uid for c in read.changes] == [pacs.study_uid(2)]
     assert len(oauth.issued) == 2 and oauth.rejected == 1
+
+
+@pytest.mark.parametrize("options", [["--fhir-auth", "smart"], ["--fhir-oauth-client-id", "crawler"]])
+def test_fhir_credentials_without_a_fhir_server_are_refused_not_ignored(options, tmp_path, capsys):
+    from crawler.cli import main
+
+    assert main(["sync", "http://127.0.0.1:9/dicom-web", "--state", str(tmp_path / "s.db"), *options]) == 2
+    assert "need a FHIR server (--fhir-url)" in capsys.readouterr().err
+    assert not (tmp_path / "s.db").exists()
