@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from .crawl import SERIES_LEVEL_INSTANCES
 from .errors import ConfigError
 
 NAMES = ("orthanc", "dcm4chee", "google", "azure", "aws-healthimaging", "generic")
@@ -123,6 +122,8 @@ class Settings:
     @property
     def fallbacks(self) -> tuple[tuple[str, str], ...]:
         """The crawl fallbacks the profile starts with (see crawl.FALLBACKS)."""
+        from .crawl import SERIES_LEVEL_INSTANCES   # here: the command line's start does not load the crawl
+
         if self.profile.instance_level == "series":
             return ((SERIES_LEVEL_INSTANCES, f"the {self.profile.name} server profile: instance searches need a series"),)
         return ()
