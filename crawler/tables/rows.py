@@ -7,6 +7,7 @@ and the FHIR copy cannot disagree; docs/tables.md names the element behind each 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class StudyRows:
         return [self.study] if name == "studies" else self.series if name == "series" else self.instances
 
 
+@functools.lru_cache(maxsize=4096)   # a study's series mostly share its time: the rows of a sync ask for few distinct ones
 def fhir_datetime(text: str | None) -> tuple[date | None, datetime | None, int | None]:
     """(date, UTC instant, offset in minutes) of a FHIR date or dateTime.
 
@@ -93,13 +95,17 @@ def codes(value: Any) -> list[Code]:
 
 
 def first_code(value: Any) -> Code | None:
-    found = codes(value)
-    return found[0] if found else None
+    """``codes(value)[0]`` (None when there is none), without making the others."""
+    codings, text = _codings(value)
+    if codings:
+        coding = codings[0]
+        return {"system": coding.get("system"), "code": coding.get("code"), "display": coding.get("display"), "text": text}
+    return {"system": None, "code": None, "display": None, "text": text} if text else None
 
 
 def _code_value(value: Any) -> str | None:
-    found = first_code(value)
-    return found["code"] if found else None
+    codings, _ = _codings(value)
+    return codings[0].get("code") if codings else None
 
 
 def _issuer(identifier: Mapping[str, Any]) -> str | None:
