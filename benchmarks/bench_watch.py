@@ -322,9 +322,12 @@ def measure(args: argparse.Namespace, seed: int, workdir: Path) -> Run:
         end = time.monotonic() + quiet + 180
         while True:
             alive()
+            # Orthanc logs StableStudy StableAge seconds after a study's last instance (later on a
+            # busy machine): until every study is stable, a change is still to come
+            stable = all(server.rest("GET", f"/studies/{study}").json().get("IsStable") for study in server.rest("GET", "/studies").json())
             last = server.rest("GET", "/changes?last").json()["Last"]
             cursor = metric(scrape(), "qido_crawler_watch_cursor")
-            if cursor == last:
+            if stable and cursor == last:
                 time.sleep(quiet)
                 if server.rest("GET", "/changes?last").json()["Last"] == last and metric(scrape(), "qido_crawler_watch_cursor") == last:
                     break

@@ -20,7 +20,9 @@ def test_the_watch_benchmark_measures_every_study_and_an_idle_watch(capsys):
         assert 0 < latency[sink]["min"] <= latency[sink]["p50"] <= latency[sink]["p95"] <= latency[sink]["max"]
     assert latency["floor_seconds"] == 3
     idle = report["idle"]
-    assert idle["polls"] >= 2 and 1 <= idle["requests"] <= idle["polls"] + 1     # an idle poll is one request
+    # an idle poll is one request: at most one per interval (1 s here), and one in flight at each end
+    # of the window (the metrics' poll counter moves when a read has returned, its requests when sent)
+    assert idle["polls"] >= 1 and 1 <= idle["requests"] <= idle["seconds"] / 1 + 2
     assert idle["fhir_requests"] == 0 and idle["cpu_percent_of_a_core"] is not None
     (run,) = report["runs"]
     assert set(run["idle_requests_by_kind"]) >= {"changes"} and run["exit_code"] == 0
