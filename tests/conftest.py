@@ -20,6 +20,18 @@ def corpus_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return corpus.all_files(tmp_path_factory.mktemp("corpus"))
 
 
+@pytest.fixture
+def live(corpus_files: list[Path], tmp_path: Path) -> Iterator[orthanc.Orthanc]:
+    """A fresh Orthanc loaded with the corpus, per test, for tests that change what it holds."""
+    server = orthanc.start(tmp_path / "orthanc", config={"OverwriteInstances": True})
+    try:
+        server.upload(corpus_files)
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pacs(corpus_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[orthanc.Orthanc]:
     """A live Orthanc loaded with the corpus, shared by tests that only read from it."""

@@ -5,32 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from crawler.cli import main
 from crawler.config import SyncConfig
 from crawler.crawl import CrawlOptions, MetadataMode
 from crawler.dryrun import dry_run
-from fixtures import corpus, orthanc
+from fixtures import corpus
 
 ZONE = ["--timezone", "UTC"]
-
-
-@pytest.fixture
-def live(corpus_files, tmp_path):
-    """A fresh Orthanc per test (these tests change what it holds)."""
-    server = orthanc.start(tmp_path / "orthanc", config={"OverwriteInstances": True})
-    try:
-        server.upload(corpus_files)
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
 
 
 def _digest(path: Path) -> str:

@@ -13,21 +13,9 @@ import pytest
 
 from crawler.cli import main
 from crawler.state import State
-from fixtures import corpus, orthanc
+from fixtures import corpus
 
 ZONE = ["--timezone", "UTC"]
-
-
-@pytest.fixture
-def live(corpus_files, tmp_path):
-    """A fresh Orthanc per test (these tests change what it holds)."""
-    server = orthanc.start(tmp_path / "orthanc", config={"OverwriteInstances": True})
-    try:
-        server.upload(corpus_files)
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
 
 
 class Runner:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import stat
 from collections import Counter
 from datetime import date, datetime, timezone
@@ -16,10 +15,9 @@ from pathlib import Path
 
 import duckdb
 import pydicom
-import pytest
 
 from crawler.cli import main
-from fixtures import corpus, orthanc
+from fixtures import corpus
 from fixtures.tables import delta_files, delta_rows, log_rows, snapshot_rows
 
 TABLES = ("studies", "series", "instances")
@@ -196,18 +194,6 @@ def test_the_readme_duckdb_queries_run_on_the_corpus_tables(pacs, tmp_path, caps
     files = ", ".join(f"'{f}'" for f in delta_files(runner.delta / "studies"))
     on_delta = per_month.replace("read_parquet('DIR/studies.parquet')", f"read_parquet([{files}])")
     assert con.sql(on_delta).fetchall() == got
-
-
-@pytest.fixture
-def live(corpus_files, tmp_path):
-    """A fresh Orthanc (this test changes what it holds)."""
-    server = orthanc.start(tmp_path / "orthanc", config={"OverwriteInstances": True})
-    try:
-        server.upload(corpus_files)
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
 
 
 def _copy_with(path: Path, dest: Path, **changes) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import shutil
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from crawler.tables.tags import (
     FIXED_COLUMNS, IncludeTag, TagError, column_name, extract, parse, parse_all, signature, value,
 )
 from crawler.worker import study_hash
-from fixtures import corpus, orthanc
+from fixtures import corpus
 from fixtures.tables import delta_files
 
 URL = "http://pacs.invalid/dicom-web"
@@ -402,18 +401,6 @@ def test_a_tag_added_later_evolves_the_tables_and_fills_its_column(pacs, corpus_
         assert latest[0] == len(expected[name]) and latest[1] == sum(row[column] is not None for row in expected[name].values())
     third, _ = runner.sync("--full", *tag_options(reversed(added)))
     assert third["studies_unchanged"] == len(corpus_study_uids)
-
-
-@pytest.fixture
-def live(corpus_files, tmp_path):
-    """A fresh Orthanc (this test changes what it holds)."""
-    server = orthanc.start(tmp_path / "orthanc", config={"OverwriteInstances": True})
-    try:
-        server.upload(corpus_files)
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
 
 
 def test_a_changed_study_level_value_rewrites_the_rows_though_the_imagingstudy_is_the_same(live, corpus_files, corpus_study_uids, tmp_path, capsys):
