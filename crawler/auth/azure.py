@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from .cloud import Errors, Target
+from .cloud import Errors, Target, renew_after_refusal
 
 DICOM_SCOPE = "https://dicom.healthcareapis.azure.com/.default"
 """The scope of every Azure Health Data Services DICOM service."""
@@ -71,11 +71,7 @@ class AzureCredentials:
         """A token asked for again unless another thread has renewed the one ``used``; False when
         Azure gives the same token again (the refusal is not the token's age)."""
         with self._lock:
-            if used.get("Authorization") != self._header:
-                return True
-            before = self._header
-            self._renew()
-            return self._header != before
+            return renew_after_refusal(lambda: self._header, self._renew, used)
 
     def _renew(self) -> None:
         azure, errors = self._exceptions, self._errors

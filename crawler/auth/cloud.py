@@ -3,7 +3,7 @@ for and the option at fault, and never a secret."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +24,17 @@ class Target(Protocol):
     @property
     def options(self) -> Mapping[str, Any]:
         """The kind's own settings (``region`` for aws)."""
+
+
+def renew_after_refusal(held: Callable[[], str | None], renew: Callable[[], None], used: Mapping[str, str]) -> bool:
+    """``refresh`` of a kind that keeps one bearer header (``held``), under the kind's lock: a
+    new token unless another thread has renewed the one ``used`` already; False when the
+    token service gives the same token again (the refusal is not the token's age)."""
+    if used.get("Authorization") != held():
+        return True
+    before = held()
+    renew()
+    return held() != before
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .cloud import Errors, Target
+from .cloud import Errors, Target, renew_after_refusal
 
 SCOPE = "https://www.googleapis.com/auth/cloud-healthcare"
 """The scope of the Cloud Healthcare API (its DICOMweb and FHIR stores)."""
@@ -81,11 +81,7 @@ class GcpCredentials:
         """A new token unless another thread has renewed the one ``used`` already; False when
         Google gives the same token again (the refusal is not the token's age)."""
         with self._lock:
-            if used.get("Authorization") != self._header:
-                return True
-            before = self._header
-            self._renew()
-            return self._header != before
+            return renew_after_refusal(lambda: self._header, self._renew, used)
 
     def _stale(self) -> bool:
         """No token, or one that expires within its margin. Not google-auth's ``valid``, which turns
