@@ -24,7 +24,7 @@ from fixtures import corpus
 from fixtures.fakepacs import FakePacs
 from fixtures.medplum import MedplumServer
 
-from test_incremental_live import _copy_with, live  # noqa: F401  (live: a fresh Orthanc per test)
+from test_incremental_live import _copy_with
 
 ZONE = ["--timezone", "UTC"]
 

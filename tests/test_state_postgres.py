@@ -29,7 +29,7 @@ from fixtures import corpus
 from fixtures.fakepacs import FakePacs
 
 from test_crash_safety import kill_at_request
-from test_incremental_live import Runner, _copy_with, live, study_uids  # noqa: F401  (live: a fresh Orthanc per test)
+from test_incremental_live import Runner, _copy_with, study_uids
 
 
 def exported_lines(state: str | Path, target: Path) -> dict[str, list[str]]:
