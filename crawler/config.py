@@ -167,7 +167,8 @@ class SyncConfig(Connection):
         if self.parquet is not None and self.parquet.exists() and not self.parquet.is_dir():
             raise ConfigError(f"the Parquet folder {self.parquet} is a file", setting="parquet")
         if self.parquet is not None or self.delta is not None:
-            missing = [name for name in ("pyarrow", "deltalake") if find_spec(name) is None]
+            needed = (["pyarrow"] if self.parquet is not None else []) + (["deltalake"] if self.delta is not None else [])
+            missing = [name for name in needed if find_spec(name) is None]
             if missing:
                 raise ConfigError(f"the tables need {' and '.join(missing)}: pip install 'qido-crawler[tables]'",
                                   setting="parquet" if self.parquet is not None else "delta")

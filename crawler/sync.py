@@ -157,12 +157,11 @@ def table_sinks(config: SyncConfig, run_name: str, run_id: int, source: str, wad
     first (see sinks.parquet)."""
     if config.parquet is None and config.delta is None:
         return []
-    from .sinks.delta import DeltaTables
-    from .sinks.parquet import ParquetLog, recover as finish_killed, run_tag
-
     endpoints = {f"Endpoint/{endpoint_id(wado_base)}": wado_base}
     sinks: list[Sink] = []
     if config.parquet is not None:
+        from .sinks.parquet import ParquetLog, recover as finish_killed, run_tag
+
         try:
             for run in finish_killed(config.parquet, run_tag(run_name), run_name):
                 log.warning("finished the Parquet files of interrupted run %s at its last checkpoint", run)
@@ -170,6 +169,8 @@ def table_sinks(config: SyncConfig, run_name: str, run_id: int, source: str, wad
             raise SinkError(f"cannot finish the interrupted runs' Parquet files in {config.parquet}: {exc.strerror or exc}") from None
         sinks.append(ParquetLog(config.parquet, run_name, source, run_id, endpoints, tags=config.crawl.tags))
     if config.delta is not None:
+        from .sinks.delta import DeltaTables
+
         sinks.append(DeltaTables(config.delta, source, run_id, endpoints, tags=config.crawl.tags))
     return sinks
 

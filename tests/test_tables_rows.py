@@ -217,6 +217,19 @@ def test_tables_without_the_extra_are_exit_2_naming_the_option_before_anything_r
     assert not (tmp_path / "s.db").exists()
 
 
+def test_delta_needs_only_deltalake_and_parquet_needs_pyarrow(monkeypatch, tmp_path, capsys):
+    import crawler.config
+    from crawler.cli import main
+
+    real = crawler.config.find_spec
+    monkeypatch.setattr(crawler.config, "find_spec", lambda name: None if name == "pyarrow" else real(name))
+    code = main(["sync", "http://127.0.0.1:9/dicom-web", "--delta", str(tmp_path / "d"), "--state", str(tmp_path / "s.db"), "--retries", "0"])
+    assert code == 3 and "pyarrow" not in capsys.readouterr().err   # it went on to the (absent) server
+    code = main(["sync", "http://127.0.0.1:9/dicom-web", "--parquet", str(tmp_path / "p"), "--state", str(tmp_path / "s2.db")])
+    assert code == 2
+    assert "--parquet: the tables need pyarrow: pip install 'qido-crawler[tables]'" in capsys.readouterr().err
+
+
 def test_the_study_uid_is_the_dicom_uid_identifier_whatever_comes_first():
     study = imaging_study(EXPECTED / "study-01.r5.json")
     study["identifier"].reverse()

@@ -141,11 +141,11 @@ class DeltaTables:
             uri = table_uri(self.uri, "studies")
             self._held = set()
             if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
-                import pyarrow.compute as pc
+                from deltalake import QueryBuilder
 
-                dataset = DeltaTable(uri, storage_options=self.storage_options).to_pyarrow_dataset()
-                keys = dataset.to_table(columns=["study_uid"], filter=pc.field("source") == self.collector.source)
-                self._held.update(_digest(uid) for uid in keys.column("study_uid").to_pylist())
+                query = QueryBuilder().register("studies", DeltaTable(uri, storage_options=self.storage_options))
+                for batch in query.execute(f"SELECT study_uid FROM studies WHERE source = {_quoted(self.collector.source)}"):
+                    self._held.update(_digest(uid) for uid in batch.column(0).to_pylist())
         return self._held
 
     def _append(self, name: str, rows: list[Row]) -> None:
@@ -153,9 +153,9 @@ class DeltaTables:
         from deltalake import DeltaTable, write_deltalake
         from deltalake.exceptions import CommitFailedError
 
-        from ..tables.arrow import table
+        from ..tables.batches import table
 
-        data = table(name, rows, change_log=False, tags=self.collector.tags)
+        data = table(name, rows, tags=self.collector.tags)
         uri = table_uri(self.uri, name)
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             target = self._open.get(name, uri)
@@ -177,10 +177,10 @@ class DeltaTables:
         from deltalake import DeltaTable, write_deltalake
         from deltalake.exceptions import CommitFailedError
 
-        from ..tables.arrow import table
+        from ..tables.batches import table
 
         uri = table_uri(self.uri, name)
-        data = table(name, rows, change_log=False, tags=self.collector.tags)
+        data = table(name, rows, tags=self.collector.tags)
         if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
             if rows:
                 write_deltalake(uri, data, mode="append", storage_options=self.storage_options)

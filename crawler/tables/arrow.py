@@ -12,17 +12,12 @@ import pyarrow.parquet as pq
 
 from ..files import open_private
 from .rows import Row
-from .schema import CHANGE_LOG, SNAPSHOT, with_tags
+from .schema import schema
 from .tags import IncludeTag
 
 ROWS_PER_GROUP = 20_000
 """Rows of one table held before they are written as a row group (an instances row is about
 300 bytes in memory: a few MB per table)."""
-
-
-def schema(name: str, change_log: bool, tags: Sequence[IncludeTag] = ()) -> pa.Schema:
-    """The table's schema, with the columns of ``tags`` (``--include-tag``) at its level."""
-    return with_tags((CHANGE_LOG if change_log else SNAPSHOT)[name], name, tags)
 
 
 def table(name: str, rows: list[Row], change_log: bool, tags: Sequence[IncludeTag] = ()) -> pa.Table:

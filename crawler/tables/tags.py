@@ -96,7 +96,7 @@ FIXED_COLUMNS: dict[str, frozenset[str]] = {
         "run_id", "synced_at",
     }),
 }
-"""The fixed columns of each table (schema.CHANGE_LOG's names; the schema module checks it),
+"""The fixed columns of each table (the change-log columns of ``columns``, which checks it),
 here so that a tag's column is checked without pyarrow."""
 
 _INTEGER = frozenset({"IS", "SS", "US", "SL", "UL", "SV", "UV"})
