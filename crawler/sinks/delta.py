@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
+import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,8 +37,14 @@ from ..tables.tags import IncludeTag, TagValues
 from .base import Resource
 
 
+log = logging.getLogger("crawler")
+
 COMMIT_ATTEMPTS = 5
 """Merges of one checkpoint tried this often when another writer's commit comes first."""
+
+RECENT_DIGESTS = 65_536
+"""Digests added to a ``Digests`` stay in a set until there are this many, or a quarter of the
+sorted ones when that is more (so sorting them in costs O(1) a digest, amortised)."""
 
 
 def local_path(uri: str) -> Path | None:
@@ -53,6 +63,39 @@ def table_uri(uri: str, name: str) -> str:
 
 def _digest(uid: str) -> int:
     return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "big")
+
+
+class Digests:
+    """A set of 64-bit digests in about 25 bytes each (a Python set of ints takes about 70): a
+    sorted array of 8-byte digests, searched by bisection, and a set of the recently added ones,
+    merged in when it grows."""
+
+    def __init__(self) -> None:
+        self._sorted = array("Q")
+        self._recent: set[int] = set()
+
+    def __contains__(self, digest: int) -> bool:
+        if digest in self._recent:
+            return True
+        at = bisect_left(self._sorted, digest)
+        return at < len(self._sorted) and self._sorted[at] == digest
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent)
+
+    def update(self, digests: Iterable[int]) -> None:
+        self._recent.update(digest for digest in digests if digest not in self)
+        if len(self._recent) >= max(RECENT_DIGESTS, len(self._sorted) // 4):
+            self._sorted = array("Q", heapq.merge(self._sorted, sorted(self._recent)))
+            self._recent = set()
+
+
+def _hooks() -> Any:
+    """After a checkpoint's commits: Delta checkpoints as the table's interval says, but no
+    clean-up of expired log files (it lists the whole log each time; ``finish`` does it once)."""
+    from deltalake import PostCommitHookProperties
+
+    return PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
 
 
 def _quoted(text: str) -> str:
@@ -86,7 +129,7 @@ class DeltaTables:
         self._open: dict[str, Any] = {}
         """Each table's DeltaTable once it exists: an append through it reads only the log entries
         added since, not the whole log again."""
-        self._held: set[int] | None = None
+        self._held: Digests | None = None
         """Digests of the Study Instance UIDs of this source that the studies table holds."""
 
     def add_tags(self, key: str, tags: TagValues) -> None:
@@ -133,13 +176,13 @@ class DeltaTables:
         self.pending.clear()
         return {}
 
-    def _holds(self) -> set[int]:
+    def _holds(self) -> Digests:
         """The digests of this source's studies in the studies table (read at the first flush)."""
         if self._held is None:
             from deltalake import DeltaTable
 
             uri = table_uri(self.uri, "studies")
-            self._held = set()
+            self._held = Digests()
             if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
                 from deltalake import QueryBuilder
 
@@ -161,7 +204,8 @@ class DeltaTables:
             target = self._open.get(name, uri)
             try:
                 # schema_mode="merge": a table made before an --include-tag was added gets its column
-                write_deltalake(target, data, mode="append", schema_mode="merge", storage_options=None if target is not uri else self.storage_options)
+                write_deltalake(target, data, mode="append", schema_mode="merge", storage_options=None if target is not uri else self.storage_options,
+                                post_commithook_properties=_hooks())
             except CommitFailedError:
                 self._open.pop(name, None)
                 if attempt == COMMIT_ATTEMPTS:
@@ -183,14 +227,14 @@ class DeltaTables:
         data = table(name, rows, tags=self.collector.tags)
         if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
             if rows:
-                write_deltalake(uri, data, mode="append", storage_options=self.storage_options)
+                write_deltalake(uri, data, mode="append", storage_options=self.storage_options, post_commithook_properties=_hooks())
                 self.commits += 1
             return
         on = " AND ".join(f"t.{column} = s.{column}" for column in KEYS[name])
         mine = f"t.source = {_quoted(self.collector.source)} AND t.study_uid IN ({', '.join(_quoted(uid) for uid in touched)})"
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             merger: Any = DeltaTable(uri, storage_options=self.storage_options).merge(
-                source=data, predicate=on, source_alias="s", target_alias="t", merge_schema=True)
+                source=data, predicate=on, source_alias="s", target_alias="t", merge_schema=True, post_commithook_properties=_hooks())
             try:
                 self._open.pop(name, None)   # a version of its own: the next append reads the table again
                 merger.when_matched_update_all().when_not_matched_insert_all().when_not_matched_by_source_delete(mine).execute()
@@ -205,7 +249,25 @@ class DeltaTables:
 
     def finish(self) -> str | None:
         self.flush()
+        if self.commits:
+            self._clean_up_logs()
         return self.uri if self.commits else None
+
+    def _clean_up_logs(self) -> None:
+        """Once a run: the log files older than each table's log retention (30 days unless
+        ``delta.logRetentionDuration`` says otherwise) go, as Delta writers do at a checkpoint,
+        unless the table's ``delta.enableExpiredLogCleanup`` is false."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import DeltaError
+
+        for name in TABLES:
+            uri = table_uri(self.uri, name)
+            try:
+                table = DeltaTable(uri, storage_options=self.storage_options)
+                if table.metadata().configuration.get("delta.enableExpiredLogCleanup", "true").lower() != "false":
+                    table.cleanup_metadata()
+            except (DeltaError, OSError) as exc:   # the tables are whole without it: said, not fatal
+                log.warning("could not remove the expired log files of the Delta table %s: %s", uri, str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
 
     def abort(self) -> None:
         """What was not flushed is dropped: the state does not record it, the next run sends it."""
