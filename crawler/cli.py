@@ -344,6 +344,8 @@ def _add_oauth(g: _Group, prefix: str, whose: str, token_url: str = "") -> None:
     g.add_argument(f"{prefix}client-id", metavar="ID", help=f"{whose}OAuth2 client id")
     g.add_argument(f"{prefix}client-secret-env", metavar="NAME", help="the environment variable that holds the client secret")
     g.add_argument(f"{prefix}client-secret-file", metavar="PATH", help="a file that holds the client secret (one line)")
+    g.add_argument(f"{prefix}client-auth", choices=("basic", "post"), help="how the client secret is sent: basic (HTTP Basic, "
+                   "client_secret_basic; default) or post (in the form, client_secret_post, for token endpoints that take only that)")
     g.add_argument(f"{prefix}private-key", metavar="PATH", help="a PEM private key (RSA: RS384, EC P-384: ES384) to sign a JWT client assertion instead of a secret")
     g.add_argument(f"{prefix}key-id", metavar="KID", help="the key id (kid) of the private key, as registered with the token endpoint")
     g.add_argument(f"{prefix}scope", metavar="SCOPE", help="the scope to ask for (space-separated)"

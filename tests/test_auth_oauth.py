@@ -243,3 +243,25 @@ def test_fhir_credentials_without_a_fhir_server_are_refused_not_ignored(options,
     assert main(["sync", "http://127.0.0.1:9/dicom-web", "--state", str(tmp_path / "s.db"), *options]) == 2
     assert "need a FHIR server (--fhir-url)" in capsys.readouterr().err
     assert not (tmp_path / "s.db").exists()
+
+
+def test_a_token_endpoint_that_takes_the_secret_only_in_the_form_gets_it_there_with_client_auth_post(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CRAWLER_SECRET", SECRET)
+    with FakeOAuth(secrets_by_client={"crawler": SECRET}, secret_method="post") as oauth, \
+            FakePacs(n_studies=4, seed=8, token=oauth.valid) as pacs:
+        code, _, err = run_cli(capsys, "sync", pacs.url, "--state", str(tmp_path / "a.db"), "--metadata", "never", *oauth_args(oauth))
+        assert code == 2 and "invalid_client" in err   # Basic, the default, is refused by this endpoint
+        code, out, err = run_cli(capsys, "sync", pacs.url, "--state", str(tmp_path / "b.db"), "--metadata", "never", "--json",
+                                 *oauth_args(oauth, "--oauth-client-auth", "post"))
+        assert code == 0, err
+        assert json.loads(out)["studies_new"] == 4
+    assert oauth.methods == ["post"] and oauth.refusals == ["invalid_client"]
+
+
+def test_client_auth_goes_with_a_secret_not_with_a_private_key(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sync", "http://127.0.0.1:9/dicom-web", "--state", str(tmp_path / "s.db"),
+                           "--oauth-token-url", "http://127.0.0.1:9/token", "--oauth-client-id", "crawler",
+                           "--oauth-private-key", str(tmp_path / "key.pem"), "--oauth-client-auth", "post")
+    assert code == 2
+    assert "--oauth-client-auth says how a client secret is sent; --oauth-private-key signs an assertion instead" in err
+    assert not (tmp_path / "s.db").exists()

@@ -82,10 +82,14 @@ def test_oauth_with_a_secret_from_the_environment_or_a_file_leaves_no_secret(tmp
         assert code == 0, from_env[:2000]
         code, from_file = run(capsys, tmp_path / "file", pacs.url, "--auth", "oauth", *base, "--oauth-client-secret-file", str(secret_file))
         assert code == 0, from_file[:2000]
-    assert len(oauth.issued) == 2
+        code, in_form = run(capsys, tmp_path / "form", pacs.url, *base, "--oauth-client-secret-env", "PACS_CLIENT_SECRET",
+                            "--oauth-client-auth", "post")
+        assert code == 0, in_form[:2000]
+    assert len(oauth.issued) == 3 and oauth.methods == ["basic", "basic", "post"]
     secrets = [CLIENT_SECRET, base64.b64encode(f"crawler:{CLIENT_SECRET}".encode()).decode(), *oauth.issued]
     assert_nowhere(secrets, from_env)
     assert_nowhere(secrets, from_file)
+    assert_nowhere(secrets, in_form)
 
 
 def test_oauth_with_a_private_key_leaves_no_secret(tmp_path, capsys):

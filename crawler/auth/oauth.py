@@ -139,6 +139,10 @@ class ClientCredentials:
         if self._key is not None:
             form["client_assertion_type"] = ASSERTION_TYPE
             form["client_assertion"] = self._assertion(token_url)
+        elif self.settings.client_auth == "post":
+            assert self._secret is not None
+            form["client_id"] = self.client_id
+            form["client_secret"] = self._secret
         else:
             assert self._secret is not None
             headers["Authorization"] = basic_header(quote(self.client_id, safe=""), quote(self._secret, safe=""))
@@ -222,6 +226,11 @@ class ClientCredentials:
             raise s.refused(f"OAuth for {s.server} needs exactly one of {options}"
                             + (f" (given: {', '.join(s.option(key) for key in given)})" if given else ""),
                             given[-1] if given else "client_secret_env")
+        if s.client_auth not in (None, "basic", "post"):
+            raise s.refused(f"{s.option('client_auth')} is basic or post, not {s.client_auth!r}", "client_auth")
+        if s.client_auth is not None and s.private_key:
+            raise s.refused(f"{s.option('client_auth')} says how a client secret is sent; "
+                            f"{s.option('private_key')} signs an assertion instead", "client_auth")
         if s.client_secret_env:
             secret = os.environ.get(s.client_secret_env)
             if not secret:

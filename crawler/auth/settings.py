@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError, SinkError, SourceUnreachable
 
-OAUTH_KEYS = ("token_url", "client_id", "client_secret_env", "client_secret_file", "scope", "private_key", "key_id")
+OAUTH_KEYS = ("token_url", "client_id", "client_secret_env", "client_secret_file", "client_auth", "scope", "private_key", "key_id")
 """The keys of a configuration's ``auth_options`` that OAuth2 and SMART read (``--oauth-<key>``)."""
 
 
@@ -34,6 +34,9 @@ class AuthSettings:
     client_id: str | None = None
     client_secret_env: str | None = None
     client_secret_file: str | None = None
+    client_auth: str | None = None
+    """How the client secret goes to the token endpoint: ``basic`` (client_secret_basic, the
+    default) or ``post`` (client_secret_post, in the form)."""
     scope: str | None = None
     default_scope: str | None = None
     """The scope asked for when ``scope`` is not given (SMART: what the FHIR sink writes)."""
