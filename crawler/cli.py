@@ -348,6 +348,7 @@ def _add_oauth(g: _Group, prefix: str, whose: str, token_url: str = "") -> None:
                    "client_secret_basic; default) or post (in the form, client_secret_post, for token endpoints that take only that)")
     g.add_argument(f"{prefix}private-key", metavar="PATH", help="a PEM private key (RSA: RS384, EC P-384: ES384) to sign a JWT client assertion instead of a secret")
     g.add_argument(f"{prefix}key-id", metavar="KID", help="the key id (kid) of the private key, as registered with the token endpoint")
+    g.add_argument(f"{prefix}private-key-passphrase-env", metavar="NAME", help="the environment variable that holds the passphrase of an encrypted private key")
     g.add_argument(f"{prefix}scope", metavar="SCOPE", help="the scope to ask for (space-separated)"
                    + ("; smart default: system/<Type>.cruds for each type written (the audit: system/ImagingStudy.rs)" if "fhir" in prefix else ""))
 

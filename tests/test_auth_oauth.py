@@ -136,7 +136,7 @@ def test_a_key_of_another_curve_or_no_key_is_a_usage_error(tmp_path, capsys):
     p256.write_bytes(pem(ec.generate_private_key(ec.SECP256R1())))
     junk = tmp_path / "junk.pem"
     junk.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
-    for path, words in ((p256, "ES384 needs P-384"), (junk, "no unencrypted PEM private key")):
+    for path, words in ((p256, "ES384 needs P-384"), (junk, "is no PEM private key")):
         code, _, err = run_cli(capsys, "sync", "http://127.0.0.1:9/dicom-web", "--state", str(tmp_path / "s.db"),
                                "--oauth-token-url", "http://127.0.0.1:9/token", "--oauth-client-id", "c", "--oauth-private-key", str(path))
         assert code == 2 and words in err and "--oauth-private-key" in err and "not a key" not in err
@@ -265,3 +265,36 @@ def test_client_auth_goes_with_a_secret_not_with_a_private_key(tmp_path, capsys)
     assert code == 2
     assert "--oauth-client-auth says how a client secret is sent; --oauth-private-key signs an assertion instead" in err
     assert not (tmp_path / "s.db").exists()
+
+
+def test_an_encrypted_private_key_is_read_with_its_passphrase_from_the_environment(tmp_path, capsys, monkeypatch):
+    key = ec.generate_private_key(ec.SECP384R1())
+    path = tmp_path / "key.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(b"Pass-phrase-1")))
+    plain = tmp_path / "plain.pem"
+    plain.write_bytes(pem(key))
+    with FakeOAuth(keys_by_client={"crawler": key.public_key()}) as oauth, FakePacs(n_studies=3, seed=9, token=oauth.valid) as pacs:
+        def sync(name, *more):
+            return run_cli(capsys, "sync", pacs.url, "--state", str(tmp_path / f"{name}.db"), "--metadata", "never", "--json",
+                           "--oauth-token-url", oauth.token_url, "--oauth-client-id", "crawler", *more)
+
+        code, _, err = sync("none", "--oauth-private-key", str(path))
+        assert code == 2 and f"the private key {path} is encrypted: name the environment variable that holds its passphrase " \
+                              "with --oauth-private-key-passphrase-env" in err
+        monkeypatch.setenv("KEY_PASSPHRASE", "wrong")
+        code, _, err = sync("wrong", "--oauth-private-key", str(path), "--oauth-private-key-passphrase-env", "KEY_PASSPHRASE")
+        assert code == 2 and f"the passphrase in KEY_PASSPHRASE does not decrypt the private key {path}" in err
+        assert "wrong" not in err
+        code, _, err = sync("plain", "--oauth-private-key", str(plain), "--oauth-private-key-passphrase-env", "KEY_PASSPHRASE")
+        assert code == 2 and "is not encrypted: leave out --oauth-private-key-passphrase-env" in err
+        monkeypatch.setenv("KEY_PASSPHRASE", "Pass-phrase-1")
+        code, out, err = sync("right", "--oauth-private-key", str(path), "--oauth-private-key-passphrase-env", "KEY_PASSPHRASE", "-vv")
+        assert code == 0, err
+        assert json.loads(out)["studies_new"] == 3 and oauth.methods == ["jwt"]
+        assert "Pass-phrase-1" not in out + err
+        monkeypatch.delenv("KEY_PASSPHRASE")
+        code, _, err = sync("unset", "--oauth-private-key", str(path), "--oauth-private-key-passphrase-env", "KEY_PASSPHRASE")
+        assert code == 2 and "the environment variable KEY_PASSPHRASE is not set or empty" in err
+        code, _, err = sync("alone", "--oauth-client-secret-env", "X", "--oauth-private-key-passphrase-env", "KEY_PASSPHRASE")
+        assert code == 2 and "--oauth-private-key-passphrase-env goes with --oauth-private-key" in err

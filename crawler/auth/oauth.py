@@ -231,6 +231,8 @@ class ClientCredentials:
         if s.client_auth is not None and s.private_key:
             raise s.refused(f"{s.option('client_auth')} says how a client secret is sent; "
                             f"{s.option('private_key')} signs an assertion instead", "client_auth")
+        if s.private_key_passphrase_env and not s.private_key:
+            raise s.refused(f"{s.option('private_key_passphrase_env')} goes with {s.option('private_key')}", "private_key_passphrase_env")
         if s.client_secret_env:
             secret = os.environ.get(s.client_secret_env)
             if not secret:
@@ -299,10 +301,25 @@ def load_private_key(settings: AuthSettings, path: str) -> tuple[Any, str]:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise settings.refused(f"cannot read the private key {path}: {exc.strerror}", "private_key") from None
+    passphrase = None
+    variable = settings.private_key_passphrase_env
+    if variable:
+        passphrase = os.environ.get(variable)
+        if not passphrase:
+            raise settings.refused(f"the environment variable {variable} is not set or empty", "private_key_passphrase_env")
     try:
-        key = load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise settings.refused(f"{path} is no unencrypted PEM private key", "private_key") from None
+        key = load_pem_private_key(data, password=passphrase.encode() if passphrase else None)
+    except TypeError:   # cryptography: a passphrase missing, or given for a key that has none
+        if passphrase:
+            raise settings.refused(f"the private key {path} is not encrypted: leave out {settings.option('private_key_passphrase_env')}",
+                                   "private_key_passphrase_env") from None
+        raise settings.refused(f"the private key {path} is encrypted: name the environment variable that holds its passphrase "
+                               f"with {settings.option('private_key_passphrase_env')}", "private_key") from None
+    except ValueError:
+        if passphrase and b"ENCRYPTED" in data:
+            raise settings.refused(f"the passphrase in {variable} does not decrypt the private key {path}",
+                                   "private_key_passphrase_env") from None
+        raise settings.refused(f"{path} is no PEM private key", "private_key") from None
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < 2048:
             raise settings.refused(f"the RSA key {path} has {key.key_size} bits: RS384 needs at least 2048", "private_key")

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import ConfigError, SinkError, SourceUnreachable
 
-OAUTH_KEYS = ("token_url", "client_id", "client_secret_env", "client_secret_file", "client_auth", "scope", "private_key", "key_id")
+OAUTH_KEYS = ("token_url", "client_id", "client_secret_env", "client_secret_file", "client_auth", "scope", "private_key", "key_id",
+              "private_key_passphrase_env")
 """The keys of a configuration's ``auth_options`` that OAuth2 and SMART read (``--oauth-<key>``)."""
 
 
@@ -43,6 +44,8 @@ class AuthSettings:
     private_key: str | None = None
     """The path of a PEM private key (RS384 for RSA, ES384 for EC P-384) for a JWT client assertion."""
     key_id: str | None = None
+    private_key_passphrase_env: str | None = None
+    """The environment variable that holds the passphrase of an encrypted private key."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Every key of the configuration's ``auth_options`` (the cloud kinds read theirs here, e.g. ``region``)."""
     verify: bool | str = True
