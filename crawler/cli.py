@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--roll-every", type=_seconds, default=300.0, metavar="DURATION", help="finish the current run folder (with its manifest) this often; none is made while nothing changes (default: %(default)g s)")
     g.add_argument("--roll-studies", type=_positive, metavar="N", help="also finish the current run folder once it holds N studies")
     g.add_argument("--reconcile-every", type=_seconds, default=86400.0, metavar="DURATION", help="list every study this often, to find what the change source does not tell (deletions on Orthanc, lost changes) (default: %(default)g s)")
+    g.add_argument("--exit-after", type=_seconds, metavar="DURATION", help="finish the open run folder and exit 0 after running this long, "
+                   "for a supervisor that starts the watch again (bounds the memory a long-lived process accumulates)")
     g.add_argument("--orthanc-url", metavar="URL", help="Orthanc's REST base for --changes orthanc (default: URL without /dicom-web)")
     g.add_argument("--prune", action="store_true", help="send studies that are gone from the PACS to the outputs as deletions")
     g.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on /metrics and liveness on /healthz at this port, every interface (needs the watch extra)")
@@ -768,7 +770,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                           "(or a --server-profile that has one)", setting="changes")
     config = SyncConfig(**_writing(args))
     options = WatchOptions(interval=args.interval, stable_after=args.stable_after, roll_every=args.roll_every,
-                           reconcile_every=args.reconcile_every, metrics_port=args.metrics_port, roll_studies=args.roll_studies)
+                           reconcile_every=args.reconcile_every, metrics_port=args.metrics_port, roll_studies=args.roll_studies,
+                           exit_after=args.exit_after)
     stop = threading.Event()
 
     def stopping(signum: int, frame: object) -> None:

@@ -73,8 +73,14 @@ class WatchOptions:
     metrics_address: str = ""
     roll_studies: int | None = None
     """Also finish the current run once it has written (or deleted, or failed) this many studies."""
+    exit_after: float | None = None
+    """Stop as a SIGTERM stops it (the open run finished, exit 0) once the watch has run this long:
+    for a supervisor that starts it again, which bounds what a long-lived process accumulates
+    (delta-rs's memory per commit)."""
 
     def __post_init__(self) -> None:
+        if self.exit_after is not None and (not isinstance(self.exit_after, (int, float)) or self.exit_after <= 0):
+            raise ConfigError(f"the watch's exit after must be a number of seconds > 0, not {self.exit_after!r}", setting="exit_after")
         for name in ("interval", "roll_every", "reconcile_every", "max_backoff"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
@@ -171,6 +177,7 @@ class Watcher:
     # --- the loop --------------------------------------------------------------------------
 
     def run(self) -> WatchResult:
+        began = self.clock()
         try:
             if self.options.metrics_port is not None:
                 self.metrics = MetricsServer(self.options.metrics_port, self.figures, self.options.metrics_address)
@@ -183,8 +190,14 @@ class Watcher:
                 except Stopped:
                     return self._result()
             self.next_reconcile = self.clock() + self.options.reconcile_every
+            ends = None if self.options.exit_after is None else began + self.options.exit_after
             while not self.stop.is_set():
                 delay = self._step()
+                if ends is not None:
+                    if self.clock() >= ends:
+                        log.info("watch: ran for its --exit-after; finishing the open run folder and stopping")
+                        break
+                    delay = min(delay, ends - self.clock())
                 if self.stop.wait(delay):
                     break
             self._end_period()

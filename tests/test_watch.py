@@ -674,3 +674,31 @@ def test_ten_studies_uploaded_at_random_moments_each_reach_a_finished_run_folder
     assert "ACCEPTED" in json.dumps(patient["name"]) and "ACCEPTED" not in json.dumps(old[renamed]["subject"])
     assert result.studies_failed == 0 and result.reconciliations == 0
     assert _statuses(config.state) == dict.fromkeys(corpus_study_uids - {corpus.uid("study", "07")} | set(fresh) | {late}, "synced")
+
+
+def test_exit_after_finishes_the_open_run_folder_and_stops_by_itself(tmp_path, watching):
+    """For a supervisor that starts the watch again: after --exit-after, the watch ends as a SIGTERM
+    ends it (the open run folder finished with its manifest, exit 0)."""
+    from fixtures.fakeazure import AzureFeedPacs
+
+    with AzureFeedPacs(n_studies=3, seed=72) as pacs:
+        config = _azure_config(pacs, tmp_path)
+        started = time.monotonic()
+        w = watching(config, WatchOptions(interval=0.2, stable_after=0.0, roll_every=3600.0, exit_after=2.0))
+        w.thread.join(15)
+        took = time.monotonic() - started
+        assert not w.thread.is_alive(), "the watch did not stop by itself"
+    assert w.error is None and w.result is not None
+    assert 2.0 <= took < 8.0, took
+    assert w.result.polls >= 3 and w.result.poll_errors == 0
+    assert len(finished_studies(config.out)) == 3   # the open run folder was finished, manifest and all
+    assert all((folder / "manifest.json").exists() for folder in config.out.iterdir())
+
+
+def test_exit_after_must_be_a_positive_duration(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        main(["watch", "http://127.0.0.1:9/dicom-web", "--changes", "azure", "--out", str(tmp_path / "out"), "--exit-after", "0"])
+    assert exited.value.code == 2
+    assert "argument --exit-after: must be a duration > 0" in capsys.readouterr().err
+    with pytest.raises(Exception, match="exit after must be a number of seconds > 0"):
+        WatchOptions(exit_after=-1.0)
