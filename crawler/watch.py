@@ -79,10 +79,10 @@ class WatchOptions:
     (delta-rs's memory per commit)."""
 
     def __post_init__(self) -> None:
-        if self.exit_after is not None and (not isinstance(self.exit_after, (int, float)) or self.exit_after <= 0):
-            raise ConfigError(f"the watch's exit after must be a number of seconds > 0, not {self.exit_after!r}", setting="exit_after")
-        for name in ("interval", "roll_every", "reconcile_every", "max_backoff"):
+        for name in ("interval", "roll_every", "reconcile_every", "max_backoff", "exit_after"):
             value = getattr(self, name)
+            if name == "exit_after" and value is None:
+                continue
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"the watch's {name.replace('_', ' ')} must be a number of seconds > 0, not {value!r}", setting=name)
         if not isinstance(self.stable_after, (int, float)) or self.stable_after < 0:

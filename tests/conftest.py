@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,25 +22,15 @@ def corpus_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture
 def live(corpus_files: list[Path], tmp_path: Path) -> Iterator[orthanc.Orthanc]:
     """A fresh Orthanc loaded with the corpus, per test, for tests that change what it holds."""
-    server = orthanc.start(tmp_path / "orthanc", config={"OverwriteInstances": True})
-    try:
-        server.upload(corpus_files)
+    with orthanc.running(corpus_files, root=tmp_path / "orthanc", config={"OverwriteInstances": True}) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def pacs(corpus_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[orthanc.Orthanc]:
     """A live Orthanc loaded with the corpus, shared by tests that only read from it."""
-    server = orthanc.start(tmp_path_factory.mktemp("orthanc"))
-    try:
-        server.upload(corpus_files)
+    with orthanc.running(corpus_files, root=tmp_path_factory.mktemp("orthanc")) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

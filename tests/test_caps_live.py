@@ -4,7 +4,6 @@ query that matches more, and offset paging cannot get past them."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -14,13 +13,8 @@ from fixtures import orthanc
 
 @pytest.fixture(scope="module")
 def capped_pacs(corpus_files, tmp_path_factory):
-    server = orthanc.start(tmp_path_factory.mktemp("orthanc-capped"), config={"LimitFindResults": 3})
-    try:
-        server.upload(corpus_files)
+    with orthanc.running(corpus_files, root=tmp_path_factory.mktemp("orthanc-capped"), config={"LimitFindResults": 3}) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
 
 
 def test_the_cap_is_real(capped_pacs, corpus_study_uids):

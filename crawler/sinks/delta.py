@@ -98,6 +98,12 @@ def _hooks() -> Any:
     return PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's text, at most 300 characters ("" when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 def _quoted(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -158,21 +164,21 @@ class DeltaTables:
                 make_folder(folder)
             with private_files(self.uri):
                 held = self._holds()
-                new = {uid for uid, study in self.pending.items() if study is not None and _digest(uid) not in held}
+                digests = {uid: _digest(uid) for uid, study in self.pending.items() if study is not None}
+                new = {uid for uid, digest in digests.items() if digest not in held}
+                changed = [uid for uid in self.pending if uid not in new]
                 for name in TABLES:
                     appended = [row for uid in new if (study := self.pending[uid]) is not None for row in study.table(name)]
                     if appended:
                         self._append(name, appended)
-                    changed = [uid for uid in self.pending if uid not in new]
                     if changed:
                         rows = [row for uid in changed if (study := self.pending[uid]) is not None for row in study.table(name)]
                         self._commit(name, rows, changed)
-                held.update(_digest(uid) for uid in new)
+                held.update(digests[uid] for uid in new)
         except OSError as exc:
             raise SinkError(f"cannot write the Delta tables at {self.uri}: {exc.strerror or exc}") from None
         except DeltaError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise SinkError(f"cannot write the Delta tables at {self.uri}: {type(exc).__name__}: {first[:300]}") from None
+            raise SinkError(f"cannot write the Delta tables at {self.uri}: {type(exc).__name__}: {_first_line(exc)}") from None
         self.pending.clear()
         return {}
 
@@ -267,7 +273,7 @@ class DeltaTables:
                 if table.metadata().configuration.get("delta.enableExpiredLogCleanup", "true").lower() != "false":
                     table.cleanup_metadata()
             except (DeltaError, OSError) as exc:   # the tables are whole without it: said, not fatal
-                log.warning("could not remove the expired log files of the Delta table %s: %s", uri, str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+                log.warning("could not remove the expired log files of the Delta table %s: %s", uri, _first_line(exc) or type(exc).__name__)
 
     def abort(self) -> None:
         """What was not flushed is dropped: the state does not record it, the next run sends it."""

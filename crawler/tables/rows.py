@@ -85,22 +85,25 @@ def _codings(value: Any) -> tuple[list[dict[str, Any]], str | None]:
     return [], value.get("text")
 
 
+def _code(coding: Mapping[str, Any], text: str | None) -> Code:
+    return {"system": coding.get("system"), "code": coding.get("code"), "display": coding.get("display"), "text": text}
+
+
 def codes(value: Any) -> list[Code]:
     """One entry per coding; a concept with text only (e.g. a reason as free text) is one entry
     with ``text`` and no code."""
     codings, text = _codings(value)
     if not codings:
-        return [{"system": None, "code": None, "display": None, "text": text}] if text else []
-    return [{"system": c.get("system"), "code": c.get("code"), "display": c.get("display"), "text": text} for c in codings]
+        return [_code({}, text)] if text else []
+    return [_code(c, text) for c in codings]
 
 
 def first_code(value: Any) -> Code | None:
     """``codes(value)[0]`` (None when there is none), without making the others."""
     codings, text = _codings(value)
     if codings:
-        coding = codings[0]
-        return {"system": coding.get("system"), "code": coding.get("code"), "display": coding.get("display"), "text": text}
-    return {"system": None, "code": None, "display": None, "text": text} if text else None
+        return _code(codings[0], text)
+    return _code({}, text) if text else None
 
 
 def _code_value(value: Any) -> str | None:
