@@ -76,3 +76,20 @@ def test_expired_log_files_are_removed_once_at_the_end_of_a_run_unless_the_table
         assert after == during
     uids = DeltaTable(f"{uri}/studies").to_pyarrow_table(columns=["study_uid"]).column(0).to_pylist()
     assert len(uids) == len(set(uids)) == 7   # the tables are whole after the clean-up
+
+
+def test_an_object_store_error_names_its_kind_but_not_what_the_store_answered(monkeypatch):
+    from deltalake.exceptions import DeltaError
+
+    from crawler.errors import SinkError
+
+    def refused(self, name, rows):
+        raise DeltaError("Generic S3 error: <Error><Code>AccessDenied</Code><Message>user alice-1234 is not allowed</Message></Error>")
+
+    monkeypatch.setattr(DeltaTables, "_holds", lambda self: Digests())
+    monkeypatch.setattr(DeltaTables, "_append", refused)
+    sink = DeltaTables("s3://bucket/imaging", SOURCE, 1)
+    sink.add("0", _resources(0))
+    with pytest.raises(SinkError) as raised:
+        sink.flush()
+    assert str(raised.value) == "cannot write the Delta tables at s3://bucket/imaging: DeltaError"

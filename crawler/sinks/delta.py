@@ -178,7 +178,7 @@ class DeltaTables:
         except OSError as exc:
             raise SinkError(f"cannot write the Delta tables at {self.uri}: {exc.strerror or exc}") from None
         except DeltaError as exc:
-            raise SinkError(f"cannot write the Delta tables at {self.uri}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise SinkError(f"cannot write the Delta tables at {self.uri}: {type(exc).__name__}{self._said(exc)}") from None
         self.pending.clear()
         return {}
 
@@ -273,7 +273,13 @@ class DeltaTables:
                 if table.metadata().configuration.get("delta.enableExpiredLogCleanup", "true").lower() != "false":
                     table.cleanup_metadata()
             except (DeltaError, OSError) as exc:   # the tables are whole without it: said, not fatal
-                log.warning("could not remove the expired log files of the Delta table %s: %s", uri, _first_line(exc) or type(exc).__name__)
+                log.warning("could not remove the expired log files of the Delta table %s: %s%s", uri, type(exc).__name__, self._said(exc))
+
+    def _said(self, exc: BaseException) -> str:
+        """": " and the first line of delta-rs's error for a local table; nothing for an object
+        store, whose errors carry the text the store's server answered."""
+        line = _first_line(exc) if local_path(self.uri) is not None else ""
+        return f": {line}" if line else ""
 
     def abort(self) -> None:
         """What was not flushed is dropped: the state does not record it, the next run sends it."""
